@@ -1,0 +1,84 @@
+"""Step 2: graph filters, polynomials in ``A`` applied to the node features ``Z``.
+
+Every block of the family is (seed 003 Eq. 3–4, seed 002 Eq. 7 and 10; framework.md "Step 2")
+
+    F(A, Z) = Σ_t  B_t(A) Z W_t,      B_t(A) = Σ_k coef[t, k] T_k(A)
+
+with the Chebyshev basis ``T_0 Z = Z``, ``T_1 Z = A Z``, ``T_k Z = 2 A T_{k-1} Z − T_{k-2} Z``.
+A filter is therefore just a coefficient matrix ``coef`` (terms × (K+1)); the presets differ only there:
+
+=========  ===========================================  =========================================
+name       terms                                        coef
+=========  ===========================================  =========================================
+``nl``     ``A Z W``  (Wang et al. 2018)                 ``[[0, 1]]``
+``ns``     ``(A − I) Z W``  (Tao et al. 2018, Eq. 8)     ``[[-1, 1]]`` (one shared ``W``)
+``snl``    ``Z W_1 + A Z W_2``  (seed 002 Eq. 8, 003 Eq. 5)  ``[[1, 0], [0, 1]]``
+``gsnl``   ``Z W_1 + A Z W_2 + (2A − I) Z W_3`` (002 Eq. 10) ``[[1, 0], [0, 1], [-1, 2]]``
+``cheby``  ``Σ_{k≤K} T_k(A) Z W_k``  (seed 003 Eq. 3)     identity of size K+1
+=========  ===========================================  =========================================
+
+Only products ``A @ (N × c)`` are needed, so every filter runs on any :class:`~nonlocalnet.affinity.Graph`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+FILTERS = ("nl", "ns", "snl", "gsnl", "cheby")
+
+
+def filter_coefficients(name: str, order: int = 1) -> torch.Tensor:
+    """The coefficient matrix ``coef[t, k]`` of a named filter (see module docstring)."""
+    if name == "nl":
+        return torch.tensor([[0.0, 1.0]])
+    if name == "ns":
+        return torch.tensor([[-1.0, 1.0]])
+    if name == "snl":
+        return torch.eye(2)
+    if name == "gsnl":
+        return torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 2.0]])
+    if name == "cheby":
+        if not isinstance(order, int) or order < 0:
+            raise ValueError(f"order: expected an int >= 0 (Chebyshev K), got {order!r}")
+        return torch.eye(order + 1)
+    raise ValueError(f"filter: unknown filter {name!r}; valid filters: {', '.join(FILTERS)}")
+
+
+def chebyshev_terms(matmul: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, order: int,
+                    z_keys: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """``[T_0(A) Z, ..., T_K(A) Z]`` by the three-term recursion (seed 003 Eq. 3).
+
+    ``z_keys`` is ``Z`` on the key positions when they differ (sub-sampling): then only ``K ≤ 1``
+    is defined, since ``A`` is not square.
+    """
+    terms = [z]
+    if order >= 1:
+        terms.append(matmul(z if z_keys is None else z_keys))
+    for _ in range(2, order + 1):
+        terms.append(2 * matmul(terms[-1]) - terms[-2])
+    return terms
+
+
+def apply_filter(matmul: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, coef: torch.Tensor,
+                 z_keys: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The filter's terms ``B_t(A) Z`` for each row ``t`` of ``coef`` (before the weights ``W_t``)."""
+    order = highest_order(coef)
+    basis = chebyshev_terms(matmul, z, order, z_keys)
+    out = []
+    for row in coef.tolist():
+        acc = None
+        for k, c in enumerate(row[: order + 1]):
+            if c == 0:
+                continue
+            term = basis[k] if c == 1 else c * basis[k]
+            acc = term if acc is None else acc + term
+        out.append(acc if acc is not None else torch.zeros_like(z))
+    return out
+
+
+def highest_order(coef: torch.Tensor) -> int:
+    """The largest ``k`` with a nonzero coefficient (how many powers of ``A`` are needed)."""
+    nz = (coef != 0).any(0).nonzero()
+    return int(nz.max()) if len(nz) else 0

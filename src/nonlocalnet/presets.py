@@ -1,0 +1,228 @@
+"""The blocks of the literature as presets: a few defaults each over :mod:`nonlocalnet.blocks`.
+
+A preset fixes defaults (kernel, normalization, filter, output norm) from its paper; every option can
+be overridden, so e.g. ``build_block("snl", 64, kernel="embedded_gaussian")`` is SNL's filter on a
+softmax-free symmetric Gaussian graph. framework.md has the table these defaults come from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn as nn
+
+from . import affinity as aff
+from .blocks import OUT_NORMS, Affinity, NonlocalBlock, NonlocalUnit
+from .filters import FILTERS, filter_coefficients, highest_order
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    reference: str
+    defaults: dict[str, Any]
+    mode: str = "positions"
+    only: tuple[str, ...] = ()  # options that only this kind of block accepts
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+COMMON = dict(
+    reduction=2, kernel="embedded_gaussian", normalization="softmax", scale=False, bias=True, sub_sample=False,
+    units=1, recurrence=1, filter="nl", order=None, out_norm="bn", zero_init=True, backend="auto",
+    memory_budget=256, value_channels=None, out_proj=True, norm_groups=None,
+)
+CGNL_ONLY = dict(groups=1, taylor_order=3, rbf_gamma=1e-4)
+
+_SNL = dict(kernel="relu_dot", normalization="symmetric", out_norm="bn_relu", zero_init=False, bias=False)
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("nl", "Wang et al. 2018: Y = X + BN(A Z W), A = softmax(θφᵀ) (seed 002 Eq. 1-2)",
+               dict(filter="nl")),
+        Preset("ns", "Tao et al. 2018: nonlocal stage, F = (A - I) Z W on one A per stage (seed 000 Eq. 8; "
+                     "seed 002 Eq. 3)", dict(filter="ns")),
+        Preset("snl", "Spectral nonlocal: F = Z W_1 + A Z W_2, A = D^-1/2 M̂ D^-1/2 (seed 003 Eq. 5; 002 Eq. 8)",
+               dict(_SNL, filter="snl")),
+        Preset("gsnl", "Generalized SNL: F = Z W_1 + A Z W_2 + (2A - I) Z W_3 (seed 002 Eq. 10)",
+               dict(_SNL, filter="gsnl")),
+        Preset("cheby", "Chebyshev SNL of order K: F = Σ_k T_k(A) Z W_k (seed 003 Eq. 3-4; K=1 is Eq. 5)",
+               dict(_SNL, filter="cheby", order=2)),
+        Preset("a2", "Double attention (Chen et al. 2018): A = softmax_n(θ) softmax_N(φ)ᵀ, F = A Z W "
+                     "(seed 003 §2.2 (3), §B.3)",
+               dict(kernel="double_attention", normalization="none", filter="nl", out_norm="none",
+                    zero_init=False)),
+        Preset("cgnl", "Compact generalized NL (Yue et al. 2018): graph over positions × channels per group, "
+                       "Y = X + GN(F) (seed 003 §2.2 (4), §B.4)",
+               dict(kernel="dot_product", normalization="none", filter="nl", out_norm="gn", zero_init=False,
+                    bias=False), mode="channels", only=tuple(CGNL_ONLY)),
+        Preset("cc", "Criss-cross attention (Huang et al. 2019): masked softmax over row+column, F = A X W_v, "
+                     "Y = X + γF, recurrence 2 (seed 003 §2.2 (5), §B.5)",
+               dict(reduction=8, filter="nl", out_norm="gamma", zero_init=True, out_proj=False, recurrence=2),
+               mode="crisscross"),
+    ]
+}
+
+NATURAL_NORMALIZATION = {"embedded_gaussian": "softmax", "gaussian": "softmax", "dot_product": "count",
+                         "concatenation": "count", "relu_dot": "symmetric", "double_attention": "none"}
+ALL_OPTIONS = tuple(COMMON) + tuple(CGNL_ONLY)
+
+
+def list_blocks() -> list[str]:
+    """Names accepted by :func:`build_block`."""
+    return list(PRESETS)
+
+
+def _choice(arg: str, value: Any, valid: tuple[str, ...] | list[str], what: str = "") -> None:
+    if value not in valid:
+        raise ValueError(f"{arg}: unknown {what or arg} {value!r}; valid: {', '.join(map(str, valid))}")
+
+
+def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, Any]) -> dict[str, Any]:
+    """Merge a preset's defaults with user options and check that they go together."""
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a block name (str), got {type(name).__name__}")
+    _choice("name", name, list_blocks(), "block")
+    preset = PRESETS[name]
+    valid = tuple(COMMON) + (tuple(CGNL_ONLY) if preset.mode == "channels" else ())
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        extra = [u for u in unknown if u in ALL_OPTIONS]
+        if extra:
+            raise ValueError(f"option {extra[0]!r} does not apply to block {name!r} (only to cgnl); "
+                             f"valid options for {name!r}: {', '.join(valid)}")
+        raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for block {name!r}; "
+                         f"valid options: {', '.join(valid)}")
+    o = dict(COMMON, **(CGNL_ONLY if preset.mode == "channels" else {}), **preset.defaults)
+    if "kernel" in options and "normalization" not in options:
+        # a user kernel keeps the preset's normalization where it is defined for that kernel
+        kern = options["kernel"]
+        if o["normalization"] == "softmax" and kern not in aff.EXP_KERNELS:
+            o["normalization"] = NATURAL_NORMALIZATION.get(kern, o["normalization"])
+    o.update(options)
+
+    if isinstance(dim, bool) or dim not in (1, 2, 3):
+        raise ValueError(f"dim: expected 1, 2 or 3 (number of spatial axes), got {dim!r}")
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels: expected a positive int, got {in_channels!r}")
+    r = o["reduction"]
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"reduction: expected a positive int (C_s = C // reduction), got {r!r}")
+    if in_channels < r:
+        raise ValueError(f"in_channels ({in_channels}) must be >= reduction ({r}) so that "
+                         f"C_s = in_channels // reduction >= 1")
+    for key in ("units", "recurrence"):
+        if isinstance(o[key], bool) or not isinstance(o[key], int) or o[key] < 1:
+            raise ValueError(f"{key}: expected an int >= 1, got {o[key]!r}")
+    for key in ("bias", "sub_sample", "zero_init", "out_proj"):
+        if not isinstance(o[key], bool):
+            raise TypeError(f"{key}: expected a bool, got {o[key]!r}")
+    if not (isinstance(o["scale"], bool) or (isinstance(o["scale"], (int, float)) and o["scale"] > 0)):
+        raise TypeError(f"scale: expected a bool (1/sqrt(C_s)) or a positive float, got {o['scale']!r}")
+    if not isinstance(o["memory_budget"], (int, float)) or isinstance(o["memory_budget"], bool) \
+            or o["memory_budget"] <= 0:
+        raise ValueError(f"memory_budget: expected a positive number of MiB, got {o['memory_budget']!r}")
+
+    kern, norm, backend = o["kernel"], o["normalization"], o["backend"]
+    _choice("out_norm", o["out_norm"], OUT_NORMS)
+    _choice("backend", backend, aff.BACKENDS)
+    _choice("filter", o["filter"], FILTERS)
+    _choice("normalization", norm, aff.NORMALIZATIONS)
+    if preset.mode == "channels":
+        _choice("kernel", kern, ("dot_product", "gaussian"))
+        if norm not in ("none", "count"):
+            raise ValueError(f"normalization: cgnl supports 'none' or 'count', got {norm!r}")
+        if backend not in ("auto", "lowrank", "dense"):
+            raise ValueError(f"backend: cgnl supports 'auto', 'lowrank' or 'dense', got {backend!r}")
+    elif preset.mode == "crisscross":
+        _choice("kernel", kern, aff.EXP_KERNELS)
+        if norm not in ("softmax", "row"):
+            raise ValueError(f"normalization: cc uses the masked softmax ('softmax'), got {norm!r}")
+        if backend not in ("auto", "dense", "chunked"):
+            raise ValueError(f"backend: cc supports 'auto'/'chunked' (criss-cross path) or 'dense', got {backend!r}")
+        if o["sub_sample"]:
+            raise ValueError("sub_sample: criss-cross attention does not go with sub-sampling (keys must stay "
+                             "on the query's row and column)")
+    else:
+        _choice("kernel", kern, aff.KERNELS)
+        if norm == "softmax" and kern not in aff.EXP_KERNELS:
+            raise ValueError(f"normalization='softmax' is the row normalization of the exp kernels "
+                             f"(embedded_gaussian, gaussian); kernel {kern!r} takes 'row', 'count', "
+                             f"'symmetric' or 'none'")
+        if backend == "lowrank" and kern not in aff.LOWRANK_KERNELS:
+            raise ValueError(f"backend='lowrank' needs a factorizable kernel ({', '.join(aff.LOWRANK_KERNELS)}); "
+                             f"kernel {kern!r} does not factor: use 'sdpa', 'chunked' or 'dense'")
+        if backend == "sdpa" and not (kern in aff.EXP_KERNELS and norm in ("softmax", "row")):
+            raise ValueError(f"backend='sdpa' needs an exp kernel (embedded_gaussian, gaussian) with softmax "
+                             f"normalization, got kernel={kern!r}, normalization={norm!r}")
+    if norm == "symmetric" and o["sub_sample"]:
+        raise ValueError("normalization='symmetric' needs a square affinity (N' = N) and does not go with "
+                         "sub_sample=True; use normalization='row' or sub_sample=False")
+
+    if o["order"] is not None and o["filter"] != "cheby":
+        raise ValueError(f"order: the Chebyshev order K applies to filter='cheby' (the 'cheby' block), "
+                         f"not to filter={o['filter']!r}")
+    coef = filter_coefficients(o["filter"], o["order"] if o["order"] is not None else 1)
+    if highest_order(coef) >= 2 and o["sub_sample"]:
+        raise ValueError(f"sub_sample: powers of A (order {highest_order(coef)}) need a square affinity; "
+                         f"use sub_sample=False with filter={o['filter']!r}")
+    if not o["out_proj"] and len(coef) != 1:
+        raise ValueError(f"out_proj=False (F = A Z without W) needs a one-term filter, filter={o['filter']!r} "
+                         f"has {len(coef)} terms")
+
+    key_channels = in_channels // r
+    vc = o["value_channels"]
+    if vc is None:
+        vc = in_channels if not o["out_proj"] else key_channels
+    if isinstance(vc, bool) or not isinstance(vc, int) or vc < 1:
+        raise ValueError(f"value_channels: expected a positive int, got {vc!r}")
+    if not o["out_proj"] and vc != in_channels:
+        raise ValueError(f"value_channels: out_proj=False needs value_channels == in_channels ({in_channels}), "
+                         f"got {vc}")
+    if preset.mode == "channels":
+        g = o["groups"]
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise ValueError(f"groups: expected a positive int, got {g!r}")
+        if key_channels % g or in_channels % g or vc % g:
+            raise ValueError(f"groups ({g}) must divide in_channels ({in_channels}) and C_s ({key_channels})")
+        if vc != key_channels:
+            raise ValueError("value_channels: cgnl's values pair channel-by-channel with θ and φ; "
+                             f"value_channels must equal C_s ({key_channels})")
+        if not isinstance(o["taylor_order"], int) or o["taylor_order"] < 0:
+            raise ValueError(f"taylor_order: expected an int >= 0, got {o['taylor_order']!r}")
+    ng = o["norm_groups"] if o["norm_groups"] is not None else o.get("groups", 1)
+    if o["out_norm"] == "gn" and in_channels % ng:
+        raise ValueError(f"norm_groups ({ng}) must divide in_channels ({in_channels}) for out_norm='gn'")
+    if o["out_norm"] == "bn_relu" and o["zero_init"]:
+        raise ValueError("zero_init=True does not go with out_norm='bn_relu': relu(BN(F)) with a zero BN scale "
+                         "outputs 0 with zero gradient, so the block would never train")
+    o.update(key_channels=key_channels, value_channels=vc, norm_groups=ng, coef=coef)
+    return o
+
+
+def build_block(name: str, in_channels: int, *, dim: int = 2, **options: Any) -> nn.Module:
+    """Build a nonlocal block ``(B, C, *S) -> (B, C, *S)`` with ``len(S) == dim``.
+
+    ``name`` is one of :func:`list_blocks`. Options (see README for the table): ``reduction``,
+    ``kernel``, ``normalization``, ``scale``, ``bias``, ``sub_sample``, ``units``, ``order``,
+    ``recurrence``, ``filter``, ``out_norm``, ``zero_init``, ``backend``, ``memory_budget`` (MiB),
+    ``value_channels``, ``out_proj``, ``norm_groups``; cgnl also ``groups``, ``taylor_order``,
+    ``rbf_gamma``.
+    """
+    o = resolve_options(name, in_channels, dim, options)
+    preset = PRESETS[name]
+    graph = Affinity(
+        in_channels, o["key_channels"], dim=dim, kernel=o["kernel"], normalization=o["normalization"],
+        scale=o["scale"], bias=o["bias"], sub_sample=o["sub_sample"], backend=o["backend"],
+        memory_budget=o["memory_budget"], mode=preset.mode, groups=o.get("groups", 1),
+        order=o.get("taylor_order", 0), rbf_gamma=o.get("rbf_gamma", 1e-4),
+    )
+    units = [
+        NonlocalUnit(in_channels, o["value_channels"], o["coef"], dim=dim, bias=o["bias"], out_norm=o["out_norm"],
+                     zero_init=o["zero_init"], norm_groups=o["norm_groups"], out_proj=o["out_proj"],
+                     proj_groups=o.get("groups", 1), sub_sample=o["sub_sample"])
+        for _ in range(o["units"])
+    ]
+    shown = {k: v for k, v in o.items() if k in options}
+    return NonlocalBlock(name, in_channels, dim, graph, units, recurrence=o["recurrence"], options=shown)

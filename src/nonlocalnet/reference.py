@@ -1,0 +1,227 @@
+"""Dense, literal implementations of the equations: the ground truth every fast path is tested against.
+
+Nothing here is fast and nothing here shares code with :mod:`affinity` / :mod:`filters` /
+:mod:`blocks`: every ``N × N`` matrix is formed, every polynomial ``T_k(A)`` is a matrix, masks are
+built by loops. :func:`forward` recomputes a block's output from its parameters alone.
+
+Equations (framework.md and the seeds):
+
+- kernels: ``exp(θ_i·φ_j)`` (embedded Gaussian), ``exp(x_i·x_j)`` (Gaussian), ``θ_i·φ_j``,
+  ``relu(θ_i)·relu(φ_j)``, ``relu(w·[θ_i; φ_j])``; A²: ``softmax_n(θ) softmax_N(φ)ᵀ`` (seed 003 §B.3)
+- normalizations: ``D⁻¹M``, ``M/N'``, ``D̂^{-1/2} M̂ D̂^{-1/2}`` with ``M̂ = (M+Mᵀ)/2`` (seed 003 Eq. 5)
+- filter: ``F = Σ_t (Σ_k coef[t,k] T_k(A)) Z W_t``, ``T_k = 2A T_{k-1} − T_{k-2}`` (seed 003 Eq. 3)
+- stage: ``Zⁿ⁺¹ = Zⁿ + out_n(F_n(A, g_n(Zⁿ)))``, ``A`` from the stage input (seed 000 Eq. 8)
+- CC: softmax over the positions in the same row/column (mask ``C``, seed 003 §B.5)
+- CGNL: graph over (position, channel) nodes (seed 003 §B.4)
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _mat(conv) -> torch.Tensor:
+    """A 1×1 conv's weight as a dense ``(Cout, Cin)`` matrix (block diagonal when grouped)."""
+    w = conv.weight.reshape(conv.weight.shape[0], -1)
+    g = conv.groups
+    if g == 1:
+        return w
+    cout, cin_g = w.shape
+    full = torch.zeros(cout, cin_g * g, dtype=w.dtype)
+    og = cout // g
+    for i in range(g):
+        full[i * og:(i + 1) * og, i * cin_g:(i + 1) * cin_g] = w[i * og:(i + 1) * og]
+    return full
+
+
+def _lin(conv, x: torch.Tensor) -> torch.Tensor:
+    y = x @ _mat(conv).T
+    return y + conv.bias if conv.bias is not None else y
+
+
+def pool(t: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """Max over each (2)/(2,2)/(1,2,2) window, dropping a trailing odd row (floor), by explicit loops."""
+    b, _, c = t.shape
+    grid = t.reshape(b, *spatial, c)
+    win = (2,) if len(spatial) == 1 else (2, 2) if len(spatial) == 2 else (1, 2, 2)
+    out_shape = [s // w for s, w in zip(spatial, win)]
+    out = torch.empty(b, *out_shape, c, dtype=t.dtype)
+    for idx in itertools.product(*[range(s) for s in out_shape]):
+        sl = tuple(slice(i * w, i * w + w) for i, w in zip(idx, win))
+        window = grid[(slice(None), *sl)].reshape(b, -1, c)
+        out[(slice(None), *idx)] = window.max(1).values
+    return out.reshape(b, -1, c)
+
+
+def normalize(m: torch.Tensor, normalization: str) -> torch.Tensor:
+    """The normalization table of framework.md, literally."""
+    if normalization in ("softmax", "row"):
+        d = m.sum(-1, keepdim=True)
+        return torch.where(d != 0, m / torch.where(d != 0, d, 1), 0)
+    if normalization == "count":
+        return m / m.shape[-1]
+    if normalization == "symmetric":
+        mh = (m + m.transpose(1, 2)) / 2
+        d = mh.sum(-1)
+        dinv = torch.where(d > 0, torch.where(d > 0, d, 1) ** -0.5, 0)
+        return torch.diag_embed(dinv) @ mh @ torch.diag_embed(dinv)
+    if normalization == "none":
+        return m
+    raise ValueError(normalization)
+
+
+def crisscross_mask(spatial: tuple[int, ...]) -> torch.Tensor:
+    """``mask[i, j]`` is True when positions i and j differ in at most one coordinate (loops)."""
+    coords = list(itertools.product(*[range(s) for s in spatial]))
+    n = len(coords)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for i, ci in enumerate(coords):
+        for j, cj in enumerate(coords):
+            mask[i, j] = sum(a != b for a, b in zip(ci, cj)) <= 1
+    return mask
+
+
+def affinity_tokens(graph, x: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """Dense ``A`` (B, N, N') of an :class:`~nonlocalnet.blocks.Affinity` module on tokens ``x``."""
+    kernel, norm = graph.kernel, graph.normalization
+    if hasattr(graph, "theta"):
+        q, k = _lin(graph.theta, x), _lin(graph.phi, x)
+    else:
+        q, k = x, x
+    if graph.sub_sample:
+        k = pool(k, spatial)
+    s = graph.scale_value
+    if graph.mode == "crisscross":
+        logits = s * q @ k.transpose(1, 2)
+        m = torch.exp(logits) * crisscross_mask(spatial).to(logits.dtype)
+        return normalize(m, "row")
+    if kernel in ("embedded_gaussian", "gaussian"):
+        m = torch.exp(s * q @ k.transpose(1, 2))
+    elif kernel == "dot_product":
+        m = q @ k.transpose(1, 2)
+    elif kernel == "relu_dot":
+        m = F.relu(q) @ F.relu(k).transpose(1, 2)
+    elif kernel == "concatenation":
+        w = graph.concat.weight.flatten()
+        n, nk, c = q.shape[1], k.shape[1], q.shape[2]
+        m = torch.empty(x.shape[0], n, nk, dtype=x.dtype)
+        for i in range(n):
+            for j in range(nk):
+                m[:, i, j] = F.relu(torch.cat([q[:, i], k[:, j]], -1) @ w)
+        del c
+    elif kernel == "double_attention":
+        m = torch.softmax(q, dim=-1) @ torch.softmax(k, dim=1).transpose(1, 2)
+    else:
+        raise ValueError(kernel)
+    return normalize(m, norm)
+
+
+def chebyshev_matrices(a: torch.Tensor, order: int) -> list[torch.Tensor]:
+    """``[T_0(A), ..., T_K(A)]`` as dense matrices (needs a square ``A``)."""
+    eye = torch.eye(a.shape[-1], dtype=a.dtype).expand_as(a)
+    t = [eye, a]
+    for _ in range(2, order + 1):
+        t.append(2 * a @ t[-1] - t[-2])
+    return t[: order + 1]
+
+
+def out_norm(norm_module, f: torch.Tensor) -> torch.Tensor:
+    """The output normalization, literally: BN with batch statistics in train mode (no buffer update)."""
+    kind = norm_module.kind
+    if kind in ("bn", "bn_relu"):
+        bn = norm_module.bn
+        flat = f.reshape(-1, f.shape[-1])
+        if bn.training:
+            mean, var = flat.mean(0), flat.var(0, unbiased=False)
+        else:
+            mean, var = bn.running_mean, bn.running_var
+        y = (f - mean) / torch.sqrt(var + bn.eps) * bn.weight + bn.bias
+        return F.relu(y) if kind == "bn_relu" else y
+    if kind == "gn":
+        gn = norm_module.gn
+        b, n, c = f.shape
+        g = gn.num_groups
+        fg = f.reshape(b, n, g, c // g)
+        mean = fg.mean(dim=(1, 3), keepdim=True)
+        var = fg.var(dim=(1, 3), unbiased=False, keepdim=True)
+        y = ((fg - mean) / torch.sqrt(var + gn.eps)).reshape(b, n, c)
+        return y * gn.weight + gn.bias
+    if kind == "gamma":
+        return norm_module.gamma * f
+    return f
+
+
+def cgnl_channel_affinity(graph, x: torch.Tensor) -> torch.Tensor:
+    """CGNL's graph on tokens ``x``: ``(B, G, N·C_g, N'·C_g)``, entry by entry from the kernel (seed 003 §B.4).
+
+    Node ``(i, c)`` of group ``g`` is position ``i``, channel ``c``; ``M = k(θ_ic, φ_jc')`` with
+    ``k(t, p) = t·p`` (dot) or ``exp(-γt²) exp(-γp²) Σ_{k≤P} (2γ)^k/k! (tp)^k`` (Gaussian RBF, Taylor P).
+    """
+    t, p = _lin(graph.theta, x), _lin(graph.phi, x)
+    b, n, c = t.shape
+    g = graph.groups
+    cg = c // g
+    tg = t.reshape(b, n, g, cg).permute(0, 2, 1, 3).reshape(b, g, n * cg)
+    pg = p.reshape(b, p.shape[1], g, cg).permute(0, 2, 1, 3).reshape(b, g, -1)
+    tt, pp = tg[..., :, None], pg[..., None, :]
+    if graph.kernel == "dot_product":
+        m = tt * pp
+    else:
+        gam = graph.rbf_gamma
+        series = sum((2 * gam) ** k / math.factorial(k) * (tt * pp) ** k for k in range(graph.order + 1))
+        m = torch.exp(-gam * tt**2) * torch.exp(-gam * pp**2) * series
+    nodes = pg.shape[-1]
+    if graph.normalization == "count":
+        m = m / nodes
+    if graph.scale:
+        m = m / math.sqrt(nodes)
+    return m
+
+
+def _cgnl_apply(graph, x_tok: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    m = cgnl_channel_affinity(graph, x_tok)
+    b, n, c = z.shape
+    g = graph.groups
+    zg = z.reshape(b, n, g, c // g).permute(0, 2, 1, 3).reshape(b, g, -1, 1)
+    y = (m @ zg).reshape(b, g, n, c // g).permute(0, 2, 1, 3)
+    return y.reshape(b, n, c)
+
+
+def forward(block, x: torch.Tensor) -> torch.Tensor:
+    """A :class:`~nonlocalnet.blocks.NonlocalBlock`'s output, recomputed densely from its parameters."""
+    b, c = x.shape[:2]
+    spatial = tuple(x.shape[2:])
+    h = x.movedim(1, -1).reshape(b, -1, c)
+    graph = block.graph
+    for _ in range(block.recurrence):
+        a = None if graph.mode == "channels" else affinity_tokens(graph, h, spatial)
+        stage_input = h
+        for unit in block.units:
+            z = _lin(unit.g, h)
+            coef = unit.coef.to(h.dtype)
+            order = int((coef != 0).any(0).nonzero().max())
+            if graph.mode == "channels":
+                zk = pool(z, spatial) if graph.sub_sample else z
+                basis = [z, _cgnl_apply(graph, stage_input, zk)]
+                assert order <= 1
+            elif graph.sub_sample:
+                basis = [z, a @ pool(z, spatial)]
+            else:
+                basis = [t @ z for t in chebyshev_matrices(a, order)]
+            terms = [sum(coef[t, k] * basis[k] for k in range(order + 1)) for t in range(coef.shape[0])]
+            if len(unit.w):
+                f = sum(_lin(w, term) for w, term in zip(unit.w, terms))
+            else:
+                f = terms[0]
+            h = h + out_norm(unit.norm, f)
+    return h.reshape(b, *spatial, c).movedim(-1, 1)
+
+
+def affinity(block, x: torch.Tensor) -> torch.Tensor:
+    """Dense ``A`` of a block on input ``x`` (B, C, *S)."""
+    b, c = x.shape[:2]
+    return affinity_tokens(block.graph, x.movedim(1, -1).reshape(b, -1, c), tuple(x.shape[2:]))
