@@ -502,7 +502,8 @@ def build_graph(kernel: str, normalization: str, backend: str, *, q: torch.Tenso
     if kernel == "concatenation":
         pk: PairwiseKernel = ConcatKernel(*concat)
     else:
-        pk = BilinearKernel(q, k, exp=kernel in EXP_KERNELS, scale=scale)
+        exp = kernel in EXP_KERNELS
+        pk = BilinearKernel(q, k, exp=exp, scale=scale if exp else 1.0)  # `scale` belongs to the exp kernels
     if backend == "dense":
         return PairwiseGraph(pk, normalization, chunk=None)
     return PairwiseGraph(pk, normalization, chunk=chunk_rows(batch, n_keys, max(el, 4), budget_bytes))
