@@ -313,7 +313,9 @@ class SDPAGraph(Graph):
         q, k = self.q, self.k
         if q.dtype != v.dtype:
             v = v.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        # a head axis: the fused (flash) kernels only take (B, H, L, E); 3-D input falls back to math
+        out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=self.scale)
+        return out.squeeze(1)
 
     def dense(self):
         return torch.softmax(self.scale * (self.q @ self.k.transpose(1, 2)), dim=-1)

@@ -174,11 +174,12 @@ class NonlocalUnit(nn.Module):
         )
         self.norm = OutNorm(out_norm, in_channels, zero_init, norm_groups)
         self.register_buffer("coef", coef.clone(), persistent=False)
+        self.coef_rows = tuple(tuple(float(c) for c in row) for row in coef.tolist())  # static for compile
 
     def filter_terms(self, x: torch.Tensor, graph: aff.Graph, spatial: tuple[int, ...]) -> list[torch.Tensor]:
         z = project(self.g, x)
         z_keys = aff.pool_tokens(z, spatial) if self.sub_sample else None
-        return apply_filter(graph.matmul, z, self.coef, z_keys)
+        return apply_filter(graph.matmul, z, self.coef_rows, z_keys)
 
     def response(self, x: torch.Tensor, graph: aff.Graph, spatial: tuple[int, ...]) -> torch.Tensor:
         """``F(A, Z)`` before the output norm."""

@@ -22,7 +22,7 @@ Only products ``A @ (N × c)`` are needed, so every filter runs on any :class:`~
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -61,13 +61,18 @@ def chebyshev_terms(matmul: Callable[[torch.Tensor], torch.Tensor], z: torch.Ten
     return terms
 
 
-def apply_filter(matmul: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, coef: torch.Tensor,
+def apply_filter(matmul: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor,
+                 coef: torch.Tensor | Sequence[Sequence[float]],
                  z_keys: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """The filter's terms ``B_t(A) Z`` for each row ``t`` of ``coef`` (before the weights ``W_t``)."""
-    order = highest_order(coef)
+    """The filter's terms ``B_t(A) Z`` for each row ``t`` of ``coef`` (before the weights ``W_t``).
+
+    ``coef`` may be a plain nested list (what modules pass, so ``torch.compile`` sees constants).
+    """
+    rows = coef.tolist() if isinstance(coef, torch.Tensor) else [list(r) for r in coef]
+    order = max([0] + [k for r in rows for k, c in enumerate(r) if c != 0])
     basis = chebyshev_terms(matmul, z, order, z_keys)
     out = []
-    for row in coef.tolist():
+    for row in rows:
         acc = None
         for k, c in enumerate(row[: order + 1]):
             if c == 0:
