@@ -1,0 +1,3 @@
+from nonlocalnet.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,3 @@
+from nonlocalnet.bench import main
+
+raise SystemExit(main())
