@@ -1,0 +1,366 @@
+"""Bring trained weights from the two most used public nonlocal implementations into our blocks.
+
+- :func:`from_official_snl` — the SNL authors' ``Stage`` (ICCV 2021 code, classification part): a shared
+  affinity from ``t``/``p`` and ``n`` SNL, NS or NL units ``stages.{i}.*``.
+- :func:`from_mmcv` — OpenMMLab's ``NonLocal1d/2d/3d`` in its four modes.
+
+Each returns a block built with :func:`nonlocalnet.build_block` whose output equals the original module's,
+in eval and in train mode (BatchNorm batch statistics and running-stat updates included). Only the
+layouts and formulas recorded in framework.md ("The code behind the papers' numbers") are used; no code
+of those projects. docs/compat.md has the key mappings and the one flag combination that our affinities
+cannot express (the official ``is_norm=True, is_sys=False``).
+
+The returned block takes the dtype and device of the checkpoint's weights, and is in training mode like
+any new ``nn.Module``: call ``.eval()`` for inference.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .presets import build_block
+
+__all__ = ["from_official_snl", "from_mmcv", "OFFICIAL_UNITS", "MMCV_MODES"]
+
+OFFICIAL_UNITS = ("snl", "ns", "nl")
+MMCV_MODES = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
+
+_BN_KEYS = ("weight", "bias", "running_mean", "running_var")
+_BN_OPTIONAL = ("num_batches_tracked",)  # absent from very old checkpoints; the block then keeps 0
+_MAX_LISTED = 40
+
+
+# --------------------------------------------------------------------------------------- helpers
+def _fmt_keys(keys: Iterable[str]) -> str:
+    keys = list(keys)
+    shown = ", ".join(repr(k) for k in keys[:_MAX_LISTED])
+    return f"[{shown}{', ...' if len(keys) > _MAX_LISTED else ''}]" + (
+        f" ({len(keys)} keys)" if len(keys) > _MAX_LISTED else "")
+
+
+def _select(state_dict: Any, prefix: str, what: str) -> dict[str, torch.Tensor]:
+    """The entries under ``prefix`` (prefix stripped); an ``nn.Module`` stands for its state dict."""
+    if isinstance(state_dict, nn.Module):
+        state_dict = state_dict.state_dict()
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict: expected a mapping of str to tensors (a state dict), "
+                        f"got {type(state_dict).__name__}")
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix: expected a str, got {type(prefix).__name__}")
+    sd = {k[len(prefix):]: v for k, v in state_dict.items() if isinstance(k, str) and k.startswith(prefix)}
+    if not sd:
+        where = f" under prefix {prefix!r}" if prefix else ""
+        sample = _fmt_keys(list(state_dict)[:5])
+        raise ValueError(f"{what}: the state dict has no keys{where} (it has {len(state_dict)} keys, "
+                         f"first ones: {sample})")
+    not_tensors = [prefix + k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f"{what}: expected tensors, got other values for keys {_fmt_keys(not_tensors)}")
+    return sd
+
+
+def _check_keys(sd: Mapping[str, torch.Tensor], required: list[str], optional: list[str], what: str,
+                prefix: str, hints: list[str]) -> None:
+    missing = [k for k in required if k not in sd]
+    extra = sorted(set(sd) - set(required) - set(optional))
+    if not (missing or extra):
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing keys {_fmt_keys(prefix + k for k in missing)}")
+    if extra:
+        parts.append(f"unexpected keys {_fmt_keys(prefix + k for k in extra)}")
+    expected = [prefix + k for k in required] + [prefix + k + " (optional)" for k in optional]
+    msg = f"{what}: the state dict does not fit: {'; '.join(parts)}. Expected keys: {_fmt_keys(expected)}."
+    if hints:
+        msg += " " + " ".join(hints)
+    raise ValueError(msg)
+
+
+def _check_shapes(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...] | list[tuple[int, ...]]],
+                  what: str, prefix: str, context: str) -> None:
+    bad = []
+    for key, shapes in expected.items():
+        if key not in sd:
+            continue
+        options = shapes if isinstance(shapes, list) else [shapes]
+        got = tuple(sd[key].shape)
+        if got not in [tuple(s) for s in options]:
+            want = " or ".join(str(tuple(s)) for s in options)
+            bad.append(f"{prefix + key!r} has shape {got}, expected {want}")
+    if bad:
+        raise ValueError(f"{what}: wrong shapes ({context}): " + "; ".join(bad))
+
+
+def _conv1x1(sd: Mapping[str, torch.Tensor], key: str, what: str, prefix: str) -> tuple[int, int, int]:
+    """``(C_out, C_in, dim)`` of a 1×1 convolution weight ``(C_out, C_in, 1[, 1[, 1]])``."""
+    w = sd[key]
+    if w.dim() not in (3, 4, 5) or any(s != 1 for s in w.shape[2:]):
+        raise ValueError(f"{what}: {prefix + key!r} has shape {tuple(w.shape)}, expected a 1x1 convolution weight "
+                         f"(C_out, C_in, 1), (C_out, C_in, 1, 1) or (C_out, C_in, 1, 1, 1)")
+    return int(w.shape[0]), int(w.shape[1]), w.dim() - 2
+
+
+def _reduction(c: int, cs: int, key: str, what: str) -> int:
+    """The ``reduction`` with ``C // reduction == C_s`` (our blocks derive ``C_s`` that way)."""
+    if not 1 <= cs <= c:
+        raise ValueError(f"{what}: {key!r} gives C_s = {cs} for C = {c}; expected 1 <= C_s <= C")
+    r = c // cs
+    if c // r != cs:
+        raise ValueError(f"{what}: {key!r} gives C_s = {cs} for C = {c}, which is not C // reduction for any "
+                         f"integer reduction (C // {r} = {c // r}, C // {r + 1} = {c // (r + 1)}); "
+                         f"nonlocalnet blocks derive C_s = C // reduction")
+    return r
+
+
+def _bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {value!r}")
+
+
+def _load(block: nn.Module, ours: dict[str, torch.Tensor], like: torch.Tensor) -> nn.Module:
+    """Load ``ours`` (all parameters; BatchNorm counters optional) into ``block``, on ``like``'s dtype/device."""
+    block = block.to(device=like.device, dtype=like.dtype if like.is_floating_point() else None)
+    full = block.state_dict()
+    unknown = sorted(set(ours) - set(full))
+    if unknown:  # a bug in this module, not in the user's state dict
+        raise RuntimeError(f"compat: internal key mapping produced unknown keys {unknown}")
+    left = [k for k in full if k not in ours and not k.endswith("num_batches_tracked")]
+    if left:
+        raise RuntimeError(f"compat: internal key mapping left parameters unset: {left}")
+    full.update({k: v.detach() for k, v in ours.items()})
+    block.load_state_dict(full, strict=True)
+    return block
+
+
+def _bn(sd: Mapping[str, torch.Tensor], src: str, dst: str) -> dict[str, torch.Tensor]:
+    out = {f"{dst}.{n}": sd[f"{src}.{n}"] for n in _BN_KEYS}
+    for n in _BN_OPTIONAL:
+        if f"{src}.{n}" in sd:
+            out[f"{dst}.{n}"] = sd[f"{src}.{n}"]
+    return out
+
+
+# --------------------------------------------------------------------------------------- official SNL
+def from_official_snl(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, unit: str = "snl",
+                      normalized: bool = True, symmetric: bool = True, prefix: str = "") -> nn.Module:
+    """A block equal to the SNL authors' ``Stage`` with ``is_norm=normalized, is_sys=symmetric``.
+
+    Keys (framework.md): ``t.weight``, ``p.weight`` (θ, φ; no bias) and per unit ``i``
+    ``stages.{i}.g.weight``, ``stages.{i}.w_1.weight`` (``unit="snl"`` only), ``stages.{i}.w_2.weight``,
+    ``stages.{i}.bn.{weight,bias,running_mean,running_var[,num_batches_tracked]}``. The number of units,
+    ``C``, ``C_s`` and ``dim`` (from the weights' rank: 4-D → 2-D block) are inferred. ``prefix``: keys are
+    read under it (e.g. ``"layer3.1.snl."`` in a whole-model checkpoint); other keys are ignored.
+
+    - ``normalized=True, symmetric=True`` (what the authors' models use): ``relu_dot`` + ``symmetric``.
+    - ``normalized=False, symmetric=False``: ``embedded_gaussian`` + ``softmax``, no scaling.
+    - ``normalized=False, symmetric=True`` (softmax of ``(S + Sᵀ)/2``, ``S = θφᵀ``): exact through
+      ``(S + Sᵀ)/2 = ½ [θ, φ][φ, θ]ᵀ``: θ' = ``[θ; φ; 0]``, φ' = ``[φ; θ; 0]`` (zero rows pad to
+      ``C // reduction``), ``scale=0.5``. Needs ``C >= 2 C_s``. The two copies of θ and φ are separate
+      parameters in the converted block: same function, but fine-tuning may untie them.
+    - ``normalized=True, symmetric=False`` (``A = D^{-1/2} M D^{-1/2}`` with ``M`` not symmetrized):
+      not expressible by our normalizations; raises :class:`NotImplementedError`.
+
+    Units map to our filters: SNL ``w_1(Z) + w_2(AZ)`` → ``snl`` (``w.0 = w_1``, ``w.1 = w_2``);
+    NS ``w_2(Z) − w_2(AZ)`` → ``ns``, which computes ``W(AZ − Z)``, so ``w.0 = −w_2``; NL ``w_2(AZ)`` →
+    ``nl``. Output ``X + relu(BN(F))`` → ``out_norm="bn_relu"``.
+    """
+    if unit not in OFFICIAL_UNITS:
+        raise ValueError(f"unit: expected one of {', '.join(map(repr, OFFICIAL_UNITS))}, got {unit!r}")
+    _bool("normalized", normalized)
+    _bool("symmetric", symmetric)
+    what = f"from_official_snl(unit={unit!r}, normalized={normalized}, symmetric={symmetric})"
+    if normalized and not symmetric:
+        raise NotImplementedError(
+            f"{what}: the official is_norm=True, is_sys=False affinity A = D^-1/2 M D^-1/2 with "
+            "M = relu(θ) relu(φ)ᵀ not symmetrized and D = diag(M 1) is not one of nonlocalnet's "
+            "normalizations ('symmetric' symmetrizes M first, 'row' gives D^-1 M); its authors' models all use "
+            "is_norm=True, is_sys=True (normalized=True, symmetric=True)")
+    sd = _select(state_dict, prefix, what)
+
+    indices = {int(m.group(1)) for k in sd if (m := re.match(r"stages\.(\d+)\.", k))}
+    if not indices:
+        raise ValueError(f"{what}: no units found: expected keys 'stages.{{i}}.*' ({prefix}stages.0.g.weight, "
+                         f"...) next to {prefix}t.weight and {prefix}p.weight; "
+                         f"got keys {_fmt_keys(prefix + k for k in sd)}")
+    n_units = max(indices) + 1
+    unit_keys = ["g.weight"] + (["w_1.weight"] if unit == "snl" else []) + ["w_2.weight"] + \
+        [f"bn.{n}" for n in _BN_KEYS]
+    required = ["t.weight", "p.weight"] + [f"stages.{i}.{k}" for i in range(n_units) for k in unit_keys]
+    optional = [f"stages.{i}.bn.{n}" for i in range(n_units) for n in _BN_OPTIONAL]
+    hints = []
+    if unit != "snl" and any(re.fullmatch(r"stages\.\d+\.w_1\.weight", k) for k in sd):
+        hints.append("Keys 'stages.{i}.w_1.weight' belong to SNL units: pass unit='snl'.")
+    if unit == "snl" and not any(re.fullmatch(r"stages\.\d+\.w_1\.weight", k) for k in sd):
+        hints.append("No 'stages.{i}.w_1.weight': NS and NL units have only w_2; pass unit='ns' or unit='nl'.")
+    _check_keys(sd, required, optional, what, prefix, hints)
+
+    cs, c, dim = _conv1x1(sd, "t.weight", what, prefix)
+    cv = _conv1x1(sd, "stages.0.g.weight", what, prefix)[0]
+    ones = (1,) * dim
+    shapes: dict[str, Any] = {"p.weight": (cs, c, *ones)}
+    for i in range(n_units):
+        shapes[f"stages.{i}.g.weight"] = (cv, c, *ones)
+        for w in ("w_1", "w_2") if unit == "snl" else ("w_2",):
+            shapes[f"stages.{i}.{w}.weight"] = (c, cv, *ones)
+        shapes.update({f"stages.{i}.bn.{n}": (c,) for n in _BN_KEYS})
+        shapes[f"stages.{i}.bn.num_batches_tracked"] = ()
+    _check_shapes(sd, shapes, what, prefix, f"inferred from {prefix}t.weight {tuple(sd['t.weight'].shape)}: "
+                  f"C = {c}, C_s = {cs}, dim = {dim}; from {prefix}stages.0.g.weight: C_v = {cv}")
+
+    t, p = sd["t.weight"], sd["p.weight"]
+    if normalized:  # and symmetric
+        opts: dict[str, Any] = dict(kernel="relu_dot", normalization="symmetric", scale=False,
+                                    reduction=_reduction(c, cs, prefix + "t.weight", what))
+        theta, phi = t, p
+    elif not symmetric:
+        opts = dict(kernel="embedded_gaussian", normalization="softmax", scale=False,
+                    reduction=_reduction(c, cs, prefix + "t.weight", what))
+        theta, phi = t, p
+    else:
+        if 2 * cs > c:
+            raise NotImplementedError(
+                f"{what}: softmax((S + Sᵀ)/2) is converted as an embedded Gaussian on stacked projections "
+                f"[θ; φ] and [φ; θ] (2 C_s = {2 * cs} key channels), which needs C >= 2 C_s; here C = {c}")
+        r = c // (2 * cs)
+        pad = t.new_zeros((c // r - 2 * cs, *t.shape[1:]))
+        theta, phi = torch.cat([t, p, pad]), torch.cat([p, t, pad])
+        opts = dict(kernel="embedded_gaussian", normalization="softmax", scale=0.5, reduction=r)
+
+    block = build_block(unit, c, dim=dim, units=n_units, bias=False, out_norm="bn_relu", zero_init=False,
+                        value_channels=cv, **opts)
+    ours = {"graph.theta.weight": theta, "graph.phi.weight": phi}
+    for i in range(n_units):
+        s, u = f"stages.{i}", f"units.{i}"
+        ours[f"{u}.g.weight"] = sd[f"{s}.g.weight"]
+        if unit == "snl":
+            ours[f"{u}.w.0.weight"] = sd[f"{s}.w_1.weight"]
+            ours[f"{u}.w.1.weight"] = sd[f"{s}.w_2.weight"]
+        elif unit == "ns":
+            ours[f"{u}.w.0.weight"] = -sd[f"{s}.w_2.weight"]
+        else:
+            ours[f"{u}.w.0.weight"] = sd[f"{s}.w_2.weight"]
+        ours.update(_bn(sd, f"{s}.bn", f"{u}.norm.bn"))
+    return _load(block, ours, t)
+
+
+# --------------------------------------------------------------------------------------- mmcv
+def from_mmcv(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, mode: str, dim: int = 2,
+              sub_sample: bool = False, use_scale: bool = True, gn_groups: int | None = None,
+              prefix: str = "") -> nn.Module:
+    """A block equal to mmcv's ``NonLocal{dim}d(mode=mode, sub_sample=..., use_scale=...)``.
+
+    Keys (framework.md): ``g.conv.{weight,bias}``, ``theta.conv.*`` and ``phi.conv.*`` (not in
+    ``gaussian`` mode), ``conv_out.conv.weight`` (+ ``conv_out.conv.bias`` without a norm), the norm after
+    ``conv_out`` if any (``conv_out.bn.*`` BatchNorm or ``conv_out.gn.*`` GroupNorm, detected from the
+    keys; GroupNorm needs ``gn_groups``, which a state dict does not record), ``concat_project.conv.weight``
+    (``concatenation`` mode). With ``sub_sample``, ``g`` and ``phi`` are ``Sequential(ConvModule, MaxPool)``:
+    ``g.0.conv.*``, ``phi.0.conv.*``. ``C`` and ``C_s`` come from the shapes; ``dim`` must match the rank
+    of the conv weights. ``prefix``: keys are read under it; other keys are ignored.
+
+    Built as our ``nl`` preset with ``kernel=mode``, ``bias=True``, ``out_norm`` ``"none"``/``"bn"``/``"gn"``;
+    normalization ``softmax`` (``embedded_gaussian`` scaled by ``1/sqrt(C_s)`` when ``use_scale``;
+    ``gaussian`` never scaled, as in mmcv) or ``count`` (``dot_product``, ``concatenation``: ``/N'``).
+    """
+    if mode not in MMCV_MODES:
+        raise ValueError(f"mode: expected one of {', '.join(map(repr, MMCV_MODES))}, got {mode!r}")
+    if isinstance(dim, bool) or dim not in (1, 2, 3):
+        raise ValueError(f"dim: expected 1, 2 or 3 (NonLocal1d/2d/3d), got {dim!r}")
+    _bool("sub_sample", sub_sample)
+    _bool("use_scale", use_scale)
+    what = f"from_mmcv(mode={mode!r}, dim={dim}, sub_sample={sub_sample})"
+    sd = _select(state_dict, prefix, what)
+
+    has_bn = any(k.startswith("conv_out.bn.") for k in sd)
+    has_gn = any(k.startswith("conv_out.gn.") for k in sd)
+    if has_bn and has_gn:
+        bn_keys = _fmt_keys(prefix + k for k in sd if k.startswith("conv_out.bn."))
+        gn_keys = _fmt_keys(prefix + k for k in sd if k.startswith("conv_out.gn."))
+        raise ValueError(f"{what}: both BatchNorm keys {bn_keys} and GroupNorm keys {gn_keys} after conv_out; "
+                         f"expected at most one norm")
+    norm = "bn" if has_bn else "gn" if has_gn else "none"
+    if norm == "gn":
+        if isinstance(gn_groups, bool) or not isinstance(gn_groups, int) or gn_groups < 1:
+            raise ValueError(f"{what}: the state dict has a GroupNorm after conv_out (keys 'conv_out.gn.*'); its "
+                             f"number of groups is not stored in a state dict: pass gn_groups= (mmcv's "
+                             f"norm_cfg num_groups), got gn_groups={gn_groups!r}")
+
+    g = "g.0.conv" if sub_sample else "g.conv"
+    ph = "phi.0.conv" if sub_sample else "phi.conv"
+    required = [f"{g}.weight", f"{g}.bias"]
+    if mode != "gaussian":
+        required += ["theta.conv.weight", "theta.conv.bias", f"{ph}.weight", f"{ph}.bias"]
+    required.append("conv_out.conv.weight")
+    optional: list[str] = []
+    if norm == "none":
+        required.append("conv_out.conv.bias")
+    else:  # mmcv's ConvModule has no conv bias before a norm; one is accepted if present
+        optional.append("conv_out.conv.bias")
+    if norm == "bn":
+        required += [f"conv_out.bn.{n}" for n in _BN_KEYS]
+        optional += [f"conv_out.bn.{n}" for n in _BN_OPTIONAL]
+    elif norm == "gn":
+        required += ["conv_out.gn.weight", "conv_out.gn.bias"]
+    if mode == "concatenation":
+        required.append("concat_project.conv.weight")
+    hints = []
+    if not sub_sample and any(k.startswith(("g.0.", "phi.0.")) for k in sd):
+        hints.append("Keys 'g.0.conv.*' / 'phi.0.conv.*' are those of a sub-sampled block: pass sub_sample=True.")
+    if sub_sample and any(k.startswith(("g.conv.", "phi.conv.")) for k in sd):
+        hints.append("Keys 'g.conv.*' / 'phi.conv.*' are those of a block without sub-sampling: pass "
+                     "sub_sample=False.")
+    if mode == "gaussian" and any(k.startswith("theta.") for k in sd):
+        hints.append("'gaussian' mode has no theta/phi (it uses the raw input): the keys say another mode.")
+    if mode != "gaussian" and not any(k.startswith("theta.") for k in sd):
+        hints.append("No theta/phi keys: is this a mode='gaussian' block?")
+    if mode != "concatenation" and "concat_project.conv.weight" in sd:
+        hints.append("'concat_project' belongs to mode='concatenation'.")
+    _check_keys(sd, required, optional, what, prefix, hints)
+
+    cs, c, wdim = _conv1x1(sd, f"{g}.weight", what, prefix)
+    if wdim != dim:
+        raise ValueError(f"{what}: {prefix}{g}.weight has shape {tuple(sd[g + '.weight'].shape)}, the weight of a "
+                         f"{wdim}-D convolution (NonLocal{wdim}d); pass dim={wdim}")
+    ones = (1,) * dim
+    shapes: dict[str, Any] = {f"{g}.bias": (cs,), "conv_out.conv.weight": (c, cs, *ones),
+                              "conv_out.conv.bias": (c,)}
+    if mode != "gaussian":
+        shapes.update({"theta.conv.weight": (cs, c, *ones), "theta.conv.bias": (cs,),
+                       f"{ph}.weight": (cs, c, *ones), f"{ph}.bias": (cs,)})
+    if norm == "bn":
+        shapes.update({f"conv_out.bn.{n}": (c,) for n in _BN_KEYS})
+        shapes["conv_out.bn.num_batches_tracked"] = ()
+    elif norm == "gn":
+        shapes.update({"conv_out.gn.weight": (c,), "conv_out.gn.bias": (c,)})
+    if mode == "concatenation":  # mmcv's concat_project is a Conv2d for every dim
+        shapes["concat_project.conv.weight"] = [(1, 2 * cs, 1, 1)] + ([(1, 2 * cs, *ones)] if dim != 2 else [])
+    _check_shapes(sd, shapes, what, prefix, f"inferred from {prefix}{g}.weight {tuple(sd[g + '.weight'].shape)}: "
+                  f"C = {c}, C_s = {cs}")
+    if norm == "gn" and c % gn_groups:
+        raise ValueError(f"{what}: gn_groups={gn_groups} does not divide C = {c}")
+
+    r = _reduction(c, cs, prefix + g + ".weight", what)
+    normalization = "softmax" if mode in ("embedded_gaussian", "gaussian") else "count"
+    block = build_block("nl", c, dim=dim, reduction=r, kernel=mode, normalization=normalization,
+                        scale=bool(use_scale and mode == "embedded_gaussian"), bias=True, sub_sample=sub_sample,
+                        out_norm=norm, zero_init=False, **({"norm_groups": gn_groups} if norm == "gn" else {}))
+    w_out = sd["conv_out.conv.weight"]
+    ours = {"units.0.g.weight": sd[f"{g}.weight"], "units.0.g.bias": sd[f"{g}.bias"],
+            "units.0.w.0.weight": w_out,
+            "units.0.w.0.bias": sd["conv_out.conv.bias"] if "conv_out.conv.bias" in sd else w_out.new_zeros(c)}
+    if mode != "gaussian":
+        ours.update({"graph.theta.weight": sd["theta.conv.weight"], "graph.theta.bias": sd["theta.conv.bias"],
+                     "graph.phi.weight": sd[f"{ph}.weight"], "graph.phi.bias": sd[f"{ph}.bias"]})
+    if mode == "concatenation":
+        ours["graph.concat.weight"] = sd["concat_project.conv.weight"].reshape(1, 2 * cs, *ones)
+    if norm == "bn":
+        ours.update(_bn(sd, "conv_out.bn", "units.0.norm.bn"))
+    elif norm == "gn":
+        ours.update({"units.0.norm.gn.weight": sd["conv_out.gn.weight"],
+                     "units.0.norm.gn.bias": sd["conv_out.gn.bias"]})
+    return _load(block, ours, sd[f"{g}.weight"])
