@@ -251,7 +251,7 @@ def test_official_symmetric_softmax_with_padding():
     """C = 10, C_s = 3: the stacked [θ; φ] (6 channels) is padded with zero rows to C // reduction = 10."""
     sd = official_sd("snl", 2, c=10, cs=3, seed=3)
     block = from_official_snl(sd, normalized=False, symmetric=True)
-    assert block.graph.theta.weight.shape[0] == 10
+    assert block.edges.theta.weight.shape[0] == 10
     check_official(block, sd, [randn(2, 10, 3, 4, g=gen(0))], "snl", False, True, True)
 
 

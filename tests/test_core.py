@@ -110,9 +110,9 @@ def test_cgnl_taylor_converges_to_rbf():
                                               rbf_gamma=0.5))
     x = torch.randn(1, 4, 5, dtype=torch.float64) * 0.5
     tok = x.movedim(1, -1).reshape(1, -1, 4)
-    m = ref.cgnl_channel_affinity(block.graph, tok)[0, 0]
-    t = ref._lin(block.graph.theta, tok).reshape(-1)
-    p = ref._lin(block.graph.phi, tok).reshape(-1)
+    m = ref.cgnl_channel_affinity(block.edges, tok)[0, 0]
+    t = ref._lin(block.edges.theta, tok).reshape(-1)
+    p = ref._lin(block.edges.phi, tok).reshape(-1)
     exact = torch.exp(-0.5 * (t[:, None] - p[None, :]) ** 2)
     assert torch.allclose(m, exact, rtol=1e-6, atol=1e-9)
 

@@ -21,7 +21,7 @@ def snl_and(other: str, **opts):
     snl = randomize(nonlocalnet.build_block("snl", 8))
     common = dict(kernel="relu_dot", normalization="symmetric", out_norm="bn_relu", zero_init=False, bias=False)
     o = randomize(nonlocalnet.build_block(other, 8, **common, **opts), seed=5)
-    o.graph.load_state_dict(snl.graph.state_dict())
+    o.edges.load_state_dict(snl.edges.state_dict())
     o.units[0].g.load_state_dict(snl.units[0].g.state_dict())
     o.units[0].norm.load_state_dict(snl.units[0].norm.state_dict())
     return snl, o
@@ -95,7 +95,7 @@ def test_stage_computes_affinity_once_from_stage_input(monkeypatch):
     seq = x
     for unit in block.units:
         single = nonlocalnet.build_block("snl", 8).double().eval()
-        single.graph.load_state_dict(block.graph.state_dict())
+        single.edges.load_state_dict(block.edges.state_dict())
         single.units[0].load_state_dict(unit.state_dict())
         seq = single(seq)
     assert (seq - y).abs().max() > 1e-6
@@ -115,8 +115,8 @@ def test_sym_normalized_spectrum_in_unit_interval():
 def test_zero_degree_rows_are_zero_not_nan(backend):
     block = nonlocalnet.build_block("snl", 4, backend=backend, memory_budget=0.0001).double()
     with torch.no_grad():
-        block.graph.theta.weight.copy_(torch.eye(2, 4).view(2, 4, 1, 1))
-        block.graph.phi.weight.copy_(torch.eye(2, 4).view(2, 4, 1, 1))
+        block.edges.theta.weight.copy_(torch.eye(2, 4).view(2, 4, 1, 1))
+        block.edges.phi.weight.copy_(torch.eye(2, 4).view(2, 4, 1, 1))
     x = torch.randn(1, 4, 3, 3, dtype=torch.float64).abs()
     x[0, :2, 0, :] = -1.0  # first row of positions: relu(θ) = relu(φ) = 0 -> degree 0
     x.requires_grad_(True)
@@ -254,5 +254,6 @@ def test_torch_compile_same_output(name):
     opts = {"reduction": 2} if name == "cc" else {}
     block = randomize(nonlocalnet.build_block(name, 8, **opts)).float().eval()
     x = torch.randn(2, 8, 8, 8)
+    torch._dynamo.reset()  # a fresh cache per block: the recompile limit is per code object
     compiled = torch.compile(block, fullgraph=True)
     assert torch.allclose(compiled(x), block(x), atol=1e-5, rtol=1e-5)

@@ -52,6 +52,11 @@ def safe_rsqrt(d: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, torch.where(pos, d, torch.ones_like(d)).rsqrt(), torch.zeros_like(d))
 
 
+def movedim(t: torch.Tensor, src: int, dst: int) -> torch.Tensor:
+    """``t.movedim`` with non-negative axes (the ONNX exporter mistranslates negative ones)."""
+    return t.movedim(src % t.dim(), dst % t.dim())
+
+
 def mm(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``a @ v``; outside autocast, ``a`` (possibly float32 from the normalizers) follows ``v``'s dtype."""
     if a.dtype != v.dtype and not torch.is_autocast_enabled(a.device.type):
@@ -72,14 +77,14 @@ def pool_tokens(t: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
     (1-D), (2, 2) (2-D) or (1, 2, 2) (3-D); floor mode like the public code."""
     dim = len(spatial)
     b, _, c = t.shape
-    grid = t.reshape(b, *spatial, c).movedim(-1, 1)
+    grid = movedim(t.reshape(b, *spatial, c), -1, 1)
     if dim == 1:
         pooled = F.max_pool1d(grid, 2)
     elif dim == 2:
         pooled = F.max_pool2d(grid, (2, 2))
     else:
         pooled = F.max_pool3d(grid, (1, 2, 2))
-    return pooled.movedim(1, -1).reshape(b, -1, c)
+    return movedim(pooled, 1, -1).reshape(b, -1, c)
 
 
 def pooled_shape(spatial: tuple[int, ...]) -> tuple[int, ...]:
@@ -345,12 +350,12 @@ class CrissCrossGraph(Graph):
             q, k = self._grid(self.q), self._grid(self.k)
             energies = []
             for d, length in enumerate(self.spatial):
-                qd, kd = q.movedim(1 + d, -2), k.movedim(1 + d, -2)  # (B, ..., L_d, c)
+                qd, kd = movedim(q, 1 + d, -2), movedim(k, 1 + d, -2)  # (B, ..., L_d, c)
                 e = (qd @ kd.transpose(-1, -2)) * self.scale  # (B, ..., L_i, L_j)
                 if d > 0:  # the query itself is already counted on axis 0
                     eye = torch.eye(length, dtype=torch.bool, device=e.device)
                     e = e.masked_fill(eye, float("-inf"))
-                energies.append(e.movedim(-2, 1 + d))  # (B, *S, L_j)
+                energies.append(movedim(e, -2, 1 + d))  # (B, *S, L_j)
             att = torch.softmax(torch.cat(energies, -1), dim=-1)
             self._weights = list(att.split(list(self.spatial), dim=-1))
         return self._weights
@@ -359,9 +364,9 @@ class CrissCrossGraph(Graph):
         grid = self._grid(v)
         out = 0
         for d, a in enumerate(self.weights()):
-            ad = a.movedim(1 + d, -2)  # (B, ..., L_i, L_j)
-            vd = grid.movedim(1 + d, -2)  # (B, ..., L_j, c)
-            out = out + mm(ad, vd).movedim(-2, 1 + d)
+            ad = movedim(a, 1 + d, -2)  # (B, ..., L_i, L_j)
+            vd = movedim(grid, 1 + d, -2)  # (B, ..., L_j, c)
+            out = out + movedim(mm(ad, vd), -2, 1 + d)
         return out.reshape(v.shape)
 
     def dense(self):

@@ -200,27 +200,28 @@ class NonlocalUnit(nn.Module):
 
 def to_tokens(x: torch.Tensor) -> torch.Tensor:
     """``(B, C, *S) -> (B, N, C)`` (free for channels_last inputs)."""
-    return x.movedim(1, -1).reshape(x.shape[0], -1, x.shape[1])
+    return aff.movedim(x, 1, -1).reshape(x.shape[0], -1, x.shape[1])
 
 
 def from_tokens(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`to_tokens`, in the memory format of ``like``."""
-    out = t.reshape(like.shape[0], *like.shape[2:], like.shape[1]).movedim(-1, 1)
+    out = aff.movedim(t.reshape(like.shape[0], *like.shape[2:], like.shape[1]), -1, 1)
     return out.contiguous() if like.is_contiguous() else out
 
 
 class NonlocalBlock(nn.Module):
-    """A nonlocal stage: one :class:`Affinity` and ``units`` :class:`NonlocalUnit` s (seed 000 Eq. 8).
+    """A nonlocal stage: one :class:`Affinity` (``.edges``) and ``units`` :class:`NonlocalUnit` s
+    (seed 000 Eq. 8).
 
     Maps ``(B, C, *S)`` to the same shape. ``block.affinity(x)`` returns the dense ``A``
     ``(B, N, N')`` computed from ``x`` (for analysis). Built by :func:`nonlocalnet.build_block`.
     """
 
-    def __init__(self, name: str, in_channels: int, dim: int, graph: Affinity, units: list[NonlocalUnit],
+    def __init__(self, name: str, in_channels: int, dim: int, edges: Affinity, units: list[NonlocalUnit],
                  recurrence: int = 1, options: dict | None = None):
         super().__init__()
         self.name, self.in_channels, self.dim, self.recurrence = name, in_channels, dim, recurrence
-        self.graph = graph
+        self.edges = edges  # not `graph`: that name is taken by fx.GraphModule (torch.export)
         self.units = nn.ModuleList(units)
         self.options = dict(options or {})
 
@@ -243,7 +244,7 @@ class NonlocalBlock(nn.Module):
         spatial = tuple(int(s) for s in x.shape[2:])
         if x.shape[0] == 0 or any(s == 0 for s in spatial):
             raise ValueError(f"x: batch and spatial sizes must be positive, got shape {tuple(x.shape)}")
-        if self.graph.sub_sample:
+        if self.edges.sub_sample:
             pooled = aff.pooled_shape(spatial)
             if any(p == 0 for p in pooled):
                 raise ValueError(
@@ -256,14 +257,14 @@ class NonlocalBlock(nn.Module):
         spatial = self.check_input(x)
         h = to_tokens(x)
         for _ in range(self.recurrence):
-            graph = self.graph(h, spatial)
+            graph = self.edges(h, spatial)
             for unit in self.units:
                 h = unit(h, graph, spatial)
         return from_tokens(h, x)
 
     def build_graph(self, x: torch.Tensor) -> aff.Graph:
         """The graph operator of the first (or only) application, from the stage input ``x``."""
-        return self.graph(to_tokens(x), self.check_input(x))
+        return self.edges(to_tokens(x), self.check_input(x))
 
     def affinity(self, x: torch.Tensor) -> torch.Tensor:
         """The dense affinity ``A`` (B, N, N') the block uses on ``x`` (CC: the masked matrix)."""

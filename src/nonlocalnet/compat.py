@@ -234,7 +234,7 @@ def from_official_snl(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, uni
 
     block = build_block(unit, c, dim=dim, units=n_units, bias=False, out_norm="bn_relu", zero_init=False,
                         value_channels=cv, **opts)
-    ours = {"graph.theta.weight": theta, "graph.phi.weight": phi}
+    ours = {"edges.theta.weight": theta, "edges.phi.weight": phi}
     for i in range(n_units):
         s, u = f"stages.{i}", f"units.{i}"
         ours[f"{u}.g.weight"] = sd[f"{s}.g.weight"]
@@ -354,10 +354,10 @@ def from_mmcv(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, mode: str, 
             "units.0.w.0.weight": w_out,
             "units.0.w.0.bias": sd["conv_out.conv.bias"] if "conv_out.conv.bias" in sd else w_out.new_zeros(c)}
     if mode != "gaussian":
-        ours.update({"graph.theta.weight": sd["theta.conv.weight"], "graph.theta.bias": sd["theta.conv.bias"],
-                     "graph.phi.weight": sd[f"{ph}.weight"], "graph.phi.bias": sd[f"{ph}.bias"]})
+        ours.update({"edges.theta.weight": sd["theta.conv.weight"], "edges.theta.bias": sd["theta.conv.bias"],
+                     "edges.phi.weight": sd[f"{ph}.weight"], "edges.phi.bias": sd[f"{ph}.bias"]})
     if mode == "concatenation":
-        ours["graph.concat.weight"] = sd["concat_project.conv.weight"].reshape(1, 2 * cs, *ones)
+        ours["edges.concat.weight"] = sd["concat_project.conv.weight"].reshape(1, 2 * cs, *ones)
     if norm == "bn":
         ours.update(_bn(sd, "conv_out.bn", "units.0.norm.bn"))
     elif norm == "gn":

@@ -196,7 +196,7 @@ def forward(block, x: torch.Tensor) -> torch.Tensor:
     b, c = x.shape[:2]
     spatial = tuple(x.shape[2:])
     h = x.movedim(1, -1).reshape(b, -1, c)
-    graph = block.graph
+    graph = block.edges
     for _ in range(block.recurrence):
         a = None if graph.mode == "channels" else affinity_tokens(graph, h, spatial)
         stage_input = h
@@ -224,4 +224,4 @@ def forward(block, x: torch.Tensor) -> torch.Tensor:
 def affinity(block, x: torch.Tensor) -> torch.Tensor:
     """Dense ``A`` of a block on input ``x`` (B, C, *S)."""
     b, c = x.shape[:2]
-    return affinity_tokens(block.graph, x.movedim(1, -1).reshape(b, -1, c), tuple(x.shape[2:]))
+    return affinity_tokens(block.edges, x.movedim(1, -1).reshape(b, -1, c), tuple(x.shape[2:]))
