@@ -117,6 +117,11 @@ class LowRankGraph(Graph):
 
     framework.md "Low rank": ``M Z = P (Qᵀ Z)``, ``M̂ Z = (P(QᵀZ) + Q(PᵀZ))/2``,
     degrees ``M̂ 1 = (P(Qᵀ1) + Q(Pᵀ1))/2``, ``A Z = D̂^{-1/2} M̂ (D̂^{-1/2} Z)``.
+
+    Every normalization is folded into the factors once, so ``A = U Vᵀ`` and each product
+    ``A V`` costs two thin matmuls and nothing else:
+    ``none``: ``U = P, V = Q``; ``count``: ``U = P/N'``; ``row``: ``U = D⁻¹P``;
+    ``symmetric``: ``U = [SP, SQ]/√2``, ``V = [SQ, SP]/√2`` with ``S = D̂^{-1/2}``.
     """
 
     backend = "lowrank"
@@ -124,47 +129,32 @@ class LowRankGraph(Graph):
     def __init__(self, p: torch.Tensor, q: torch.Tensor, normalization: str):
         self.p, self.q, self.normalization = p, q, normalization
         self.n, self.n_keys = p.shape[1], q.shape[1]
-        self.left: torch.Tensor | None = None  # (B, N, 1) row scaling
-        self.right: torch.Tensor | None = None  # (B, N', 1) column scaling
+        self.left: torch.Tensor | None = None  # (B, N, 1) degree scaling, float32 (for inspection)
+        u, v = p, q
         if normalization == "count":
-            self.left = None
+            u = p / self.n_keys
         elif normalization in ("row", "softmax"):
             with torch.autocast(_device_type(p), enabled=False):
-                pf, qf = _float32(p), _float32(q)
-                d = pf @ qf.sum(1).unsqueeze(-1)  # M 1
+                d = _float32(p) @ _float32(q).sum(1).unsqueeze(-1)  # M 1
             self.left = safe_reciprocal(d)
+            u = self.left * p
         elif normalization == "symmetric":
             with torch.autocast(_device_type(p), enabled=False):
                 pf, qf = _float32(p), _float32(q)
                 d = 0.5 * (pf @ qf.sum(1).unsqueeze(-1) + qf @ pf.sum(1).unsqueeze(-1))
-            self.left = self.right = safe_rsqrt(d)
+            self.left = safe_rsqrt(d)
+            sp, sq = (self.left * math.sqrt(0.5)) * p, (self.left * math.sqrt(0.5)) * q
+            u, v = torch.cat([sp, sq], -1), torch.cat([sq, sp], -1)
+        self.u, self.v = u, v
 
-    def _m(self, v: torch.Tensor) -> torch.Tensor:
-        if self.normalization == "symmetric":
-            return 0.5 * (self.p @ (self.q.transpose(1, 2) @ v) + self.q @ (self.p.transpose(1, 2) @ v))
-        return self.p @ (self.q.transpose(1, 2) @ v)
-
-    def matmul(self, v: torch.Tensor) -> torch.Tensor:
-        if self.right is not None:
-            v = (self.right * v).to(v.dtype)
-        out = self._m(v)
-        if self.normalization == "count":
-            return out / self.n_keys
-        if self.left is not None:
-            out = (self.left * out).to(out.dtype)
-        return out
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        u, v = self.u, self.v
+        if u.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            u, v = u.to(x.dtype), v.to(x.dtype)
+        return u @ (v.transpose(1, 2) @ x)
 
     def dense(self) -> torch.Tensor:
-        m = self.p @ self.q.transpose(1, 2)
-        if self.normalization == "symmetric":
-            m = 0.5 * (m + m.transpose(1, 2))
-        if self.normalization == "count":
-            return m / self.n_keys
-        if self.left is not None:
-            m = self.left * m
-        if self.right is not None:
-            m = m * self.right.transpose(1, 2)
-        return m
+        return self.u @ self.v.transpose(1, 2)
 
 
 class PairwiseKernel:
