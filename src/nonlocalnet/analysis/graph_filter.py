@@ -1,0 +1,180 @@
+"""``filter``: the learned graph filter in the spectral domain (seed 003 Eq. 3–4; seed 002 Eq. 7).
+
+A unit computes ``F(A, Z) = Σ_t B_t(A) Z W_t`` with ``B_t(λ) = Σ_k coef[t, k] T_k(λ)`` (``unit.coef``). On a
+graph signal along an eigenvector ``u`` of ``A`` (``A u = λ u``) with channel vector ``x`` (``X = u xᵀ``), the
+unit's response is ``u (G(λ) x)ᵀ`` where
+
+    G_z(λ) = Σ_t B_t(λ) W_t            (C × C_v; W_t the dense output projections)
+    G(λ)   = G_z(λ) W_g                (C × C; the whole channel map, value projection included)
+
+Reported per λ: ``gain = ‖G_z(λ)‖₂`` (spectral norm, the largest singular value), ``gain_full = ‖G(λ)‖₂`` and
+``sym_max``, ``sym_min``, the extreme eigenvalues of ``(G(λ) + G(λ)ᵀ)/2`` (their sign says whether the
+residual ``X + F`` amplifies or damps along the most affected channel direction, as in the spectrum
+analysis). Blocks without output projection (CC) use ``W_t = I``. The output norm is not included.
+
+Underneath, the histogram of the eigenvalues λ of the real inputs' ``A``: ``eigh`` when ``A`` is symmetric
+(SNL's symmetric normalization); otherwise the real parts of the (complex) eigenvalues of ``A``, and the
+JSON says so. Non-square ``A`` (sub-sampling) and CGNL have no such spectrum.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.polynomial import chebyshev
+
+from .common import (
+    Loaded,
+    block_matrices,
+    capture_blocks,
+    float64_block,
+    is_channel_graph,
+    load_batch,
+    new_figure,
+    poly_label,
+    safe_name,
+    save_figure,
+    write_json,
+)
+
+__all__ = ["affinity_eigenvalues", "filter_response", "run_filter"]
+
+
+def filter_response(coef: np.ndarray, ws: list[np.ndarray | None], wg: np.ndarray, lams: np.ndarray
+                    ) -> dict[str, np.ndarray]:
+    """``gain``, ``gain_full``, ``sym_max``, ``sym_min`` at each λ (see module docstring).
+
+    ``coef``: terms × (K+1); ``ws``: the dense ``W_t`` (``C × C_v``) or ``None`` (no output projection: I).
+    """
+    coef = np.asarray(coef, dtype=np.float64)
+    c = wg.shape[1] if ws[0] is None else ws[0].shape[0]
+    mats = [np.eye(c) if w is None else np.asarray(w, dtype=np.float64) for w in ws]
+    wg = np.asarray(wg, dtype=np.float64)
+    out = {k: np.empty(len(lams)) for k in ("gain", "gain_full", "sym_max", "sym_min")}
+    for i, lam in enumerate(lams):
+        b = [float(chebyshev.chebval(lam, coef[t])) for t in range(len(coef))]
+        gz = sum(bt * m for bt, m in zip(b, mats))
+        g = gz @ wg
+        out["gain"][i] = np.linalg.norm(gz, 2)
+        out["gain_full"][i] = np.linalg.norm(g, 2)
+        ev = np.linalg.eigvalsh(0.5 * (g + g.T))
+        out["sym_max"][i], out["sym_min"][i] = ev[-1], ev[0]
+    return out
+
+
+def affinity_eigenvalues(a: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Eigenvalues of each ``A`` in a batch ``(B, N, N)``: real (``eigh``) when every ``A`` is symmetric, else
+    the real parts of ``eigvals``; returns ``(values, symmetric)``."""
+    sym = all(np.abs(m - m.T).max() <= 1e-9 * max(np.abs(m).max(), 1e-300) for m in a)
+    if sym:
+        return np.concatenate([np.linalg.eigvalsh(0.5 * (m + m.T)) for m in a]), True
+    return np.concatenate([np.linalg.eigvals(m).real for m in a]), False
+
+
+def _plot(rec: dict[str, Any], out: Path) -> Path:
+    units = rec["units"]
+    fig = new_figure(6.4, 3.9 * len(units) + 0.4)
+    gs = fig.add_gridspec(2 * len(units), 1, height_ratios=[2.2, 1] * len(units))
+    lam_hist = rec.get("lambda_histogram")
+    for i, u in enumerate(units):
+        ax = fig.add_subplot(gs[2 * i])
+        lam = np.asarray(rec["lambda"])
+        ax.plot(lam, u["gain"], color="#4c78a8", lw=1.8, label="gain ||Σ B_t(λ) W_t||₂")
+        ax.plot(lam, u["gain_full"], color="#f58518", lw=1.4, ls="--", label="||G(λ)||₂, G = Σ B_t(λ) W_t W_g")
+        ax.fill_between(lam, u["sym_min"], u["sym_max"], color="#54a24b", alpha=0.18,
+                        label="eig range of sym G(λ)")
+        ax.axhline(0, color="k", lw=0.5)
+        for v in (-1, 1):
+            ax.axvline(v, color="0.6", lw=0.6, ls=":")
+        ax.set_title(f"unit {u['unit']}: F = " + " + ".join(f"[{p}] Z W_{t}" for t, p in enumerate(u["terms"])),
+                     fontsize=8)
+        ax.set_ylabel("gain", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6.5, loc="best")
+        axh = fig.add_subplot(gs[2 * i + 1], sharex=ax)
+        if lam_hist is not None:
+            e = np.asarray(lam_hist["bin_edges"])
+            axh.bar(e[:-1], lam_hist["counts"], width=np.diff(e), align="edge", color="0.45")
+            axh.set_yscale("log")
+            axh.set_ylabel("count", fontsize=8)
+            axh.set_title(f"eigenvalues λ of A over {rec['images']} images ({lam_hist['source']})", fontsize=7.5)
+        else:
+            axh.text(0.5, 0.5, rec.get("lambda_note", "no eigenvalues"), ha="center", va="center", fontsize=7,
+                     transform=axh.transAxes, wrap=True)
+            axh.set_yticks([])
+        axh.set_xlabel("λ (eigenvalue of A)", fontsize=8)
+        axh.tick_params(labelsize=7)
+    fig.suptitle(f"{rec['block']} ({rec['preset']}): graph filter response", fontsize=9)
+    return save_figure(fig, out / f"filter_{safe_name(rec['block'])}.png")
+
+
+def run_filter(loaded: Loaded, out: Path, *, data_root: str | None = None, split: str = "test", images: int = 4,
+               points: int | None = None, bins: int = 60, use_data: bool = True, batch=None) -> dict[str, Any]:
+    out = Path(out)
+    io = None
+    data_info = None
+    if use_data:
+        if batch is None:
+            batch = load_batch(loaded.cfg, count=images, split=split, data_root=data_root, what="`analyze filter`")
+        else:
+            batch = batch.head(images)
+        io = capture_blocks(loaded.model, loaded.blocks, batch.x)
+        data_info = batch.info
+    records, figures = [], []
+    for name, block in loaded.blocks.items():
+        rec: dict[str, Any] = {"block": name, "preset": block.name}
+        lams_data = None
+        if io is None:
+            rec["lambda_note"] = "no data: λ histogram not computed (--no-data)"
+        elif is_channel_graph(block):
+            rec["lambda_note"] = "cgnl: the graph is over positions x channels; no N x N position spectrum"
+        else:
+            with torch.no_grad():
+                a = float64_block(block).affinity(io[name][0].double()).cpu().numpy()
+            if a.shape[1] != a.shape[2]:
+                rec["lambda_note"] = f"A is {a.shape[1]} x {a.shape[2]} (sub-sampled keys): no eigenvalues"
+            else:
+                lams_data, sym = affinity_eigenvalues(a)
+                rec["images"] = int(a.shape[0])
+                source = "eigh: A symmetric" if sym else "A not symmetric: real parts of its eigenvalues"
+                lo_d, hi_d = float(lams_data.min()), float(lams_data.max())
+                edges = np.linspace(min(lo_d, -1.0), max(hi_d, 1.0), bins + 1)
+                rec["lambda_histogram"] = {"source": source, "bin_edges": edges.tolist(),
+                                           "counts": np.histogram(lams_data, edges)[0].tolist(),
+                                           "min": lo_d, "max": hi_d, "count": int(lams_data.size)}
+        lo = -1.0 if lams_data is None else min(-1.0, float(lams_data.min()))
+        hi = 1.0 if lams_data is None else max(1.0, float(lams_data.max()))
+        n_points = points or (101 if block.in_channels <= 256 else 41)  # an SVD of C x C per point
+        lam = np.unique(np.concatenate([np.linspace(lo, hi, n_points), [-1.0, 0.0, 1.0]]))
+        rec["lambda"] = lam.tolist()
+        mats = block_matrices(name, block, loaded.state or None)
+        units = []
+        for i, unit in enumerate(block.units):
+            ms = [m for m in mats if m["unit"] == i]
+            coef = np.asarray(unit.coef.tolist(), dtype=np.float64)
+            ws = [None if m["w"] is None else m["w"].numpy() for m in ms]
+            resp = filter_response(coef, ws, ms[0]["wg"].numpy(), lam)
+            at = {}
+            for v in (-1.0, 0.0, 1.0):
+                j = int(np.argmin(np.abs(lam - v)))
+                at[f"{v:g}"] = {k: float(resp[k][j]) for k in resp}
+            units.append({"unit": i, "coef": coef.tolist(), "terms": [poly_label(r) for r in coef],
+                          "g_key": ms[0]["g_key"], "w_keys": [m["w_key"] for m in ms],
+                          **{k: v.tolist() for k, v in resp.items()}, "at": at})
+        if not len(block.units[0].w):
+            rec["note"] = "out_proj=False: W_t = I (C x C); G(λ) = B(λ) W_g; the output scale gamma is not included"
+        rec["units"] = units
+        figures.append(_plot(rec, out))
+        records.append(rec)
+    data = {"analysis": "filter", "run": loaded.describe(), "data": data_info,
+            "definition": {
+                "B_t": "B_t(λ) = Σ_k coef[t,k] T_k(λ) (Chebyshev T_k), coef = unit.coef",
+                "gain": "||Σ_t B_t(λ) W_t||_2: spectral norm (largest singular value) of the summed C x C_v matrices",
+                "gain_full": "||G(λ)||_2 with G(λ) = Σ_t B_t(λ) W_t W_g (C x C)",
+                "sym_max/sym_min": "largest/smallest eigenvalue of (G(λ) + G(λ)^T)/2"},
+            "blocks": records, "figures": [str(f) for f in figures], "notes": list(loaded.notes)}
+    write_json(out / "filter.json", data)
+    return data
