@@ -343,7 +343,7 @@ def test_cost_from_config_yaml_needs_no_data(tmp_path, capsys):
     data = json.loads((tmp_path / "o" / "cost.json").read_text())
     assert data["input_shape"] == [3, 32, 32] and data["run"]["num_classes"] == 10
     (b,) = data["blocks"]
-    assert b["n"] == b["n_keys"] == 256 and b["backend_auto"] == "dense"  # exp kernel, small N on CPU
+    assert b["n"] == b["n_keys"] == 256 and b["backend_auto"] == "sdpa"  # exp kernel + softmax: fused attention
     assert b["flops_dense"] == b["flops_auto"]
     assert "GMACs" in capsys.readouterr().out
 

@@ -451,27 +451,22 @@ def chunk_rows(batch: int, n_keys: int, element_size: int, budget_bytes: int, te
 
 
 def choose_backend(kernel: str, normalization: str, batch: int, n: int, n_keys: int, element_size: int,
-                   budget_bytes: int, device_type: str) -> str:
-    """The exact path ``backend="auto"`` takes (measured rule: docs/benchmarks.md).
+                   budget_bytes: int, device_type: str, rank: int = 0) -> str:
+    """The exact path ``backend="auto"`` takes. Rule measured on 2 CPU cores (docs/benchmarks.md):
 
-    - factorizable kernels (dot, relu-dot, double attention): ``lowrank`` always;
-    - exp kernel + softmax: ``dense`` while ``B·N·N'`` fits the budget and ``N'`` is small enough
-      that materializing is faster, else ``sdpa``;
-    - the rest (concatenation, symmetric/none/count exp): ``dense`` if it fits, else ``chunked``.
+    - factorizable kernels (dot, relu-dot, double attention): ``lowrank``, except when the graph is
+      smaller than its rank (``N' < r``, e.g. ResNet-50's res4 at 14×14 with C_s = 512) and the dense
+      matrix fits the budget: then forming ``A`` is cheaper (measured 0.68–0.85× → dense);
+    - exp kernel + softmax: ``sdpa`` — the fused kernel beat the materialized softmax at every size
+      measured (1.1–1.7× forward+backward at N = 256–4096, 2–5× forward), with O(N) memory;
+    - the rest (concatenation, symmetric/none/count exp kernels): ``dense`` if it fits, else ``chunked``.
     """
-    if kernel in LOWRANK_KERNELS:
-        return "lowrank"
     fits = batch * n * n_keys * element_size * 3 <= budget_bytes
+    if kernel in LOWRANK_KERNELS:
+        return "dense" if fits and n_keys < rank else "lowrank"
     if kernel in EXP_KERNELS and normalization in ("softmax", "row"):
-        if device_type == "cuda":
-            return "sdpa"
-        return "dense" if fits and n_keys <= SDPA_CPU_MIN_KEYS else "sdpa"
+        return "sdpa"
     return "dense" if fits else "chunked"
-
-
-# On 2 CPU cores the materialized softmax beats SDPA's CPU kernel up to about this many keys
-# (framework.md; re-measured by `nonlocalnet bench`, see docs/benchmarks.md).
-SDPA_CPU_MIN_KEYS = 2048
 
 
 def build_graph(kernel: str, normalization: str, backend: str, *, q: torch.Tensor | None, k: torch.Tensor | None,
@@ -491,7 +486,9 @@ def build_graph(kernel: str, normalization: str, backend: str, *, q: torch.Tenso
         batch, n, n_keys, el = q.shape[0], q.shape[1], k.shape[1], q.element_size()
         device_type = q.device.type
     if backend == "auto":
-        backend = choose_backend(kernel, normalization, batch, n, n_keys, max(el, 4), budget_bytes, device_type)
+        rank = 0 if q is None else q.shape[-1] * (2 if normalization == "symmetric" else 1)
+        backend = choose_backend(kernel, normalization, batch, n, n_keys, max(el, 4), budget_bytes, device_type,
+                                 rank)
     if backend == "lowrank":
         return LowRankGraph(q, k, normalization)
     if backend == "sdpa":

@@ -33,8 +33,23 @@ from .common import Loaded, capture_blocks, find_blocks, write_json
 __all__ = ["count_flops", "dense_copy", "input_shape_for", "measure_peak", "run_cost"]
 
 
+def _register_cpu_flash_attention() -> None:
+    """FlopCounterMode counts the CUDA fused-attention ops but not the CPU flash kernel that
+    ``scaled_dot_product_attention`` dispatches to here; count it with torch's own SDPA formula."""
+    from torch.utils import flop_counter as fcm
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or op in fcm.flop_registry:
+        return
+
+    @fcm.register_flop_formula(op)
+    def _cpu_flash(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return fcm.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 def count_flops(module: nn.Module, x: torch.Tensor) -> int:
     """FLOPs of ``module(x)`` (no_grad) as counted by :class:`FlopCounterMode` (2 per multiply-add)."""
+    _register_cpu_flash_attention()
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         module(x)
     return int(fc.get_total_flops())
