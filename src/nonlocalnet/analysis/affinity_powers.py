@@ -20,18 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .common import (
     Loaded,
     capture_blocks,
-    float64_block,
+    dense_affinity,
     is_channel_graph,
     load_batch,
     new_figure,
     safe_name,
     save_figure,
-    write_json,
+    write_result,
 )
 
 __all__ = ["affinity_powers", "power_statistics", "run_affinity"]
@@ -125,9 +124,7 @@ def run_affinity(loaded: Loaded, out: Path, *, data_root: str | None = None, spl
                            "N x N position affinity; skipped")
             blocks.append(rec)
             continue
-        b64 = float64_block(block)
-        with torch.no_grad():
-            a = b64.affinity(io[name][0].double()).cpu().numpy()
+        a = dense_affinity(block, io[name][0])
         rec.update(n=int(a.shape[1]), n_keys=int(a.shape[2]))
         mats = list(a)
         sym = float(max(np.abs(m - m.T).max() / max(np.abs(m).max(), 1e-300) for m in mats)) \
@@ -140,12 +137,11 @@ def run_affinity(loaded: Loaded, out: Path, *, data_root: str | None = None, spl
         rec["row_sums"] = {"min": float(a.sum(-1).min()), "max": float(a.sum(-1).max())}
         figures.append(_plot(rec, out))
         blocks.append(rec)
-    data = {"analysis": "affinity", "run": loaded.describe(), "data": batch.info, "max_power": max_power,
-            "bins": bins, "definition": {
-                "rel_fro": "||A^k - A||_F / ||A||_F per image (mean and per image)",
-                "tv": "0.5 * sum_b |p_k(b) - p_1(b)|, normalized histograms on shared bins",
-                "w1": "mean |sort(A^k) - sort(A)| over the N*N' entries (1-Wasserstein), per image, mean",
-                "w1_rel": "w1 / mean|A|"},
-            "blocks": blocks, "figures": [str(f) for f in figures], "notes": list(loaded.notes)}
-    write_json(out / "affinity.json", data)
-    return data
+    return write_result(out / "affinity.json", loaded, "affinity", batch.info, max_power=max_power, bins=bins,
+                        definition={
+                            "rel_fro": "||A^k - A||_F / ||A||_F per image (mean and per image)",
+                            "tv": "0.5 * sum_b |p_k(b) - p_1(b)|, normalized histograms on shared bins",
+                            "w1": "mean |sort(A^k) - sort(A)| over the N*N' entries (1-Wasserstein), per image, "
+                                  "mean",
+                            "w1_rel": "w1 / mean|A|"},
+                        blocks=blocks, figures=figures)

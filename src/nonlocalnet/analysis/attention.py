@@ -23,15 +23,14 @@ import torch.nn.functional as F
 
 from .common import (
     Loaded,
-    capture_blocks,
+    capture_batch,
+    dense_affinity,
     edges_of,
-    float64_block,
     is_channel_graph,
-    load_batch,
     new_figure,
     safe_name,
     save_figure,
-    write_json,
+    write_result,
 )
 
 __all__ = ["parse_query", "run_attention", "salient_positions"]
@@ -98,11 +97,8 @@ def _feature_norm(t: torch.Tensor) -> np.ndarray:
 def run_attention(loaded: Loaded, out: Path, *, data_root: str | None = None, split: str = "test", images: int = 2,
                   queries: list[tuple[int, int]] | None = None, top: int = 2, batch=None) -> dict[str, Any]:
     out = Path(out)
-    if batch is None:
-        batch = load_batch(loaded.cfg, count=images, split=split, data_root=data_root, what="`analyze attention`")
-    else:
-        batch = batch.head(images)
-    io = capture_blocks(loaded.model, loaded.blocks, batch.x)
+    batch, io = capture_batch(loaded, batch, images=images, split=split, data_root=data_root,
+                              what="`analyze attention`")
     img_hw = _image_hw(batch.images[0])
     records, figures = [], []
     for name, block in loaded.blocks.items():
@@ -117,8 +113,7 @@ def run_attention(loaded: Loaded, out: Path, *, data_root: str | None = None, sp
                            "only" if is_channel_graph(block) else "1-D block: feature maps only")
         a = None
         if has_graph:
-            with torch.no_grad():
-                a = float64_block(block).affinity(xin.double()).cpu().numpy()
+            a = dense_affinity(block, xin)
         resp = (yout.double() - xin.double()).norm(dim=1).cpu().numpy()  # (B, *S)
         if not queries and float(resp.max()) == 0.0:
             rec.setdefault("notes", []).append(
@@ -193,10 +188,8 @@ def run_attention(loaded: Loaded, out: Path, *, data_root: str | None = None, sp
                      f"{hf}x{wf}", fontsize=9)
         figures.append(save_figure(fig, out / f"attention_{safe_name(name)}.png"))
         records.append(rec)
-    data = {"analysis": "attention", "run": loaded.describe(), "data": batch.info,
-            "definition": {"row": "A[q, :] on the key grid, from the block's input X (float64)",
-                           "saliency": "||Y_q - X_q|| over channels (the block's response at q)",
-                           "feature maps": "channel L2 norm ||X_i||, ||Y_i||, ||Y_i - X_i||"},
-            "blocks": records, "figures": [str(f) for f in figures], "notes": list(loaded.notes)}
-    write_json(out / "attention.json", data)
-    return data
+    return write_result(out / "attention.json", loaded, "attention", batch.info,
+                        definition={"row": "A[q, :] on the key grid, from the block's input X (float64)",
+                                    "saliency": "||Y_q - X_q|| over channels (the block's response at q)",
+                                    "feature maps": "channel L2 norm ||X_i||, ||Y_i||, ||Y_i - X_i||"},
+                        blocks=records, figures=figures)

@@ -28,7 +28,9 @@ __all__ = [
     "Loaded",
     "NoBlockError",
     "block_matrices",
+    "capture_batch",
     "capture_blocks",
+    "dense_affinity",
     "default_out",
     "edges_of",
     "expand_grouped",
@@ -44,6 +46,7 @@ __all__ = [
     "sorted_by_magnitude",
     "symmetric_eigenvalues",
     "write_json",
+    "write_result",
 ]
 
 EPOCH_RE = re.compile(r"^epoch_(\d+)\.safetensors$")
@@ -366,9 +369,26 @@ def capture_blocks(model: nn.Module, blocks: dict[str, nn.Module], x: torch.Tens
     return seen
 
 
+def capture_batch(loaded: Loaded, batch: Batch | None, *, images: int, split: str, data_root: str | None,
+                  what: str) -> tuple[Batch, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The batch an analysis runs on — ``batch.head(images)`` when one is given (e.g. shared by the report),
+    else the first ``images`` samples of ``split`` (:func:`load_batch`) — and its :func:`capture_blocks`."""
+    if batch is None:
+        batch = load_batch(loaded.cfg, count=images, split=split, data_root=data_root, what=what)
+    else:
+        batch = batch.head(images)
+    return batch, capture_blocks(loaded.model, loaded.blocks, batch.x)
+
+
 def float64_block(block: nn.Module) -> nn.Module:
     """A float64, eval-mode copy of ``block`` (the model is left untouched)."""
     return copy.deepcopy(block).double().eval()
+
+
+def dense_affinity(block: nn.Module, x: torch.Tensor) -> np.ndarray:
+    """The block's dense affinity ``A`` (``(B, N, N')``) for input ``x``, computed in float64 on a copy."""
+    with torch.no_grad():
+        return float64_block(block).affinity(x.double()).cpu().numpy()
 
 
 # ------------------------------------------------------------------------------------------ matrices
@@ -478,6 +498,16 @@ def write_json(path: Path, data: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_plain(data), indent=1, allow_nan=False) + "\n")
     return path
+
+
+def write_result(path: Path, loaded: Loaded, analysis: str, data_info: dict[str, Any] | None, *,
+                 blocks: list[dict[str, Any]], figures: Sequence[Path], **fields: Any) -> dict[str, Any]:
+    """Write (:func:`write_json`) and return an analysis' JSON: ``analysis``, ``run``, ``data``, then
+    ``fields`` in order, then ``blocks``, ``figures`` (as strings) and the run's ``notes``."""
+    data = {"analysis": analysis, "run": loaded.describe(), "data": data_info, **fields,
+            "blocks": blocks, "figures": [str(f) for f in figures], "notes": list(loaded.notes)}
+    write_json(path, data)
+    return data
 
 
 def new_figure(width: float, height: float):

@@ -25,7 +25,7 @@ import torch
 
 from nonlocalnet.blocks import from_tokens, to_tokens
 
-from .common import Loaded, capture_blocks, float64_block, load_batch, new_figure, save_figure, write_json
+from .common import Loaded, capture_batch, float64_block, new_figure, save_figure, write_result
 
 __all__ = ["iterate_block", "run_dynamics"]
 
@@ -79,11 +79,8 @@ def _trend(last: float) -> str:
 def run_dynamics(loaded: Loaded, out: Path, *, data_root: str | None = None, split: str = "test", images: int = 8,
                  iterations: int = 50, batch=None) -> dict[str, Any]:
     out = Path(out)
-    if batch is None:
-        batch = load_batch(loaded.cfg, count=images, split=split, data_root=data_root, what="`analyze dynamics`")
-    else:
-        batch = batch.head(images)
-    io = capture_blocks(loaded.model, loaded.blocks, batch.x)
+    batch, io = capture_batch(loaded, batch, images=images, split=split, data_root=data_root,
+                              what="`analyze dynamics`")
     records = []
     names = list(loaded.blocks)
     fig = new_figure(5.2 * 2 + 0.3, 3.2 * len(names) + 0.4)
@@ -124,10 +121,9 @@ def run_dynamics(loaded: Loaded, out: Path, *, data_root: str | None = None, spl
         records.append(rec)
     fig.suptitle(f"feature norm under repeated application, eval mode, {batch.x.shape[0]} images", fontsize=9)
     figure = save_figure(fig, out / "dynamics.png")
-    data = {"analysis": "dynamics", "run": loaded.describe(), "data": batch.info, "iterations": iterations,
-            "definition": {"ratio": "||x_t|| / ||x_0|| per image (norm over channels and positions), float64, eval",
-                           "block": "x_{t+1} = block(x_t) (affinity recomputed from x_t)",
-                           "fixed_graph": "A from x_0 once; z <- unit_n(z; A) for every unit, per iteration"},
-            "blocks": records, "figures": [str(figure)], "notes": list(loaded.notes)}
-    write_json(out / "dynamics.json", data)
-    return data
+    return write_result(
+        out / "dynamics.json", loaded, "dynamics", batch.info, iterations=iterations,
+        definition={"ratio": "||x_t|| / ||x_0|| per image (norm over channels and positions), float64, eval",
+                    "block": "x_{t+1} = block(x_t) (affinity recomputed from x_t)",
+                    "fixed_graph": "A from x_0 once; z <- unit_n(z; A) for every unit, per iteration"},
+        blocks=records, figures=[figure])

@@ -23,21 +23,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from numpy.polynomial import chebyshev
 
 from .common import (
     Loaded,
     block_matrices,
-    capture_blocks,
-    float64_block,
+    capture_batch,
+    dense_affinity,
     is_channel_graph,
-    load_batch,
     new_figure,
     poly_label,
     safe_name,
     save_figure,
-    write_json,
+    write_result,
 )
 
 __all__ = ["affinity_eigenvalues", "filter_response", "run_filter"]
@@ -117,11 +115,8 @@ def run_filter(loaded: Loaded, out: Path, *, data_root: str | None = None, split
     io = None
     data_info = None
     if use_data:
-        if batch is None:
-            batch = load_batch(loaded.cfg, count=images, split=split, data_root=data_root, what="`analyze filter`")
-        else:
-            batch = batch.head(images)
-        io = capture_blocks(loaded.model, loaded.blocks, batch.x)
+        batch, io = capture_batch(loaded, batch, images=images, split=split, data_root=data_root,
+                                  what="`analyze filter`")
         data_info = batch.info
     records, figures = [], []
     for name, block in loaded.blocks.items():
@@ -132,8 +127,7 @@ def run_filter(loaded: Loaded, out: Path, *, data_root: str | None = None, split
         elif is_channel_graph(block):
             rec["lambda_note"] = "cgnl: the graph is over positions x channels; no N x N position spectrum"
         else:
-            with torch.no_grad():
-                a = float64_block(block).affinity(io[name][0].double()).cpu().numpy()
+            a = dense_affinity(block, io[name][0])
             if a.shape[1] != a.shape[2]:
                 rec["lambda_note"] = f"A is {a.shape[1]} x {a.shape[2]} (sub-sampled keys): no eigenvalues"
             else:
@@ -169,12 +163,11 @@ def run_filter(loaded: Loaded, out: Path, *, data_root: str | None = None, split
         rec["units"] = units
         figures.append(_plot(rec, out))
         records.append(rec)
-    data = {"analysis": "filter", "run": loaded.describe(), "data": data_info,
-            "definition": {
-                "B_t": "B_t(λ) = Σ_k coef[t,k] T_k(λ) (Chebyshev T_k), coef = unit.coef",
-                "gain": "||Σ_t B_t(λ) W_t||_2: spectral norm (largest singular value) of the summed C x C_v matrices",
-                "gain_full": "||G(λ)||_2 with G(λ) = Σ_t B_t(λ) W_t W_g (C x C)",
-                "sym_max/sym_min": "largest/smallest eigenvalue of (G(λ) + G(λ)^T)/2"},
-            "blocks": records, "figures": [str(f) for f in figures], "notes": list(loaded.notes)}
-    write_json(out / "filter.json", data)
-    return data
+    return write_result(
+        out / "filter.json", loaded, "filter", data_info,
+        definition={
+            "B_t": "B_t(λ) = Σ_k coef[t,k] T_k(λ) (Chebyshev T_k), coef = unit.coef",
+            "gain": "||Σ_t B_t(λ) W_t||_2: spectral norm (largest singular value) of the summed C x C_v matrices",
+            "gain_full": "||G(λ)||_2 with G(λ) = Σ_t B_t(λ) W_t W_g (C x C)",
+            "sym_max/sym_min": "largest/smallest eigenvalue of (G(λ) + G(λ)^T)/2"},
+        blocks=records, figures=figures)

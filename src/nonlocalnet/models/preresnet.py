@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .units import init_weights
+
 __all__ = ["PreActBasicBlock", "PreActBottleneck", "PreResNet"]
 
 
@@ -32,57 +34,64 @@ def _conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
-class PreActBasicBlock(nn.Module):
+class _PreActUnit(nn.Module):
+    """What both units share: ``bn1`` + ReLU pre-activates the input, which feeds the residual branch
+    (:meth:`_branch`) and the 1×1 ``shortcut`` (``None``: identity on the raw input)."""
+
+    expansion: int
+
+    def _init_shortcut(self, in_channels: int, planes: int, stride: int) -> None:
+        """Record ``in_channels``/``out_channels`` and add ``shortcut`` (registered last, after the convs)."""
+        out_channels = planes * self.expansion
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
+
+    def _branch(self, pre: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = F.relu(self.bn1(x))
+        identity = x if self.shortcut is None else self.shortcut(pre)
+        return self._branch(pre) + identity
+
+
+class PreActBasicBlock(_PreActUnit):
     """BN-ReLU-conv3×3-BN-ReLU-conv3×3 plus shortcut."""
 
     expansion = 1
 
     def __init__(self, in_channels: int, planes: int, stride: int = 1) -> None:
         super().__init__()
-        out_channels = planes * self.expansion
-        self.in_channels, self.out_channels = in_channels, out_channels
         self.bn1 = nn.BatchNorm2d(in_channels)
         self.conv1 = _conv3x3(in_channels, planes, stride)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = _conv3x3(planes, out_channels)
-        self.shortcut: nn.Module | None = None
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
+        self.conv2 = _conv3x3(planes, planes * self.expansion)
+        self._init_shortcut(in_channels, planes, stride)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = F.relu(self.bn1(x))
-        identity = x if self.shortcut is None else self.shortcut(pre)
-        out = self.conv1(pre)
-        out = self.conv2(F.relu(self.bn2(out)))
-        return out + identity
+    def _branch(self, pre: torch.Tensor) -> torch.Tensor:
+        return self.conv2(F.relu(self.bn2(self.conv1(pre))))
 
 
-class PreActBottleneck(nn.Module):
+class PreActBottleneck(_PreActUnit):
     """BN-ReLU-conv1×1-BN-ReLU-conv3×3-BN-ReLU-conv1×1 (expansion 4) plus shortcut."""
 
     expansion = 4
 
     def __init__(self, in_channels: int, planes: int, stride: int = 1) -> None:
         super().__init__()
-        out_channels = planes * self.expansion
-        self.in_channels, self.out_channels = in_channels, out_channels
         self.bn1 = nn.BatchNorm2d(in_channels)
         self.conv1 = nn.Conv2d(in_channels, planes, kernel_size=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv2 = _conv3x3(planes, planes, stride)
         self.bn3 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, out_channels, kernel_size=1, bias=False)
-        self.shortcut: nn.Module | None = None
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, kernel_size=1, bias=False)
+        self._init_shortcut(in_channels, planes, stride)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = F.relu(self.bn1(x))
-        identity = x if self.shortcut is None else self.shortcut(pre)
-        out = self.conv1(pre)
-        out = self.conv2(F.relu(self.bn2(out)))
-        out = self.conv3(F.relu(self.bn3(out)))
-        return out + identity
+    def _branch(self, pre: torch.Tensor) -> torch.Tensor:
+        out = self.conv2(F.relu(self.bn2(self.conv1(pre))))
+        return self.conv3(F.relu(self.bn3(out)))
 
 
 class PreResNet(nn.Module):
@@ -139,7 +148,7 @@ class PreResNet(nn.Module):
         self.num_features = channels
         self.final_bn = nn.BatchNorm2d(channels)
         self.head = nn.Linear(channels, num_classes)
-        _init_weights(self)
+        init_weights(self, dim=2)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Feature map after ``final_bn`` + ReLU, ``(B, C, H/4, W/4)``."""
@@ -152,12 +161,3 @@ class PreResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(x)
         return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-def _init_weights(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)

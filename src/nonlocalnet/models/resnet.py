@@ -10,60 +10,21 @@ Module names follow torchvision's ResNet so that state dicts are interchangeable
 Bottleneck unit ``layer{k}.{i}``: ``conv1, bn1`` (1×1), ``conv2, bn2`` (3×3, carries the stride — the
 "ResNet v1.5" placement used by torchvision), ``conv3, bn3`` (1×1, expansion 4), ``relu`` and, in the first
 unit of a stage, ``downsample = Sequential(1×1 conv, BN)``. Post-activation: ``relu(x' + F(x))``.
+The units, stages and ``forward`` are shared with the 3-D ResNet (``models/units.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
+
+from .units import BasicBlock, Bottleneck, ResNetBase
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet50", "resnet50_cifar"]
 
 
-class BasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, in_channels: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
-
-
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, in_channels: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
-
-
-class ResNet(nn.Module):
+class ResNet(ResNetBase):
     """2-D ResNet with torchvision-compatible module names.
 
     Args:
@@ -102,51 +63,13 @@ class ResNet(nn.Module):
         self.stem_type = stem
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
-        self._channels = 64
-        self.layer1 = self._make_layer(block, 64, layers[0], 1)
-        self.layer2 = self._make_layer(block, 128, layers[1], 2)
-        self.layer3 = self._make_layer(block, 256, layers[2], 2)
-        self.layer4 = self._make_layer(block, 512, layers[3], 2)
-        self.num_features = self._channels
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(self._channels, num_classes)
-
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self._build_stages(block, layers, num_classes, dim=2)
         if zero_init_residual:
             for m in self.modules():
                 if isinstance(m, Bottleneck):
                     nn.init.zeros_(m.bn3.weight)
                 elif isinstance(m, BasicBlock):
                     nn.init.zeros_(m.bn2.weight)
-
-    def _make_layer(self, block, planes: int, n: int, stride: int) -> nn.Sequential:
-        out_channels = planes * block.expansion
-        downsample = None
-        if stride != 1 or self._channels != out_channels:
-            downsample = nn.Sequential(
-                nn.Conv2d(self._channels, out_channels, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels),
-            )
-        units = [block(self._channels, planes, stride, downsample)]
-        self._channels = out_channels
-        units += [block(out_channels, planes) for _ in range(1, n)]
-        return nn.Sequential(*units)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        return self.layer4(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_features(x)
-        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 def resnet50(num_classes: int = 1000, **kwargs) -> ResNet:

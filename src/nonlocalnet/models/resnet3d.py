@@ -16,54 +16,28 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
+
+from .units import BasicBlock, Bottleneck, ResNetBase
 
 __all__ = ["BasicBlock3d", "Bottleneck3d", "ResNet3D", "resnet3d18", "resnet3d50"]
 
 
-class BasicBlock3d(nn.Module):
-    expansion = 1
+class BasicBlock3d(BasicBlock):
+    """:class:`~nonlocalnet.models.units.BasicBlock` with 3×3×3 convs (``dim=3``)."""
 
     def __init__(self, in_channels: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
-        super().__init__()
-        self.conv1 = nn.Conv3d(in_channels, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm3d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv3d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm3d(planes)
-        self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        super().__init__(in_channels, planes, stride, downsample, dim=3)
 
 
-class Bottleneck3d(nn.Module):
-    expansion = 4
+class Bottleneck3d(Bottleneck):
+    """:class:`~nonlocalnet.models.units.Bottleneck` with 1×1×1 / 3×3×3 convs (``dim=3``)."""
 
     def __init__(self, in_channels: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
-        super().__init__()
-        self.conv1 = nn.Conv3d(in_channels, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm3d(planes)
-        self.conv2 = nn.Conv3d(planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm3d(planes)
-        self.conv3 = nn.Conv3d(planes, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm3d(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        super().__init__(in_channels, planes, stride, downsample, dim=3)
 
 
-class ResNet3D(nn.Module):
+class ResNet3D(ResNetBase):
     """3-D ResNet.
 
     Args:
@@ -104,45 +78,7 @@ class ResNet3D(nn.Module):
         self.bn1 = nn.BatchNorm3d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool: nn.Module = nn.Identity() if no_max_pool else nn.MaxPool3d(3, stride=2, padding=1)
-        self._channels = 64
-        self.layer1 = self._make_layer(block, 64, layers[0], 1)
-        self.layer2 = self._make_layer(block, 128, layers[1], 2)
-        self.layer3 = self._make_layer(block, 256, layers[2], 2)
-        self.layer4 = self._make_layer(block, 512, layers[3], 2)
-        self.num_features = self._channels
-        self.avgpool = nn.AdaptiveAvgPool3d(1)
-        self.fc = nn.Linear(self._channels, num_classes)
-
-        for m in self.modules():
-            if isinstance(m, nn.Conv3d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm3d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def _make_layer(self, block, planes: int, n: int, stride: int) -> nn.Sequential:
-        out_channels = planes * block.expansion
-        downsample = None
-        if stride != 1 or self._channels != out_channels:
-            downsample = nn.Sequential(
-                nn.Conv3d(self._channels, out_channels, 1, stride=stride, bias=False),
-                nn.BatchNorm3d(out_channels),
-            )
-        units = [block(self._channels, planes, stride, downsample)]
-        self._channels = out_channels
-        units += [block(out_channels, planes) for _ in range(1, n)]
-        return nn.Sequential(*units)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        return self.layer4(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_features(x)
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        self._build_stages(block, layers, num_classes, dim=3)
 
 
 def resnet3d18(num_classes: int = 400, **kwargs) -> ResNet3D:
