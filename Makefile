@@ -25,6 +25,10 @@ test: venv
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
+# The main job on the bundled default: baseline / +NL / +SNL on the generated task, then runs/demo/report.html.
+demo: venv
+	$(BIN)/nonlocalnet demo
+
 bench: venv
 	$(BIN)/nonlocalnet bench --quick
 

@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     if add_analyze_parser is not None:
         add_analyze_parser(sub)
 
+    from nonlocalnet.train.demo import add_demo_parser
+
+    add_demo_parser(sub)
+
     from nonlocalnet.bench import build_parser as bench_parser
 
     p = sub.add_parser("bench", help="time and peak memory of every backend against dense, side by side")

@@ -136,6 +136,33 @@ def run_case(name: str, backend: str, shape: tuple[int, ...], mode: str, dtype: 
     return row
 
 
+def projection_floor(name: str, shape: tuple[int, ...], device: torch.device, repeats: int,
+                     options: dict | None = None) -> dict:
+    """The physical floor: a block's forward time against the time of its own 1×1 projections alone
+    (θ, φ, g, W_t — the GEMMs no formulation avoids), measured side by side on the same tokens."""
+    b, c = shape[:2]
+    n = 1
+    for s in shape[2:]:
+        n *= s
+    torch.manual_seed(0)
+    block = nonlocalnet.build_block(name, c, dim=len(shape) - 2, **(options or {})).to(device).eval()
+    x = torch.randn(shape, device=device)
+    convs = [m for m in block.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))]
+    tokens = {cin: torch.randn(b, n, cin, device=device) for cin in {m.in_channels for m in convs}}
+    from nonlocalnet.blocks import project
+
+    def projections():
+        for m in convs:
+            project(m, tokens[m.in_channels])
+
+    with torch.no_grad():
+        t_block = median_time(lambda: block(x), device, repeats)
+        t_proj = median_time(projections, device, repeats)
+        taken = block.build_graph(x).backend
+    return {"block": name, "shape": "x".join(map(str, shape)), "path": taken, "block_ms": 1e3 * t_block,
+            "projections_ms": 1e3 * t_proj, "ratio": t_block / t_proj}
+
+
 def add_ratios(rows: list[Row]) -> None:
     dense = {(r.block, r.shape, r.mode, r.dtype): r for r in rows if r.backend == "dense" and r.time_ms}
     for r in rows:
@@ -156,6 +183,35 @@ def format_table(rows: list[Row]) -> str:
                      f"{f(r.time_ms, '9.2f')} {f(r.peak_mib, '9.1f')} {f(r.time_ratio, '8.2f')} "
                      f"{f(r.mem_ratio, '10.2f')} {r.note}")
     return "\n".join(lines)
+
+
+def plot_loglog(rows: list[Row], path: str, mode: str = "fwd+bwd") -> None:
+    """Time against N on log-log axes, one line per (block, backend); slope 1 = linear, 2 = quadratic."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for r in rows:
+        if r.time_ms and r.mode == mode and r.dtype == "float32" and r.shape.count("x") == 3:
+            series.setdefault((r.block, r.backend), []).append((r.n, r.time_ms))
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for (block, backend), pts in sorted(series.items()):
+        pts.sort()
+        ax.loglog([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
+                  ls="--" if backend in ("dense", "chunked") else "-", label=f"{block} {backend}")
+    if series:
+        ns = sorted({p[0] for pts in series.values() for p in pts})
+        t0 = min(p[1] for pts in series.values() for p in pts)
+        ax.loglog(ns, [t0 * n / ns[0] for n in ns], color="gray", lw=0.8, label="slope 1 (linear)")
+        ax.loglog(ns, [t0 * (n / ns[0]) ** 2 for n in ns], color="black", lw=0.8, label="slope 2 (quadratic)")
+    ax.set(xlabel="N (positions)", ylabel=f"time per {mode} (ms)", title="nonlocal blocks: time vs N")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def environment() -> dict:
@@ -185,7 +241,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dense-cap-gib", type=float, default=6.0, help="skip dense runs needing more than this")
+    p.add_argument("--floor", action="store_true",
+                   help="also measure each block's forward time against its own 1x1 projections (at the largest size)")
     p.add_argument("--json", default=None, help="write the rows and the environment to this JSON file")
+    p.add_argument("--plot", default=None, help="write a log-log plot of time vs N (PNG) to this file")
     return p
 
 
@@ -224,9 +283,21 @@ def run(args: argparse.Namespace) -> list[Row]:
                               f"{(f'{r.time_ms:.2f} ms' if r.time_ms else r.note)}", file=sys.stderr, flush=True)
     add_ratios(rows)
     print(format_table(rows))
+    floors = []
+    if args.floor:
+        print("\n# physical floor: block forward time / time of its own 1x1 projections")
+        for name in blocks:
+            opts = {"reduction": 8} if name == "cc" else {}
+            f = projection_floor(name, shapes[-1] if not args.video else shapes[len(sizes) - 1], device,
+                                 repeats, opts)
+            floors.append(f)
+            print(f"{f['block']:6} {f['path']:10} {f['shape']:16} block {f['block_ms']:9.2f} ms  "
+                  f"projections {f['projections_ms']:8.2f} ms  ratio {f['ratio']:5.2f}")
+    if args.plot:
+        plot_loglog(rows, args.plot)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"environment": env, "rows": [asdict(r) for r in rows]}, fh, indent=1)
+            json.dump({"environment": env, "rows": [asdict(r) for r in rows], "floor": floors}, fh, indent=1)
     return rows
 
 
