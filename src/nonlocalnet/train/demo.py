@@ -89,8 +89,8 @@ td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child{{
 <body><h1>nonlocalnet demo: the bundled "same glyph?" task</h1>
 <p>PreResNet-20 (baseline) and the same network with one NL or one SNL block after the 2nd residual block of
 stage 1, same seed and schedule (block options as listed). Two 5&times;5 glyphs at least 16 px apart;
-label = same glyph or not (chance = 50%). A local CNN must grow a receptive field spanning both glyphs; a nonlocal block relates them
-directly. See docs/data.md.</p>
+label = same glyph or not (chance = 50%). A local CNN must grow a receptive field spanning both glyphs;
+a nonlocal block relates them directly. See docs/data.md.</p>
 <table><tr><th>model</th><th>blocks (options)</th><th>epochs</th><th>final train loss</th><th>final top-1 %</th>
 <th>best top-1 %</th><th>time s</th><th>analysis</th></tr>
 {''.join(rows)}</table>
