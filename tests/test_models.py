@@ -24,11 +24,6 @@ from nonlocalnet.models import (
     resolve_placement,
 )
 
-try:
-    from nonlocalnet import build_block
-except ImportError:  # the core is written concurrently; see test_real_build_block
-    build_block = None
-
 torch.set_num_threads(1)
 
 ALL_ARCHS = [
@@ -368,7 +363,6 @@ def test_shape_errors_from_dry_run():
     assert m.training and not any(isinstance(x, Inserted) for x in m.modules())
 
 
-@pytest.mark.skipif(build_block is None, reason="nonlocalnet.build_block (the core) is not importable yet")
 def test_real_build_block():
     model = build_model("preresnet20", 10).eval()
     insert_blocks(model, [{"stage": 2, "after_block": 2, "block": "nl"}])
