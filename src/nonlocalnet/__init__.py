@@ -6,8 +6,10 @@
 torch.Size([2, 64, 16, 16])
 """
 
+from . import compat, reference
 from .blocks import Affinity, NonlocalBlock, NonlocalUnit
 from .presets import PRESETS, build_block, list_blocks
 
 __version__ = "0.1.0"
-__all__ = ["build_block", "list_blocks", "PRESETS", "NonlocalBlock", "NonlocalUnit", "Affinity", "__version__"]
+__all__ = ["build_block", "list_blocks", "PRESETS", "NonlocalBlock", "NonlocalUnit", "Affinity", "compat", "reference",
+           "__version__"]
