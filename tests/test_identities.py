@@ -168,15 +168,19 @@ def test_float32_matches_float64_reference():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["nl", "snl", "gsnl", "cheby", "a2", "cgnl", "cc", "ns"])
-def test_autocast_low_precision(name, dtype):
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_autocast_low_precision(name, dtype, seed):
     opts = {"reduction": 2} if name == "cc" else {}
     block = randomize(nonlocalnet.build_block(name, 16, **opts)).float().eval()
-    x = torch.randn(2, 16, 8, 8)
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(seed))
     r = block(x)
     with torch.autocast("cpu", dtype=dtype):
         y = block(x)
     assert y.dtype == torch.float32 and torch.isfinite(y).all()
-    assert_close(y, r, rtol=3e-2)
+    # Worst relative errors measured over 25 seeds (bf16 / fp16): nl 1.6e-2 / 1.7e-3, snl family <= 6.5e-3 / 1e-3,
+    # cgnl 4e-3 / 5e-4 (its global sum in float32), cc 5.1e-2 / 6.2e-3 (bf16 logits, applied twice: recurrence 2).
+    tol = {"cc": 8e-2}.get(name, 3e-2) if dtype == torch.bfloat16 else 1e-2
+    assert_close(y, r, rtol=tol)
 
 
 def test_degrees_in_float32_under_autocast():

@@ -408,10 +408,14 @@ class ChannelGraph(Graph):
     def matmul(self, v):
         b, n_keys, c = v.shape
         n, cg = self.t.shape[1], c // self.groups
-        ft = self.features(self.t).reshape(b, n, self.groups, cg, -1)  # (B, N, G, C_g, K)
-        fp = self.features(self.p).reshape(b, n_keys, self.groups, cg, -1)
-        att = torch.einsum("bngck,bngc->bgk", fp, v.reshape(b, n_keys, self.groups, cg))  # ⟨φ_k(p), g⟩
-        y = torch.einsum("bngck,bgk->bngc", ft, att) * self._norm_factor(n_keys * cg)
+        # ⟨φ_k(p), g⟩ sums N'·C_g signed products into one number per group: like a degree, it is computed in
+        # float32 under autocast (in bf16 it cancels catastrophically). Everything here is O(N·C·K).
+        with torch.autocast(_device_type(v), enabled=False):
+            t, p, vf = _float32(self.t), _float32(self.p), _float32(v)
+            ft = self.features(t).reshape(b, n, self.groups, cg, -1)  # (B, N, G, C_g, K)
+            fp = self.features(p).reshape(b, n_keys, self.groups, cg, -1)
+            att = torch.einsum("bngck,bngc->bgk", fp, vf.reshape(b, n_keys, self.groups, cg))
+            y = torch.einsum("bngck,bgk->bngc", ft, att) * self._norm_factor(n_keys * cg)
         return y.reshape(b, n, c)
 
     def channel_matrix(self) -> torch.Tensor:
