@@ -163,8 +163,8 @@ class PairwiseKernel:
 
     exp = False
 
-    def __init__(self, n: int, n_keys: int, batch: int):
-        self.n, self.n_keys, self.batch = n, n_keys, batch
+    def __init__(self, n: int, n_keys: int, batch: int, device_type: str = "cpu"):
+        self.n, self.n_keys, self.batch, self.device_type = n, n_keys, batch, device_type
 
     def rows(self, i0: int, i1: int) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -177,7 +177,7 @@ class BilinearKernel(PairwiseKernel):
     """``M_ij = p_i · q_j`` (dot kernels) or ``exp(s · p_i · q_j)`` (exp kernels, ``exp=True``)."""
 
     def __init__(self, p: torch.Tensor, q: torch.Tensor, exp: bool, scale: float = 1.0):
-        super().__init__(p.shape[1], q.shape[1], p.shape[0])
+        super().__init__(p.shape[1], q.shape[1], p.shape[0], _device_type(p))
         self.p, self.q, self.exp, self.scale = p, q, exp, scale
 
     def rows(self, i0, i1):
@@ -193,7 +193,7 @@ class ConcatKernel(PairwiseKernel):
     """Wang et al.'s concatenation kernel ``M_ij = relu(w_f·[θ_i; φ_j]) = relu(a_i + b_j)``."""
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor):
-        super().__init__(a.shape[1], b.shape[1], a.shape[0])
+        super().__init__(a.shape[1], b.shape[1], a.shape[0], _device_type(a))
         self.a, self.b = a, b  # (B, N), (B, N')
 
     def rows(self, i0, i1):
@@ -230,7 +230,7 @@ class PairwiseGraph(Graph):
 
     def _prepare_symmetric(self) -> None:
         k = self.kernel
-        with torch.autocast(_device_type(self._any()), enabled=False):
+        with torch.autocast(k.device_type, enabled=False):
             shift = None
             if k.exp:
                 maxes = [_float32(k.rows(i0, i1)).amax(dim=(1, 2)) for i0, i1 in self._blocks()]
@@ -243,10 +243,6 @@ class PairwiseGraph(Graph):
             d = 0.5 * (torch.cat(rowsum, 1) + colsum)
         self._shift = shift
         self._scale = safe_rsqrt(d).unsqueeze(-1)
-
-    def _any(self) -> torch.Tensor:
-        k = self.kernel
-        return k.p if isinstance(k, BilinearKernel) else k.a
 
     @staticmethod
     def _values(logits: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:

@@ -148,7 +148,7 @@ class _CrissCrossDense(aff.PairwiseKernel):
     """The criss-cross graph as a dense kernel: rows of the masked softmax (``backend="dense"``)."""
 
     def __init__(self, q, k, spatial, scale):
-        super().__init__(q.shape[1], k.shape[1], q.shape[0])
+        super().__init__(q.shape[1], k.shape[1], q.shape[0], q.device.type)
         self._a = aff.CrissCrossGraph(q, k, spatial, scale).dense()
 
     def rows(self, i0, i1):

@@ -69,7 +69,7 @@ def apply_filter(matmul: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
     ``coef`` may be a plain nested list (what modules pass, so ``torch.compile`` sees constants).
     """
     rows = coef.tolist() if isinstance(coef, torch.Tensor) else [list(r) for r in coef]
-    order = max([0] + [k for r in rows for k, c in enumerate(r) if c != 0])
+    order = highest_order(rows)
     basis = chebyshev_terms(matmul, z, order, z_keys)
     out = []
     for row in rows:
@@ -83,7 +83,10 @@ def apply_filter(matmul: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
     return out
 
 
-def highest_order(coef: torch.Tensor) -> int:
-    """The largest ``k`` with a nonzero coefficient (how many powers of ``A`` are needed)."""
-    nz = (coef != 0).any(0).nonzero()
-    return int(nz.max()) if len(nz) else 0
+def highest_order(coef: torch.Tensor | Sequence[Sequence[float]]) -> int:
+    """The largest ``k`` with a nonzero coefficient (how many powers of ``A`` are needed).
+
+    Plain Python on a nested list, so ``torch.compile`` sees a constant.
+    """
+    rows = coef.tolist() if isinstance(coef, torch.Tensor) else coef
+    return max([0] + [k for r in rows for k, c in enumerate(r) if c != 0])
