@@ -199,8 +199,9 @@ class NonlocalUnit(nn.Module):
 
 
 def to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """``(B, C, *S) -> (B, N, C)`` (free for channels_last inputs)."""
-    return aff.movedim(x, 1, -1).reshape(x.shape[0], -1, x.shape[1])
+    """``(B, C, *S) -> (B, N, C)``, contiguous: one copy for NCHW inputs (otherwise every projection would
+    copy the strided view again), free for channels_last inputs."""
+    return aff.movedim(x, 1, -1).reshape(x.shape[0], -1, x.shape[1]).contiguous()
 
 
 def from_tokens(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
