@@ -23,7 +23,6 @@ Degrees and normalizers are computed in float32 under autocast. Zero degrees giv
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -255,7 +254,7 @@ class PairwiseGraph(Graph):
         if norm == "symmetric":
             c = k.cols(i0, i1)
             if k.exp:
-                r, c = torch.exp(_float32(r) - self._shift), torch.exp(_float32(c) - self._shift)
+                r, c = self._values(_float32(r), self._shift), self._values(_float32(c), self._shift)
             m = 0.5 * (r + c)
             s = self._scale
             return s[:, i0:i1] * m * s.transpose(1, 2)
@@ -502,5 +501,3 @@ def build_graph(kernel: str, normalization: str, backend: str, *, q: torch.Tenso
         return PairwiseGraph(pk, normalization, chunk=None)
     return PairwiseGraph(pk, normalization, chunk=chunk_rows(batch, n_keys, max(el, 4), budget_bytes))
 
-
-GraphFactory = Callable[..., Graph]

@@ -7,7 +7,7 @@ softmax-free symmetric Gaussian graph. framework.md has the table these defaults
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch.nn as nn
@@ -22,9 +22,7 @@ class Preset:
     name: str
     reference: str
     defaults: dict[str, Any]
-    mode: str = "positions"
-    only: tuple[str, ...] = ()  # options that only this kind of block accepts
-    extra: dict[str, Any] = field(default_factory=dict)
+    mode: str = "positions"  # which graph: positions, crisscross, or channels (CGNL: also takes CGNL_ONLY options)
 
 
 COMMON = dict(
@@ -56,7 +54,7 @@ PRESETS: dict[str, Preset] = {
         Preset("cgnl", "Compact generalized NL (Yue et al. 2018): graph over positions × channels per group, "
                        "Y = X + GN(F) (seed 003 §2.2 (4), §B.4)",
                dict(kernel="dot_product", normalization="none", filter="nl", out_norm="gn", zero_init=False,
-                    bias=False), mode="channels", only=tuple(CGNL_ONLY)),
+                    bias=False), mode="channels"),
         Preset("cc", "Criss-cross attention (Huang et al. 2019): masked softmax over row+column, F = A X W_v, "
                      "Y = X + γF, recurrence 2 (seed 003 §2.2 (5), §B.5)",
                dict(reduction=8, filter="nl", out_norm="gamma", zero_init=True, out_proj=False, recurrence=2),
