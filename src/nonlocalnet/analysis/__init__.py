@@ -12,11 +12,14 @@ Each ``run_*`` takes a :class:`Loaded` run (:func:`load_run`) and an output dire
 and returns the JSON data.
 """
 
+from nonlocalnet.runs import Loaded, load_config_only, load_run
+
 from .affinity_powers import run_affinity
 from .attention import run_attention
-from .common import AnalysisError, DataError, Loaded, NoBlockError, load_batch, load_config_only, load_run
+from .capture import load_batch
 from .cost import run_cost
 from .dynamics import run_dynamics
+from .errors import AnalysisError, DataError, NoBlockError
 from .graph_filter import run_filter
 from .report import write_report
 from .spectrum import run_spectrum

@@ -21,17 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from .common import (
-    Loaded,
-    capture_blocks,
-    dense_affinity,
-    is_channel_graph,
-    load_batch,
-    new_figure,
-    safe_name,
-    save_figure,
-    write_result,
-)
+from nonlocalnet.runs import Loaded
+
+from .capture import capture_blocks, dense_affinity, load_batch
+from .errors import require_blocks
+from .matrices import is_channel_graph
+from .output import new_figure, safe_name, save_figure, write_result
 
 __all__ = ["affinity_powers", "power_statistics", "run_affinity"]
 
@@ -112,6 +107,7 @@ def _plot(rec: dict[str, Any], out: Path) -> Path:
 
 def run_affinity(loaded: Loaded, out: Path, *, data_root: str | None = None, split: str = "test", images: int = 8,
                  max_power: int = 4, bins: int = 50, batch=None) -> dict[str, Any]:
+    require_blocks(loaded)
     out = Path(out)
     if batch is None:
         batch = load_batch(loaded.cfg, count=images, split=split, data_root=data_root, what="`analyze affinity`")

@@ -24,8 +24,11 @@ import numpy as np
 import torch
 
 from nonlocalnet.blocks import from_tokens, to_tokens
+from nonlocalnet.runs import Loaded
 
-from .common import Loaded, capture_batch, float64_block, new_figure, save_figure, write_result
+from .capture import capture_batch, float64_block
+from .errors import require_blocks
+from .output import new_figure, save_figure, write_result
 
 __all__ = ["iterate_block", "run_dynamics"]
 
@@ -78,6 +81,7 @@ def _trend(last: float) -> str:
 
 def run_dynamics(loaded: Loaded, out: Path, *, data_root: str | None = None, split: str = "test", images: int = 8,
                  iterations: int = 50, batch=None) -> dict[str, Any]:
+    require_blocks(loaded)
     out = Path(out)
     batch, io = capture_batch(loaded, batch, images=images, split=split, data_root=data_root,
                               what="`analyze dynamics`")

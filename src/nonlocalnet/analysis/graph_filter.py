@@ -25,18 +25,12 @@ from typing import Any
 import numpy as np
 from numpy.polynomial import chebyshev
 
-from .common import (
-    Loaded,
-    block_matrices,
-    capture_batch,
-    dense_affinity,
-    is_channel_graph,
-    new_figure,
-    poly_label,
-    safe_name,
-    save_figure,
-    write_result,
-)
+from nonlocalnet.runs import Loaded
+
+from .capture import capture_batch, dense_affinity
+from .errors import require_blocks
+from .matrices import block_matrices, is_channel_graph, poly_label
+from .output import new_figure, safe_name, save_figure, write_result
 
 __all__ = ["affinity_eigenvalues", "filter_response", "run_filter"]
 
@@ -111,6 +105,7 @@ def _plot(rec: dict[str, Any], out: Path) -> Path:
 
 def run_filter(loaded: Loaded, out: Path, *, data_root: str | None = None, split: str = "test", images: int = 4,
                points: int | None = None, bins: int = 60, use_data: bool = True, batch=None) -> dict[str, Any]:
+    require_blocks(loaded)
     out = Path(out)
     io = None
     data_info = None

@@ -20,26 +20,19 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib.ticker import MaxNLocator
+from safetensors import SafetensorError, safe_open
 
-from .common import (
-    Loaded,
-    block_matrices,
-    new_figure,
-    safe_name,
-    save_figure,
-    symmetric_eigenvalues,
-    write_json,
-)
+from nonlocalnet.runs import CheckpointError, Loaded
+
+from .errors import require_blocks
+from .matrices import block_matrices, symmetric_eigenvalues
+from .output import new_figure, safe_name, save_figure, write_json
 
 __all__ = ["norm_scale", "read_tensors", "run_spectrum", "spectrum_of_state"]
 
 
 def read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
     """Only ``keys`` of a safetensors file (an epoch checkpoint), without loading the rest."""
-    from safetensors import SafetensorError, safe_open
-
-    from nonlocalnet.train import CheckpointError
-
     try:
         with safe_open(str(path), framework="pt") as f:
             have = set(f.keys())
@@ -176,6 +169,7 @@ def _plot_evolution(name: str, evo: dict[str, Any], out: Path) -> Path:
 
 def run_spectrum(loaded: Loaded, out: Path, *, top: int = 32, evolution: bool = True) -> dict[str, Any]:
     """Compute, plot and write ``spectrum.json``; returns the JSON data (with ``figures``)."""
+    require_blocks(loaded)
     out = Path(out)
     blocks = []
     figures = []

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .transforms import BatchTransform
+
 # Per-channel statistics in 0..1 units (pixel / 255).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -74,8 +76,6 @@ class BaseDataset(Dataset):
 
     def batch_transform(self, train: bool, *, generator: torch.Generator | None = None, **overrides):
         """A :class:`BatchTransform` with this dataset's statistics and recommended augmentation."""
-        from .transforms import BatchTransform
-
         options = dict(self.augment) if train else {}
         options.update(overrides)
         return BatchTransform(self.mean, self.std, train=train, generator=generator, **options)
