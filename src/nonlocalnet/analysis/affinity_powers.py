@@ -1,4 +1,6 @@
-"""``affinity``: the stable hypothesis (seed 002 §3.3, Fig. 2): histograms of the entries of ``A, A², A³, A⁴``
+"""``affinity``: the stable hypothesis of
+"A Spectral Nonlocal Block for Neural Networks" (Zhu et al., ICLR 2020 submission), §3.3, Fig. 2: histograms of the
+entries of ``A, A², A³, A⁴``
 over a batch of the run's data, and how far ``A^k`` is from ``A``.
 
 Each block's input is captured with a forward hook during one eval-mode pass of the model; ``A`` is the dense

@@ -1,4 +1,5 @@
-"""``attention``: attention maps and feature maps (seed 003 Fig. 3).
+"""``attention``: attention maps and feature maps (Zhu et al., "Unifying Nonlocal Blocks for Neural Networks", ICCV
+2021, Fig. 3).
 
 For each block and image: the row ``A[q, :]`` of the block's affinity for a query position ``q`` — given as
 image pixels (``--query y,x``, mapped to the feature cell that covers them) or, by default, the most salient

@@ -1,11 +1,12 @@
-"""``cost``: parameters, FLOPs and peak activation memory of the backbone and of each block (seed 003 Table 6).
+"""``cost``: parameters, FLOPs and peak activation memory of the backbone and of each block (as in
+Zhu et al., "Unifying Nonlocal Blocks for Neural Networks", ICCV 2021, Table 6).
 
 - Input: the model's real per-sample input shape (from the run's data config: CIFAR 3×32×32, ``data.size``,
   ``data.frames``, or the dataset's defaults; ``--input-shape`` overrides), batch ``--batch`` (1).
 - FLOPs are counted, not estimated: :class:`torch.utils.flop_counter.FlopCounterMode` on a forward pass, so
   they are those of the path actually taken (matmuls, convolutions, attention kernels; 1 multiply-add = 2
   FLOPs; element-wise ops, norms and softmax are not counted, as in the usual tables). ``GMACs = GFLOPs / 2``
-  is what seed 003 Table 6 calls "Flops (G)" (ResNet-50: 4.1).
+  is what Zhu et al. 2021 Table 6 calls "Flops (G)" (ResNet-50: 4.1).
 - Each block is counted alone on its real input (captured with a forward hook): once as built (``auto``,
   its graph's backend reported), once rebuilt with ``backend="dense"`` (same weights): the ``N × N'``
   formulation.
@@ -89,14 +90,14 @@ def _mib(d: dict[str, Any], key: str) -> float | None:
 
 
 def format_markdown(data: dict[str, Any]) -> str:
-    """The tables of ``cost.json`` as Markdown (seed 003 Table 6 layout: backbone, then "+" per block)."""
+    """The tables of ``cost.json`` as Markdown (Zhu et al. 2021 Table 6 layout: backbone, then "+" per block)."""
     bb, tot = data["backbone"], data["total"]
     lines = [
         f"# Cost of {data['run']['arch']} with nonlocal blocks",
         "",
         f"Input: batch {data['batch']} x {tuple(data['input_shape'])}, device {data['device']}. FLOPs counted by "
-        "torch.utils.flop_counter.FlopCounterMode (1 multiply-add = 2 FLOPs; GMACs = GFLOPs/2 is seed 003 "
-        "Table 6's 'Flops (G)'). Peak memory measured (inference: no_grad forward; training: forward+backward).",
+        "torch.utils.flop_counter.FlopCounterMode (1 multiply-add = 2 FLOPs; GMACs = GFLOPs/2 is Zhu et al. 2021's "
+        "Table 6 'Flops (G)'). Peak memory measured (inference: no_grad forward; training: forward+backward).",
         "",
         "| model | params (M) | GFLOPs | GMACs | peak inference MiB (block rows: the block alone) |",
         "|---|---:|---:|---:|---:|",
@@ -187,7 +188,7 @@ def run_cost(loaded: Loaded, out: Path, *, input_shape: tuple[int, ...] | None =
     data = {"analysis": "cost", "run": loaded.describe(), "input_shape": list(shape), "batch": batch,
             "device": str(dev),
             "definition": {"flops": "torch.utils.flop_counter.FlopCounterMode total (2 FLOPs per multiply-add)",
-                           "macs": "flops / 2 (seed 003 Table 6 'Flops (G)')",
+                           "macs": "flops / 2 (Zhu et al. 2021 Table 6 'Flops (G)')",
                            "peak memory": "nonlocalnet.profiling.peak_memory: CUDA max_memory_allocated above the "
                                           "baseline, or the CPU profiler's largest live allocation set",
                            "plus": "block rows: the block's own parameters and FLOPs (over the backbone)"},

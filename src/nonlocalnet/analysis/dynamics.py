@@ -1,4 +1,5 @@
-"""``dynamics``: Tao et al.'s diffusion view (seed 000 §4): iterate a trained block as a map on features.
+"""``dynamics``: the diffusion view of Tao et al., "Nonlocal Neural Networks, Nonlocal Diffusion and Nonlocal
+Modeling", NeurIPS 2018, §4: iterate a trained block as a map on features.
 
 Starting from the block's real inputs ``x_0`` (captured with a hook during an eval-mode forward pass of the
 model), two iterations, in float64 and eval mode (BatchNorm with its running statistics):
@@ -7,7 +8,7 @@ model), two iterations, in float64 and eval mode (BatchNorm with its running sta
   ``x_t`` each time;
 - ``fixed_graph``: the affinity ``A`` computed once from ``x_0`` and the units applied over and over,
   ``z ← unit_n(z; A)`` for ``n = 1..units``, one iteration per pass — the nonlocal-stage view
-  (seed 000 Eq. 8) of diffusion on a fixed graph.
+  (Tao et al. 2018 Eq. 8) of diffusion on a fixed graph.
 
 Reported: ``‖x_t‖ / ‖x_0‖`` per image (Frobenius norm over channels and positions) for ``t = 0..T``; its mean,
 min and max over the images. Decay means damping, growth means instability; the run stops early (the

@@ -1,4 +1,6 @@
-"""``filter``: the learned graph filter in the spectral domain (seed 003 Eq. 3–4; seed 002 Eq. 7).
+"""``filter``: the learned graph filter in the spectral domain (Zhu et al., "Unifying Nonlocal Blocks for Neural
+Networks", ICCV 2021,
+Eq. 3–4; "A Spectral Nonlocal Block for Neural Networks" (Zhu et al., ICLR 2020 submission), Eq. 7).
 
 A unit computes ``F(A, Z) = Σ_t B_t(A) Z W_t`` with ``B_t(λ) = Σ_k coef[t, k] T_k(λ)`` (``unit.coef``). On a
 graph signal along an eigenvector ``u`` of ``A`` (``A u = λ u``) with channel vector ``x`` (``X = u xᵀ``), the

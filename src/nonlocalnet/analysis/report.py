@@ -48,7 +48,7 @@ def _metrics_section(loaded: Loaded, out: Path) -> list[str]:
 
 def _spectrum_section(d: dict[str, Any]) -> list[str]:
     parts = [para("Eigenvalues of the symmetric part W̃ = (W + Wᵀ)/2 of W = W_t W_g (C×C) for every unit and filter "
-                "term, top k by magnitude (seed 000 §3.1, Figs. 1–4). Mostly negative: damping; large positive: "
+                "term, top k by magnitude (Tao et al. 2018 §3.1, Figs. 1–4). Mostly negative: damping; large positive: "
                 "possible blow-up when stacking.")]
     rows = []
     for b in d["blocks"]:
@@ -70,9 +70,10 @@ def _spectrum_section(d: dict[str, Any]) -> list[str]:
 
 
 def _affinity_section(d: dict[str, Any]) -> list[str]:
-    parts = [para("Histograms of the entries of A, A², A³, A⁴ over a batch (stable hypothesis A^k ≈ A, seed 002 "
-                "Fig. 2); rel_fro = ‖A^k − A‖_F/‖A‖_F (mean over images), TV = total variation between the "
-                "normalized histograms, W1 = 1-Wasserstein distance between the entry distributions / mean|A|.")]
+    parts = [para("Histograms of the entries of A, A², A³, A⁴ over a batch (stable hypothesis A^k ≈ A, "
+                "the ICLR 2020 spectral nonlocal submission, Fig. 2); rel_fro = ‖A^k − A‖_F/‖A‖_F (mean over "
+                "images), TV = total variation between the normalized histograms, W1 = 1-Wasserstein distance "
+                "between the entry distributions / mean|A|.")]
     rows = []
     for b in d["blocks"]:
         if "stats" not in b:
@@ -103,7 +104,7 @@ def _cost_section(d: dict[str, Any]) -> list[str]:
                  m(tot.get("peak_inference_bytes"))])
     measured = "peak memory measured" if "peak_inference_bytes" in tot else "peak memory not measured"
     parts = [para(f"Input batch {d['batch']} × {tuple(d['input_shape'])} on {d['device']}. FLOPs counted with "
-                f"FlopCounterMode (2 per multiply-add; GMACs is seed 003 Table 6's 'Flops (G)'); {measured}."),
+                f"FlopCounterMode (2 per multiply-add; GMACs is Zhu et al. 2021 Table 6's 'Flops (G)'); {measured}."),
              table(["model", "params (M)", "GFLOPs", "GMACs", "peak inference MiB (block rows: block alone)"], rows)]
     rows2 = []
     for b in d["blocks"]:
@@ -164,8 +165,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path, data_root: str | None
     data_section("attention", "Attention maps and feature maps",
                  lambda: run_attention(loaded, out / "attention", images=2, batch=batch),
                  lambda d: [para("Rows of A for the most salient query positions (largest ‖Y_q − X_q‖), upsampled "
-                               "and overlaid on the image (seed 003 Fig. 3B); channel-norm feature maps before and "
-                               "after the block (Fig. 3A).")] + _figures(d))
+                               "and overlaid on the image (Zhu et al. 2021, Fig. 3B); channel-norm feature maps "
+                               "before and after the block (Fig. 3A).")] + _figures(d))
     log("report: graph filter in the spectral domain")
     filt = run_filter(loaded, out / "filter", images=min(images, 4), batch=batch, use_data=batch is not None)
     filt_parts = [para("Spectral response of each unit's graph filter: gain ‖Σ_t B_t(λ) W_t‖₂ (spectral norm of "
@@ -177,7 +178,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path, data_root: str | None
     data_section("dynamics", "Dynamics (diffusion view)",
                  lambda: run_dynamics(loaded, out / "dynamics", batch=batch, iterations=iterations),
                  lambda d: [para("‖x_t‖/‖x_0‖ when a trained block is applied over and over to its real inputs "
-                               "(seed 000: decay = damping, growth = instability)."),
+                               "(Tao et al. 2018: decay = damping, growth = instability)."),
                             table(["block", "mode", "trend", "final ‖x_T‖/‖x_0‖"],
                                    [[b["block"], m, b["modes"][m]["trend"], fmt(b["modes"][m]["final_mean"])]
                                     for b in d["blocks"] for m in ("block", "fixed_graph")], left=3)]

@@ -1,5 +1,6 @@
-"""``spectrum``: eigenvalues of the symmetric part of each block's weight products (seed 000 §3.1, Figs 1–4;
-seed 002 Fig. 5; framework.md "The spectrum analysis").
+"""``spectrum``: eigenvalues of the symmetric part of each block's weight products (Tao et al., "Nonlocal Neural
+Networks, Nonlocal Diffusion and Nonlocal Modeling", NeurIPS 2018,
+§3.1, Figs. 1–4; "A Spectral Nonlocal Block for Neural Networks" (Zhu et al., ICLR 2020 submission), Fig. 5).
 
 For unit ``i`` of a block and filter term ``t``: ``W_g`` is g's weight (``C_v × C``), ``W_t`` the term's output
 projection (``C × C_v``, block-diagonal for grouped convs, e.g. CGNL), ``W = W_t W_g`` (``C × C``, rank ≤ C_v)
@@ -163,7 +164,7 @@ def _plot_evolution(name: str, evo: dict[str, Any], out: Path) -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax2.tick_params(labelsize=7)
         ax2.legend(fontsize=7)
-    fig.suptitle(f"{name}: evolution of the top eigenvalues over training (seed 000 Fig. 2)", fontsize=10)
+    fig.suptitle(f"{name}: evolution of the top eigenvalues over training (Tao et al. 2018 Fig. 2)", fontsize=10)
     return save_figure(fig, out / f"spectrum_evolution_{safe_name(name)}.png")
 
 

@@ -69,6 +69,12 @@ class BaseDataset(Dataset):
     input_shape: tuple[int, ...]
     augment: dict = {"crop_padding": 0, "flip": True}
 
+    @classmethod
+    def expected_num_classes(cls, **options) -> int | None:
+        """The number of classes known without reading the data (``None`` where the files decide)."""
+        n = cls.__dict__.get("num_classes")
+        return n if isinstance(n, int) else None
+
     @property
     def info(self) -> DatasetInfo:
         return DatasetInfo(self.name, int(self.num_classes), tuple(self.mean), tuple(self.std),
