@@ -109,7 +109,9 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
     if "kernel" in options and "normalization" not in options:
         # a user kernel keeps the preset's normalization where it is defined for that kernel
         kern = options["kernel"]
-        if o["normalization"] == "softmax" and kern not in aff.EXP_KERNELS:
+        if kern == "unary":  # its only normalization
+            o["normalization"] = "softmax"
+        elif o["normalization"] == "softmax" and kern not in aff.EXP_KERNELS:
             o["normalization"] = NATURAL_NORMALIZATION.get(kern, o["normalization"])
     o.update(options)
 
