@@ -25,6 +25,7 @@ from .common import (
     Loaded,
     capture_blocks,
     dense_affinity,
+    graph_notes,
     is_channel_graph,
     load_batch,
     new_figure,
@@ -126,6 +127,8 @@ def run_affinity(loaded: Loaded, out: Path, *, data_root: str | None = None, spl
             continue
         a = dense_affinity(block, io[name][0])
         rec.update(n=int(a.shape[1]), n_keys=int(a.shape[2]))
+        if graph_notes(block):
+            rec["notes"] = graph_notes(block)
         mats = list(a)
         sym = float(max(np.abs(m - m.T).max() / max(np.abs(m).max(), 1e-300) for m in mats)) \
             if a.shape[1] == a.shape[2] else None

@@ -14,7 +14,9 @@ analysis). Blocks without output projection (CC) use ``W_t = I``. The output nor
 
 Underneath, the histogram of the eigenvalues λ of the real inputs' ``A``: ``eigh`` when ``A`` is symmetric
 (SNL's symmetric normalization); otherwise the real parts of the (complex) eigenvalues of ``A``, and the
-JSON says so. Non-square ``A`` (sub-sampling) and CGNL have no such spectrum.
+JSON says so. Non-square ``A`` (sub-sampling) and CGNL have no such spectrum. DNL's ``A`` is a sum (pairwise +
+unary, row sums 2): its λ reach 2. GC's output maps are nonlinear (GCNet's bottleneck): no gain curve, the
+block's record says so (``applies: false``, ``note``).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from .common import (
     block_matrices,
     capture_batch,
     dense_affinity,
+    graph_notes,
     is_channel_graph,
     new_figure,
+    nonlinear_reason,
     poly_label,
     safe_name,
     save_figure,
@@ -121,6 +125,14 @@ def run_filter(loaded: Loaded, out: Path, *, data_root: str | None = None, split
     records, figures = [], []
     for name, block in loaded.blocks.items():
         rec: dict[str, Any] = {"block": name, "preset": block.name}
+        reason = nonlinear_reason(block)
+        if reason is not None:
+            rec.update(applies=False, note=reason, notes=graph_notes(block))
+            records.append(rec)
+            continue
+        rec["applies"] = True
+        if graph_notes(block):
+            rec["notes"] = graph_notes(block)
         lams_data = None
         if io is None:
             rec["lambda_note"] = "no data: λ histogram not computed (--no-data)"
