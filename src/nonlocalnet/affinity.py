@@ -501,9 +501,7 @@ class SumGraph(Graph):
     """``A = Σ_i A_i`` (DNL: ``A = A_pairwise + 1·aᵀ``). Each product is the sum of the terms' products, so every
     term keeps its own backend (fused attention for the pairwise term, rank 1 for the unary one)."""
 
-    def __init__(self, graphs: list[Graph]):
-        if len({(g.n, g.n_keys) for g in graphs}) != 1:
-            raise ValueError(f"graphs: a sum needs graphs of one shape, got {[(g.n, g.n_keys) for g in graphs]}")
+    def __init__(self, graphs: list[Graph]):  # built by Affinity from one input: the terms share (N, N')
         self.graphs = list(graphs)
         self.n, self.n_keys = graphs[0].n, graphs[0].n_keys
         self.backend = "+".join(g.backend for g in graphs)
