@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from nonlocalnet.analysis import load_run, run_affinity, run_attention, run_filter, run_spectrum
-from nonlocalnet.train import build_model_from_config, config_from_dict, dump_config, save_weights
+from nonlocalnet.runs import build_model_from_config, config_from_dict, dump_config, save_weights
 
 DATA = {"name": "demo", "size": 16, "options": {"train_size": 16, "test_size": 8}}
 GC, DNL = "stage1.1.nonlocal_block", "stage2.1.nonlocal_block"
@@ -31,7 +31,7 @@ def run(tmp_path_factory):
         {"stage": 2, "after_block": 2, "block": "dnl", "options": {"temperature": 0.5}}]}}
     cfg = config_from_dict({**raw, "run": {"device": "cpu", "out": str(tmp)}})
     torch.manual_seed(0)
-    model = build_model_from_config(cfg, 2, load_pretrained=False)
+    model = build_model_from_config(cfg, 2, load_pretrained_weights=False)
     with torch.no_grad():  # non-trivial zero-initialized parts
         for name, p in model.named_parameters():
             if "nonlocal_block" in name and ("norm" in name or "conv2" in name):

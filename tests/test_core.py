@@ -10,22 +10,13 @@ from _util import assert_close, randomize
 
 import nonlocalnet
 from nonlocalnet import reference as ref
-from nonlocalnet.affinity import EXP_KERNELS, LOWRANK_KERNELS
+from nonlocalnet.kernels import KERNELS, valid_backends, valid_normalizations
 
 SHAPES = {1: (2, 8, 7), 2: (2, 8, 5, 4), 3: (2, 8, 3, 4, 3)}
 
 
 def backends_of(name: str, kernel: str, normalization: str) -> list[str]:
-    if name == "cc":
-        return ["auto", "dense", "chunked"]
-    if name == "cgnl":
-        return ["auto", "dense", "lowrank"]
-    out = ["auto", "dense", "chunked"]
-    if kernel in LOWRANK_KERNELS:
-        out.append("lowrank")
-    if kernel in EXP_KERNELS and normalization in ("softmax", "row"):
-        out.append("sdpa")
-    return out
+    return list(valid_backends(kernel, normalization, nonlocalnet.PRESETS[name].mode))
 
 
 PRESET_CASES = [
@@ -50,17 +41,14 @@ def test_preset_matches_reference(name, dim, backend, training):
         assert_close(block.affinity(x), ref.affinity(block, x))
 
 
-KERNEL_NORMS = [
-    (k, n)
-    for k in ("embedded_gaussian", "gaussian", "dot_product", "relu_dot", "concatenation", "double_attention")
-    for n in ("softmax", "count", "row", "symmetric", "none")
-    if not (n == "softmax" and k not in EXP_KERNELS)
-]
+KERNEL_NORMS = [(k, n) for k in KERNELS for n in valid_normalizations(k)]
 
 
-# symmetric + sub_sample is rejected at build time (tests/test_errors.py), so it is not a case here
+# symmetric + sub_sample and the unary kernel + sub_sample are rejected at build time (tests/test_errors.py,
+# tests/test_gc_dnl.py), so they are not cases here
 @pytest.mark.parametrize("kernel,normalization,sub_sample",
-                         [(k, n, s) for k, n in KERNEL_NORMS for s in (False, True) if not (s and n == "symmetric")])
+                         [(k, n, s) for k, n in KERNEL_NORMS for s in (False, True)
+                          if not (s and (n == "symmetric" or KERNELS[k].unary))])
 @pytest.mark.parametrize("filt", ["nl", "snl"])
 def test_every_kernel_and_normalization(kernel, normalization, sub_sample, filt):
     for backend in backends_of("nl", kernel, normalization):

@@ -3,6 +3,12 @@
 A preset fixes defaults (kernel, normalization, filter, output norm) from its paper; every option can
 be overridden, so e.g. ``build_block("snl", 64, kernel="embedded_gaussian")`` is SNL's filter on a
 softmax-free symmetric Gaussian graph. framework.md has the table these defaults come from.
+
+Each preset's ``reference`` (printed by ``nonlocalnet blocks``) names its paper: authors, title, venue and
+year, and the equation or section. "Unifying Nonlocal Blocks" is Zhu et al., "Unifying Nonlocal Blocks for
+Neural Networks", ICCV 2021 (arXiv:2108.02451; equation and section numbers as in its submitted version); "A
+Spectral Nonlocal Block" is Zhu, She, Zhang, Guo, "A Spectral Nonlocal Block for Neural Networks", ICLR 2020
+submission (OpenReview rkgb9kSKwS). Wang et al. is arXiv:1711.07971, Tao et al. arXiv:1806.00681.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from . import affinity as aff
+from . import kernels as K
 from .blocks import FUSIONS, OUT_MAPS, OUT_NORMS, Affinity, NonlocalBlock, NonlocalUnit
 from .filters import FILTERS, filter_coefficients, highest_order
 
@@ -41,42 +47,48 @@ _SNL = dict(kernel="relu_dot", normalization="symmetric", out_norm="bn_relu", ze
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
-        Preset("nl", "Wang et al. 2018: Y = X + BN(A Z W), A = softmax(θφᵀ) (seed 002 Eq. 1-2)",
+        Preset("nl", 'Wang et al., "Non-local Neural Networks", CVPR 2018: Y = X + BN(A Z W), A = softmax(θφᵀ) '
+                     '(as Eq. 1-2 of Zhu et al., "A Spectral Nonlocal Block", ICLR 2020 submission)',
                dict(filter="nl")),
-        Preset("ns", "Tao et al. 2018: nonlocal stage, F = (A - I) Z W on one A per stage (seed 000 Eq. 8; "
-                     "seed 002 Eq. 3)", dict(filter="ns")),
-        Preset("snl", "Spectral nonlocal: F = Z W_1 + A Z W_2, A = D^-1/2 M̂ D^-1/2 (seed 003 Eq. 5; 002 Eq. 8)",
+        Preset("ns", 'Tao et al., "Nonlocal Neural Networks, Nonlocal Diffusion and Nonlocal Modeling", NeurIPS '
+                     '2018, Eq. 8: nonlocal stage, F = (A - I) Z W on one A per stage (also Zhu et al., "A Spectral '
+                     'Nonlocal Block", ICLR 2020 submission, Eq. 3)', dict(filter="ns")),
+        Preset("snl", 'Zhu et al., "Unifying Nonlocal Blocks for Neural Networks", ICCV 2021, Eq. 5: spectral '
+                      'nonlocal, F = Z W_1 + A Z W_2, A = D^-1/2 M̂ D^-1/2 (also Zhu et al., "A Spectral Nonlocal '
+                      'Block", ICLR 2020 submission, Eq. 8)',
                dict(_SNL, filter="snl")),
-        Preset("gsnl", "Generalized SNL: F = Z W_1 + A Z W_2 + (2A - I) Z W_3 (seed 002 Eq. 10)",
+        Preset("gsnl", 'Zhu et al., "A Spectral Nonlocal Block for Neural Networks", ICLR 2020 submission, Eq. 10: '
+                       'generalized SNL, F = Z W_1 + A Z W_2 + (2A - I) Z W_3',
                dict(_SNL, filter="gsnl")),
-        Preset("cheby", "Chebyshev SNL of order K: F = Σ_k T_k(A) Z W_k (seed 003 Eq. 3-4; K=1 is Eq. 5)",
+        Preset("cheby", 'Zhu et al., "Unifying Nonlocal Blocks for Neural Networks", ICCV 2021, Eq. 3-4: '
+                        'Chebyshev SNL of order K, F = Σ_k T_k(A) Z W_k (K=1 is Eq. 5)',
                dict(_SNL, filter="cheby", order=2)),
-        Preset("a2", "Double attention (Chen et al. 2018): A = softmax_n(θ) softmax_N(φ)ᵀ, F = A Z W "
-                     "(seed 003 §2.2 (3), §B.3)",
+        Preset("a2", 'Chen et al., "A²-Nets: Double Attention Networks", NeurIPS 2018: double attention, '
+                     'A = softmax_n(θ) softmax_N(φ)ᵀ, F = A Z W (as in Zhu et al., "Unifying Nonlocal Blocks", '
+                     'ICCV 2021, §2.2 (3), §B.3)',
                dict(kernel="double_attention", normalization="none", filter="nl", out_norm="none",
                     zero_init=False)),
-        Preset("cgnl", "Compact generalized NL (Yue et al. 2018): graph over positions × channels per group, "
-                       "Y = X + GN(F) (seed 003 §2.2 (4), §B.4)",
+        Preset("cgnl", 'Yue et al., "Compact Generalized Non-local Network", NeurIPS 2018: graph over positions '
+                       '× channels per group, Y = X + GN(F) (as in Zhu et al., "Unifying Nonlocal Blocks", '
+                       'ICCV 2021, §2.2 (4), §B.4)',
                dict(kernel="dot_product", normalization="none", filter="nl", out_norm="gn", zero_init=False,
                     bias=False), mode="channels"),
-        Preset("cc", "Criss-cross attention (Huang et al. 2019): masked softmax over row+column, F = A X W_v, "
-                     "Y = X + γF, recurrence 2 (seed 003 §2.2 (5), §B.5)",
+        Preset("cc", 'Huang et al., "CCNet: Criss-Cross Attention for Semantic Segmentation", ICCV 2019: masked '
+                     'softmax over row+column, F = A X W_v, Y = X + γF, recurrence 2 (as in Zhu et al., '
+                     '"Unifying Nonlocal Blocks", ICCV 2021, §2.2 (5), §B.5)',
                dict(reduction=8, filter="nl", out_norm="gamma", zero_init=True, out_proj=False, recurrence=2),
                mode="crisscross"),
-        Preset("gc", "Global context block (Cao et al., 'GCNet: Non-local Networks Meet Squeeze-Excitation Networks "
-                     "and Beyond', ICCVW 2019, arXiv 1904.11492, Eq. 4): A = 1·aᵀ, a = softmax(w_m X) (rank 1), "
-                     "Z = X, bottleneck transform conv-LayerNorm-ReLU-conv, fusion by addition",
+        Preset("gc", 'Cao et al., "GCNet: Non-local Networks Meet Squeeze-Excitation Networks and Beyond", ICCVW '
+                     '2019 (arXiv 1904.11492), Eq. 4: global context, A = 1·aᵀ, a = softmax(w_m X) (rank 1), Z = X, '
+                     'bottleneck transform conv-LayerNorm-ReLU-conv, fusion by addition',
                dict(kernel="unary", normalization="softmax", filter="nl", value_proj=False, out_map="bottleneck",
                     fusion="add", out_norm="none", zero_init=True)),
-        Preset("dnl", "Disentangled NL (Yin et al., 'Disentangled Non-Local Neural Networks', ECCV 2020, arXiv "
-                      "2006.06668, Eq. 12): A = softmax((θ-μ_θ)(φ-μ_φ)ᵀ/(√C_s·τ)) + 1·softmax(w_m X)ᵀ, F = A Z W",
+        Preset("dnl", 'Yin et al., "Disentangled Non-Local Neural Networks", ECCV 2020 (arXiv 2006.06668), Eq. 12: '
+                      'A = softmax((θ-μ_θ)(φ-μ_φ)ᵀ/(√C_s·τ)) + 1·softmax(w_m X)ᵀ, F = A Z W',
                dict(filter="nl", whiten=True, unary=True, temperature=0.05, scale=True)),
     ]
 }
 
-NATURAL_NORMALIZATION = {"embedded_gaussian": "softmax", "gaussian": "softmax", "dot_product": "count",
-                         "concatenation": "count", "relu_dot": "symmetric", "double_attention": "none",
-                         "unary": "softmax"}
 ALL_OPTIONS = tuple(COMMON) + tuple(CGNL_ONLY)
 
 
@@ -108,11 +120,9 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
     o = dict(COMMON, **(CGNL_ONLY if preset.mode == "channels" else {}), **preset.defaults)
     if "kernel" in options and "normalization" not in options:
         # a user kernel keeps the preset's normalization where it is defined for that kernel
-        kern = options["kernel"]
-        if kern == "unary":  # its only normalization
-            o["normalization"] = "softmax"
-        elif o["normalization"] == "softmax" and kern not in aff.EXP_KERNELS:
-            o["normalization"] = NATURAL_NORMALIZATION.get(kern, o["normalization"])
+        kern = K.KERNELS.get(options["kernel"])
+        if kern is not None and o["normalization"] not in kern.normalizations:
+            o["normalization"] = kern.natural_normalization
     o.update(options)
 
     if isinstance(dim, bool) or dim not in (1, 2, 3):
@@ -146,60 +156,52 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
     _choice("out_map", o["out_map"], OUT_MAPS)
     _choice("fusion", o["fusion"], FUSIONS)
 
-    kern, norm, backend = o["kernel"], o["normalization"], o["backend"]
+    kern, norm, backend, mode = o["kernel"], o["normalization"], o["backend"], preset.mode
     _choice("out_norm", o["out_norm"], OUT_NORMS)
-    _choice("backend", backend, aff.BACKENDS)
+    _choice("backend", backend, K.BACKENDS)
     _choice("filter", o["filter"], FILTERS)
-    _choice("normalization", norm, aff.NORMALIZATIONS)
-    if preset.mode != "positions":
+    _choice("normalization", norm, K.NORMALIZATIONS)
+    if mode != "positions":
         for key, default in (("whiten", False), ("unary", False)):
             if o[key] != default:
                 raise ValueError(f"{key}: applies to the position graphs (nl, ns, snl, gsnl, cheby, a2, gc, dnl), "
                                  f"not to {name!r}")
-    if preset.mode == "channels":
-        _choice("kernel", kern, ("dot_product", "gaussian"))
+    if mode == "channels":
         _choice("rbf_prefactor", o["rbf_prefactor"], RBF_PREFACTORS)
-        if norm not in ("none", "count"):
-            raise ValueError(f"normalization: cgnl supports 'none' or 'count', got {norm!r}")
-        if backend not in ("auto", "lowrank", "dense"):
-            raise ValueError(f"backend: cgnl supports 'auto', 'lowrank' or 'dense', got {backend!r}")
-    elif preset.mode == "crisscross":
-        _choice("kernel", kern, aff.EXP_KERNELS)
-        if norm not in ("softmax", "row"):
+    _choice("kernel", kern, K.mode_kernels(mode))
+    unary_kernel = K.KERNELS[kern].unary
+    if norm not in K.valid_normalizations(kern, mode):
+        if mode == "crisscross":
             raise ValueError(f"normalization: cc uses the masked softmax ('softmax'), got {norm!r}")
-        if backend not in ("auto", "dense", "chunked"):
-            raise ValueError(f"backend: cc supports 'auto'/'chunked' (criss-cross path) or 'dense', got {backend!r}")
-        if o["sub_sample"]:
-            raise ValueError("sub_sample: criss-cross attention does not go with sub-sampling (keys must stay "
-                             "on the query's row and column)")
-    else:
-        _choice("kernel", kern, aff.KERNELS)
-        if kern == "unary":
-            if norm != "softmax":
-                raise ValueError(f"normalization: the unary kernel (GC's attention pooling, A = 1·aᵀ) takes "
-                                 f"'softmax', got {norm!r}")
-            if backend == "sdpa":
-                raise ValueError("backend='sdpa' does not apply to the unary kernel (rank 1: 'lowrank', the "
-                                 "default, never forms N x N); use 'auto', 'lowrank', 'dense' or 'chunked'")
-            if o["unary"]:
-                raise ValueError("unary=True adds a unary term to a pairwise graph; kernel='unary' already is one")
-            if o["whiten"]:
-                raise ValueError("whiten: whitens the queries and keys of a pairwise kernel; kernel='unary' has none")
-        elif norm == "softmax" and kern not in aff.EXP_KERNELS:
-            raise ValueError(f"normalization='softmax' is the row normalization of the exp kernels "
-                             f"(embedded_gaussian, gaussian); kernel {kern!r} takes 'row', 'count', "
-                             f"'symmetric' or 'none'")
-        if backend == "lowrank" and kern not in aff.LOWRANK_KERNELS:
-            raise ValueError(f"backend='lowrank' needs a factorizable kernel ({', '.join(aff.LOWRANK_KERNELS)}); "
-                             f"kernel {kern!r} does not factor: use 'sdpa', 'chunked' or 'dense'")
-        if backend == "sdpa" and not (kern in aff.EXP_KERNELS and norm in ("softmax", "row")):
-            raise ValueError(f"backend='sdpa' needs an exp kernel (embedded_gaussian, gaussian) with softmax "
-                             f"normalization, got kernel={kern!r}, normalization={norm!r}")
-    exp_logits = kern in aff.EXP_KERNELS and preset.mode != "channels"
+        if mode == "channels":
+            raise ValueError(f"normalization: cgnl supports 'none' or 'count', got {norm!r}")
+        if unary_kernel:
+            raise ValueError(f"normalization: the unary kernel (GC's attention pooling, A = 1·aᵀ) takes 'softmax', "
+                             f"got {norm!r}")
+        raise ValueError(f"normalization='softmax' is the row normalization of the exp kernels "
+                         f"({', '.join(K.EXP_KERNELS)}); kernel {kern!r} takes "
+                         f"{', '.join(map(repr, K.valid_normalizations(kern)))}")
+    backends = K.valid_backends(kern, norm, mode)
+    if backend not in backends:
+        if mode != "positions":
+            raise ValueError(f"backend: {name} supports {', '.join(map(repr, backends))}, got {backend!r}")
+        if backend == "lowrank":
+            raise ValueError(f"backend='lowrank' needs {K.backend_requirement('lowrank')}; kernel {kern!r} "
+                             f"does not factor: use {', '.join(map(repr, backends[1:]))}")
+        raise ValueError(f"backend={backend!r} needs {K.backend_requirement(backend)}, got kernel={kern!r}, "
+                         f"normalization={norm!r}; valid: {', '.join(map(repr, backends))}")
+    if mode == "crisscross" and o["sub_sample"]:
+        raise ValueError("sub_sample: criss-cross attention does not go with sub-sampling (keys must stay "
+                         "on the query's row and column)")
+    if unary_kernel and o["unary"]:
+        raise ValueError("unary=True adds a unary term to a pairwise graph; kernel='unary' already is one")
+    if unary_kernel and o["whiten"]:
+        raise ValueError("whiten: whitens the queries and keys of a pairwise kernel; kernel='unary' has none")
+    exp_logits = K.KERNELS[kern].exp and mode != "channels"
     if "temperature" in options and o["temperature"] != 1.0 and not exp_logits:
-        raise ValueError(f"temperature: divides the logits of the exp kernels (embedded_gaussian, gaussian), "
+        raise ValueError(f"temperature: divides the logits of the exp kernels ({', '.join(K.EXP_KERNELS)}), "
                          f"not kernel={kern!r}")
-    if (kern == "unary" or o["unary"]) and o["sub_sample"]:
+    if (unary_kernel or o["unary"]) and o["sub_sample"]:
         raise ValueError("sub_sample: the unary term (gc, dnl) pools over every position; use sub_sample=False")
     if norm == "symmetric" and o["sub_sample"]:
         raise ValueError("normalization='symmetric' needs a square affinity (N' = N) and does not go with "
