@@ -30,6 +30,8 @@ from nonlocalnet.apps.demo import DEFAULT_RUNS, run_demo
 from nonlocalnet.apps.summary import summarize
 from nonlocalnet.apps.sweep import run_sweep
 from nonlocalnet.bench import run as run_bench
+from nonlocalnet.bench import run_naive
+from nonlocalnet.bench.naive import CASES as NAIVE_CASES
 from nonlocalnet.presets import PRESETS
 from nonlocalnet.runs import (
     CheckpointError,
@@ -137,6 +139,16 @@ def cmd_summarize(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.baseline == "naive":
+        for case in args.cases or []:
+            if case not in NAIVE_CASES:
+                raise SystemExit(f"bench: error: --cases: unknown case {case!r}; valid: {', '.join(NAIVE_CASES)}")
+        run_naive(cases=args.cases, blocks=None if args.all_blocks else args.blocks,
+                  sizes=args.sizes or [32, 64], batch=args.batch or 2, channels=args.channels or 64,
+                  modes=args.modes or ["fwd", "fwd+bwd"], threads=args.threads or [1, 2],
+                  repeats=args.repeats or 5, dense_cap_gib=args.dense_cap_gib, channels_last=args.channels_last,
+                  json_path=args.json)
+        return 0
     run_bench(quick=args.quick, blocks=["all"] if args.all_blocks else args.blocks, backends=args.backends,
               sizes=args.sizes, video=args.video, batch=args.batch, channels=args.channels, modes=args.modes,
               dtypes=args.dtype, repeats=args.repeats, device=args.device, dense_cap_gib=args.dense_cap_gib,
@@ -345,6 +357,17 @@ def _add_bench(sub) -> None:
                    help="also measure each block's forward time against its own 1x1 projections (largest size)")
     p.add_argument("--json", default=None, help="write the rows and the environment to this JSON file")
     p.add_argument("--plot", default=None, help="write a log-log plot of time vs N (PNG) to this file")
+    p.add_argument("--baseline", choices=["dense", "naive"], default="dense",
+                   help="dense (default): every backend against the block's own dense path; naive: every preset "
+                        "against a literal NCHW implementation of the same math as public code computes it "
+                        "(bench/naive.py), same weights, interleaved; prints naive time / block time")
+    p.add_argument("--cases", nargs="+", default=None,
+                   help=f"with --baseline naive: cases to run (default all: {', '.join(NAIVE_CASES)}); --blocks "
+                        "selects every case of a preset")
+    p.add_argument("--threads", nargs="+", type=_positive_int, default=None,
+                   help="with --baseline naive: intra-op thread counts, each set explicitly (default 1 2)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="with --baseline naive: give both a channels_last input")
     p.set_defaults(func=cmd_bench)
 
 

@@ -10,8 +10,11 @@ allocation records (``profile_memory=True``), i.e. the largest live set of inter
 from __future__ import annotations
 
 import json
+import math
 import platform
+import statistics
 import sys
+import time
 from dataclasses import asdict, dataclass
 
 import matplotlib
@@ -22,10 +25,13 @@ from nonlocalnet.kernels import valid_backends
 from nonlocalnet.presets import PRESETS, build_block, resolve_options
 from nonlocalnet.profiling import median_time, peak_memory
 
+from . import naive
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 
-__all__ = ["CORE", "QUICK", "Row", "backends_for", "projection_floor", "run", "run_case"]
+__all__ = ["CORE", "QUICK", "NaiveRow", "Row", "backends_for", "interleaved_medians", "projection_floor", "run",
+           "run_case", "run_naive", "run_naive_case"]
 
 
 def backends_for(name: str, **options) -> list[str]:
@@ -228,4 +234,145 @@ def run(*, quick: bool = False, blocks: list[str] | None = None, backends: list[
     if json_path:
         with open(json_path, "w") as fh:
             json.dump({"environment": env, "rows": [asdict(r) for r in rows], "floor": floors}, fh, indent=1)
+    return rows
+
+
+# --------------------------------------------------------------------------------------- the naive baseline
+@dataclass
+class NaiveRow:
+    case: str
+    block: str
+    shape: str
+    mode: str
+    threads: int
+    path: str
+    naive_ms: float | None
+    ours_ms: float | None
+    ratio: float | None = None  # naive time / block time  (>1: the block is faster)
+    note: str = ""
+
+
+def interleaved_medians(fns: list, repeats: int, warmup: int = 1) -> list[float]:
+    """Median seconds of each function, the calls interleaved (a, b, a, b, ...; the order alternates each
+    repeat) so that a loaded machine's drift hits all of them alike."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(repeats):
+        order = list(range(len(fns)))
+        if r % 2:
+            order.reverse()
+        for i in order:
+            t0 = time.perf_counter()
+            fns[i]()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def _naive_bytes(block, shape: tuple[int, ...], mode: str) -> int:
+    """What the naive formulation materializes, about (the ``N × N'`` affinity and its softmax; the concatenation
+    kernel's ``(B, 2C_k, N, N')`` tensor)."""
+    b, n = shape[0], math.prod(shape[2:])
+    e = block.edges
+    if e.mode != "positions" or e.kernel in ("double_attention", "unary"):
+        return 0
+    nk = n // (2 ** min(2, len(shape) - 2)) if e.sub_sample else n
+    per = 2 * e.theta.out_channels + 2 if e.kernel == "concatenation" else 3
+    return b * n * nk * 4 * per * (2 if mode == "fwd+bwd" else 1)
+
+
+def run_naive_case(case: str, shape: tuple[int, ...], mode: str, threads: int, repeats: int,
+                   cap_gib: float = 6.0, channels_last: bool = False) -> NaiveRow:
+    """One case of :data:`naive.CASES`: the block and its naive formulation, same weights and input, timed
+    interleaved on ``threads`` intra-op threads."""
+    name, options = naive.CASES[case]
+    b, c = shape[:2]
+    shape_s = "x".join(map(str, shape)) + (" cl" if channels_last else "")
+    torch.manual_seed(0)
+    block = build_block(name, c, dim=len(shape) - 2, **options)
+    row = NaiveRow(case, name, shape_s, mode, threads, "", None, None)
+    need = _naive_bytes(block, shape, mode)
+    if need > cap_gib * 2**30:
+        row.note = f"skipped: the naive form needs ~{need / 2**30:.1f} GiB (> --dense-cap-gib)"
+        return row
+    x = torch.randn(shape)
+    if channels_last and len(shape) in (4, 5):
+        x = x.to(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
+    params = list(block.parameters())
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            row.path = block.build_graph(x).backend
+        if mode == "fwd+bwd":
+            block.train()
+            xg = x.clone().requires_grad_(True)
+
+            def make(fn):
+                def step():
+                    for p in params:
+                        p.grad = None
+                    xg.grad = None
+                    fn(xg).sum().backward()
+                return step
+        else:
+            block.eval()
+
+            def make(fn):
+                def step():
+                    with torch.no_grad():
+                        fn(x)
+                return step
+        t_naive, t_ours = interleaved_medians([make(lambda t: naive.naive_forward(block, t)), make(block)], repeats)
+    finally:
+        torch.set_num_threads(saved)
+    row.naive_ms, row.ours_ms, row.ratio = 1e3 * t_naive, 1e3 * t_ours, t_naive / t_ours
+    return row
+
+
+def format_naive(rows: list[NaiveRow]) -> str:
+    head = (f"{'case':14} {'path':11} {'shape':16} {'mode':8} {'thr':>3} {'naive ms':>9} {'ours ms':>9} "
+            f"{'naive/ours':>10}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        def f(v, fmt):
+            return format(v, fmt) if v is not None else "-"
+        lines.append(f"{r.case:14} {r.path:11} {r.shape:16} {r.mode:8} {r.threads:3d} {f(r.naive_ms, '9.2f')} "
+                     f"{f(r.ours_ms, '9.2f')} {f(r.ratio, '10.2f')} {r.note}")
+    return "\n".join(lines)
+
+
+def run_naive(*, cases: list[str] | None = None, blocks: list[str] | None = None, sizes: list[int] = (32, 64),
+              batch: int = 2, channels: int = 64, modes: list[str] = ("fwd", "fwd+bwd"),
+              threads: list[int] = (1, 2), repeats: int = 5, dense_cap_gib: float = 6.0, channels_last: bool = False,
+              json_path: str | None = None) -> list[NaiveRow]:
+    """``nonlocalnet bench --baseline naive``: every case of :data:`naive.CASES` (or ``cases``, and with
+    ``blocks`` adds every case of those presets) against its naive NCHW formulation, printed as ``naive / ours``
+    ratios."""
+    if not cases and not blocks:
+        chosen = list(naive.CASES)
+    else:
+        chosen = [k for k in naive.CASES if k in (cases or []) or naive.CASES[k][0] in (blocks or [])]
+    env = environment()
+    print(f"# nonlocalnet bench --baseline naive — torch {env['torch']}, {env['processor']}, "
+          f"B={batch}, C={channels}, median of {repeats} interleaved", flush=True)
+    rows = []
+    for case in chosen:
+        for s in sizes:
+            shape = (batch, channels, s, s)
+            for mode in modes:
+                for thr in threads:
+                    try:
+                        r = run_naive_case(case, shape, mode, thr, repeats, dense_cap_gib, channels_last)
+                    except (RuntimeError, ValueError) as err:  # report, keep going
+                        r = NaiveRow(case, naive.CASES[case][0], "x".join(map(str, shape)), mode, thr, "", None,
+                                     None, note=f"failed: {str(err).splitlines()[0][:80]}")
+                    rows.append(r)
+                    print(f"  {case:14} {r.shape:16} {mode:8} {thr}t "
+                          f"{(f'{r.ratio:.2f}x' if r.ratio else r.note)}", file=sys.stderr, flush=True)
+    print(format_naive(rows))
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump({"environment": env, "baseline": "naive", "rows": [asdict(r) for r in rows]}, fh, indent=1)
     return rows

@@ -1,0 +1,71 @@
+"""The naive baselines (bench/naive.py) compute what the block computes, with the block's weights (float64, rtol
+1e-6): that is what makes `nonlocalnet bench --baseline naive`'s ratios a comparison of formulations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _util import assert_close, randomize
+
+import nonlocalnet
+from nonlocalnet.bench.naive import CASES, naive_forward
+from nonlocalnet.cli import main
+
+SHAPES = {1: (2, 16, 7), 2: (2, 16, 6, 5), 3: (2, 16, 3, 4, 4)}
+
+
+def _block(case: str, dim: int, **extra):
+    name, options = CASES[case]
+    opts = dict(options, **extra)
+    if name == "cc":
+        opts.setdefault("reduction", 2)
+    return randomize(nonlocalnet.build_block(name, 16, dim=dim, **opts))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("training", [False, True])
+def test_naive_equals_block(case, dim, training):
+    if CASES[case][0] == "cc" and dim != 2:
+        pytest.skip("CCNet's naive form is 2-D")
+    block = _block(case, dim)
+    block.train(training)
+    x = torch.randn(SHAPES[dim], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    assert_close(naive_forward(block, x), block(x))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_naive_equals_block_channels_last(case):
+    block = _block(case, 2)
+    x = torch.randn(SHAPES[2], dtype=torch.float64).to(memory_format=torch.channels_last)
+    y = block(x)
+    assert_close(naive_forward(block, x), y)
+    assert_close(y, block(x.contiguous()))
+
+
+@pytest.mark.parametrize("extra", [{"units": 2}, {"kernel": "gaussian", "taylor_order": 2, "rbf_gamma": 0.1},
+                                   {"kernel": "gaussian", "rbf_prefactor": "constant", "rbf_gamma": 0.1},
+                                   {"normalization": "count", "scale": True}])
+def test_naive_variants(extra):
+    name = "snl" if "units" in extra else "cgnl"
+    block = randomize(nonlocalnet.build_block(name, 16, dim=2, **extra))
+    x = torch.randn(SHAPES[2], dtype=torch.float64)
+    assert_close(naive_forward(block, x), block(x))
+
+
+def test_naive_rejects_what_it_does_not_cover():
+    block = nonlocalnet.build_block("cc", 16, dim=1, reduction=2)
+    with pytest.raises(ValueError, match="2-D"):
+        naive_forward(block, torch.randn(1, 16, 5))
+
+
+def test_bench_naive_smoke(tmp_path, capfd):
+    out = tmp_path / "naive.json"
+    assert main(["bench", "--baseline", "naive", "--cases", "nl", "cgnl", "--blocks", "cc", "--sizes", "8",
+                 "--threads", "1", "--repeats", "1", "--modes", "fwd+bwd", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["case"] for r in rows] == ["nl", "cgnl", "cc"]
+    assert all(r["ratio"] > 0 and r["threads"] == 1 for r in rows)
+    assert "naive/ours" in capfd.readouterr().out
