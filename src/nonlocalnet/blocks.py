@@ -52,6 +52,20 @@ def project(conv: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return out + conv.bias if conv.bias is not None else out
 
 
+def project_cf(conv: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The same 1×1 convolution with its output channels first: tokens ``(B, N, Cin) -> (B, Cout, N)``, one GEMM
+    ``W Tᵀ`` per batch item (the tokens read in place, transposed or not), so the output lands in the NCHW layout
+    without a copy back."""
+    b = tokens.shape[0]
+    t = tokens.transpose(1, 2)
+    if conv.groups != 1:
+        w = conv.weight.reshape(conv.weight.shape[0], conv.weight.shape[1], 1)
+        return F.conv1d(t, w, conv.bias, groups=conv.groups)
+    w = conv.weight.flatten(1)
+    w = w.expand(b, *w.shape)
+    return torch.bmm(w, t) if conv.bias is None else torch.baddbmm(conv.bias[:, None], w, t)
+
+
 OUT_NORMS = ("none", "bn", "bn_relu", "gn", "gamma")
 
 
@@ -86,6 +100,18 @@ class OutNorm(nn.Module):
             return F.relu(y) if self.kind == "bn_relu" else y
         if self.kind == "gn":
             return self.gn(f.transpose(1, 2)).transpose(1, 2)
+        if self.kind == "gamma":
+            return self.gamma * f
+        return f
+
+    def forward_cf(self, f: torch.Tensor) -> torch.Tensor:
+        """The same on channels-first ``(B, C, N)``: the norms' native layout (BatchNorm1d and GroupNorm take
+        ``(B, C, L)`` as it is)."""
+        if self.kind in ("bn", "bn_relu"):
+            y = self.bn(f)
+            return F.relu(y) if self.kind == "bn_relu" else y
+        if self.kind == "gn":
+            return self.gn(f)
         if self.kind == "gamma":
             return self.gamma * f
         return f
@@ -303,6 +329,42 @@ class NonlocalUnit(nn.Module):
             y = y + self.norm(f).to(x.dtype)
         return y
 
+    def forward_cf(self, h: torch.Tensor, graph: aff.Graph, spatial: tuple[int, ...]) -> torch.Tensor:
+        """:meth:`forward` on channels-first ``h`` ``(B, C, N)`` (a view of the NCHW input or of a previous unit's
+        output), returning ``(B, C, N)``: the unit reads ``h`` through the tokens view ``hᵀ`` (no copy), and
+        produces the output maps ``W_t`` directly channels-first when ``h`` is (GEMMs ``W Tᵀ``), normalizes there
+        and adds the residual in place of the copy back; for a channels_last ``h`` it works on tokens, which
+        are then ``h``'s own layout."""
+        x = h.transpose(1, 2)
+        terms = self.filter_terms(x, graph, spatial)
+        y = h
+        if "mul" in self.fusion:
+            y = y * torch.sigmoid(self.apply_maps(self.w_mul, terms)).to(h.dtype).transpose(1, 2)
+        if "add" not in self.fusion:
+            return y
+        channels_first = h.stride(-1) == 1 and not (len(self.w) and isinstance(self.w[0], Bottleneck)) and \
+            not all(_broadcast(t) for t in terms)
+        if not channels_first:
+            f = self.apply_maps(self.w, terms)
+            if self.norm.kind in ("bn", "bn_relu", "gn") and _broadcast(f):
+                f = f.contiguous()
+            return y + self.norm(f).to(h.dtype).transpose(1, 2)
+        if not len(self.w):
+            f = terms[0].transpose(1, 2)
+        elif len(self.w) == 1 or self.w[0].groups != 1:
+            f = None
+            for m, t in zip(self.w, terms):
+                f = project_cf(m, t) if f is None else f + project_cf(m, t)
+        else:  # one GEMM over the concatenated terms: [W_0, ..., W_K] [T_0 Z; ...; T_K Z]ᵀ
+            weight = torch.cat([w.weight.flatten(1) for w in self.w], 1)
+            bias = sum(w.bias for w in self.w) if self.w[0].bias is not None else None
+            cat = torch.cat(terms, -1).transpose(1, 2)
+            weight = weight.expand(cat.shape[0], *weight.shape)
+            f = torch.bmm(weight, cat) if bias is None else torch.baddbmm(bias[:, None], weight, cat)
+        if self.norm.kind == "gamma":  # the residual fused: h + γ·F in one pass
+            return torch.addcmul(y, f.to(h.dtype), self.norm.gamma)
+        return y + self.norm.forward_cf(f).to(h.dtype)
+
 
 def to_tokens(x: torch.Tensor) -> torch.Tensor:
     """``(B, C, *S) -> (B, N, C)``, contiguous: one copy for NCHW inputs (otherwise every projection would
@@ -371,12 +433,13 @@ class NonlocalBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spatial = self.check_input(x)
-        h = to_tokens(x)
+        # channels-first (B, C, N): a view of NCHW and of channels_last inputs alike (no tokens round trip)
+        h = x.reshape(x.shape[0], x.shape[1], -1)
         for _ in range(self.recurrence):
-            graph = self.edges(h, spatial)
+            graph = self.edges(h.transpose(1, 2), spatial)
             for unit in self.units:
-                h = unit(h, graph, spatial)
-        return from_tokens(h, x)
+                h = unit.forward_cf(h, graph, spatial)
+        return h.reshape(x.shape)
 
     def build_graph(self, x: torch.Tensor) -> aff.Graph:
         """The graph operator of the first (or only) application, from the stage input ``x``."""
