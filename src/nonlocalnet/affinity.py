@@ -347,7 +347,42 @@ class CrissCrossGraph(Graph):
             self._weights = list(att.split(list(self.spatial), dim=-1))
         return self._weights
 
+    def _weights_2d(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """2-D: the row weights ``(B, H, W, W)`` and the column weights laid out column-major, ``(B, W, H, H)``,
+        so that both products are one plain ``bmm`` over contiguous batches. The joint softmax over a query's row
+        and column is written out (shared max, two exps, one sum) instead of a ``cat`` + softmax + split."""
+        if self._weights is None:
+            b, c = self.q.shape[0], self.q.shape[-1]
+            hh, ww = self.spatial
+            q, k = self._grid(self.q), self._grid(self.k)  # (B, H, W, c)
+            e_row = q.reshape(b * hh, ww, c) @ k.reshape(b * hh, ww, c).transpose(1, 2)  # (B·H, W, W)
+            qt, kt = q.transpose(1, 2).reshape(b * ww, hh, c), k.transpose(1, 2).reshape(b * ww, hh, c)
+            e_col = qt @ kt.transpose(1, 2)  # (B·W, H, H): column energies, queries column-major
+            if self.scale != 1.0:
+                e_row, e_col = e_row * self.scale, e_col * self.scale
+            # the query itself is counted once, on its row
+            e_col = e_col.masked_fill(torch.eye(hh, dtype=torch.bool, device=e_col.device), float("-inf"))
+            e_row, e_col = e_row.reshape(b, hh, ww, ww), e_col.reshape(b, ww, hh, hh)
+            with torch.no_grad():  # a shift per query: the softmax does not depend on it
+                m = torch.maximum(e_row.amax(-1), e_col.amax(-1).transpose(1, 2))  # (B, H, W)
+            x_row = torch.exp(e_row - m.unsqueeze(-1))
+            x_col = torch.exp(e_col - m.transpose(1, 2).unsqueeze(-1))
+            r = 1.0 / (x_row.sum(-1) + x_col.sum(-1).transpose(1, 2))  # (B, H, W)
+            self._weights = [x_row * r.unsqueeze(-1), x_col * r.transpose(1, 2).unsqueeze(-1)]
+        return self._weights[0], self._weights[1]
+
+    def _matmul_2d(self, v: torch.Tensor) -> torch.Tensor:
+        b, n, c = v.shape
+        hh, ww = self.spatial
+        a_row, a_col = self._weights_2d()
+        vg = v.reshape(b, hh, ww, c)
+        out = mm(a_row.reshape(b * hh, ww, ww), vg.reshape(b * hh, ww, c)).reshape(b, hh, ww, c)
+        col = mm(a_col.reshape(b * ww, hh, hh), vg.transpose(1, 2).reshape(b * ww, hh, c)).reshape(b, ww, hh, c)
+        return (out + col.transpose(1, 2)).reshape(b, n, c)
+
     def matmul(self, v):
+        if len(self.spatial) == 2:
+            return self._matmul_2d(v)
         grid = self._grid(v)
         out = 0
         for d, a in enumerate(self.weights()):
@@ -407,6 +442,8 @@ class ChannelGraph(Graph):
         return f
 
     def matmul(self, v):
+        if self.kernel == "dot_product" and type(self) is ChannelGraph:
+            return self._matmul_dot(v)
         b, n_keys, c = v.shape
         n, cg = self.t.shape[1], c // self.groups
         # ⟨φ_k(p), g⟩ sums N'·C_g signed products into one number per group: like a degree, it is computed in
@@ -418,6 +455,22 @@ class ChannelGraph(Graph):
             att = torch.einsum("bngck,bngc->bgk", fp, vf.reshape(b, n_keys, self.groups, cg))
             y = torch.einsum("bngck,bgk->bngc", ft, att) * self._norm_factor(n_keys * cg)
         return y.reshape(b, n, c)
+
+    def _matmul_dot(self, v: torch.Tensor) -> torch.Tensor:
+        """The dot kernel, as the CGNL authors compute it: one number per group ``⟨p, g⟩`` (a dot product over
+        the group's ``N'·C_g`` nodes), then ``y = t · ⟨p, g⟩`` — one reduction and one scaling pass, in the
+        tokens' own layout (no feature axis, no einsum copies)."""
+        b, n_keys, c = v.shape
+        groups = self.groups
+        with torch.autocast(_device_type(v), enabled=False):  # the group sums in float32 (see below)
+            p, vf = _float32(self.p), _float32(v)
+            if groups == 1:
+                att = torch.bmm(p.reshape(b, 1, -1), vf.reshape(b, -1, 1)).reshape(b, 1, 1)
+            else:
+                att = (p * vf).reshape(b, n_keys, groups, -1).sum((1, 3)).repeat_interleave(c // groups, 1)[:, None]
+            att = att * self._norm_factor(n_keys * (c // groups))
+            t = self.t
+            return t * att.to(t.dtype) if t.dtype != torch.float64 else t * att
 
     def channel_matrix(self) -> torch.Tensor:
         """The dense per-group matrix ``(B, G, N·C_g, N'·C_g)`` over (position, channel) nodes."""

@@ -44,6 +44,11 @@ def project(conv: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """A 1×1 convolution on tokens ``(B, N, Cin) -> (B, N, Cout)`` (grouped convs included)."""
     w = conv.weight.flatten(1)
     if conv.groups == 1:
+        if tokens.dim() == 3 and not tokens.is_contiguous():
+            # a tokens view of a channels-first tensor: one GEMM per batch item reads it in place (F.linear would
+            # fold the batch into the rows, and copy the whole input to do so)
+            wt = w.t().expand(tokens.shape[0], *w.t().shape)
+            return torch.bmm(tokens, wt) if conv.bias is None else torch.baddbmm(conv.bias, tokens, wt)
         return F.linear(tokens, w, conv.bias)
     g = conv.groups
     b, n, cin = tokens.shape
