@@ -310,6 +310,14 @@ class SDPAGraph(Graph):
         # back to the math path, which forms the N × N' softmax. Zero channels make the widths equal and change
         # nothing: q·k is unchanged by zero columns, and a zero value column is a zero output column, sliced off
         # (measured here, N = 4096, E = 64 vs 32: ~4x faster than the fallback).
+        # it also needs unit-stride channels: a tokens view of a channels-first tensor (the Gaussian's raw X) is
+        # made contiguous once (q and k are then one tensor)
+        same = k is q
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+            k = q if same else k
+        k = k.contiguous() if k.stride(-1) != 1 else k
+        v = v.contiguous() if v.stride(-1) != 1 else v
         cv, ck = v.shape[-1], q.shape[-1]
         if cv < ck:
             v = F.pad(v, (0, ck - cv))
