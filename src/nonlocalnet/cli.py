@@ -30,7 +30,7 @@ from nonlocalnet.apps.demo import DEFAULT_RUNS, run_demo
 from nonlocalnet.apps.summary import summarize
 from nonlocalnet.apps.sweep import run_sweep
 from nonlocalnet.bench import run as run_bench
-from nonlocalnet.bench import run_naive
+from nonlocalnet.bench import run_naive, training_throughput
 from nonlocalnet.bench.naive import CASES as NAIVE_CASES
 from nonlocalnet.presets import PRESETS
 from nonlocalnet.runs import (
@@ -139,6 +139,11 @@ def cmd_summarize(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.throughput:
+        training_throughput(args.blocks or ["snl", "nl", "cc"], batch=args.batch or 128,
+                            size=(args.sizes or [32])[0], steps=args.repeats or 3, threads=(args.threads or [2])[0],
+                            json_path=args.json)
+        return 0
     if args.baseline == "naive":
         for case in args.cases or []:
             if case not in NAIVE_CASES:
@@ -366,6 +371,10 @@ def _add_bench(sub) -> None:
                         "selects every case of a preset")
     p.add_argument("--threads", nargs="+", type=_positive_int, default=None,
                    help="with --baseline naive: intra-op thread counts, each set explicitly (default 1 2)")
+    p.add_argument("--throughput", action="store_true",
+                   help="training images/s of PreResNet-56 with one block (--blocks, default snl nl cc) after stage 1, "
+                        "auto vs the dense backend vs the naive formulation, interleaved SGD steps (--batch, default "
+                        "128; --sizes: image side, default 32; --repeats: steps, default 3; --threads: first value)")
     p.add_argument("--channels-last", action="store_true",
                    help="with --baseline naive: give both a channels_last input")
     p.set_defaults(func=cmd_bench)

@@ -22,6 +22,7 @@ import torch
 
 from nonlocalnet.blocks import project
 from nonlocalnet.kernels import valid_backends
+from nonlocalnet.models import build_model, insert_blocks
 from nonlocalnet.presets import PRESETS, build_block, resolve_options
 from nonlocalnet.profiling import median_time, peak_memory
 
@@ -31,7 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 
 __all__ = ["CORE", "QUICK", "NaiveRow", "Row", "backends_for", "interleaved_medians", "projection_floor", "run",
-           "run_case", "run_naive", "run_naive_case"]
+           "run_case", "run_naive", "run_naive_case", "training_throughput"]
 
 
 def backends_for(name: str, **options) -> list[str]:
@@ -376,3 +377,68 @@ def run_naive(*, cases: list[str] | None = None, blocks: list[str] | None = None
         with open(json_path, "w") as fh:
             json.dump({"environment": env, "baseline": "naive", "rows": [asdict(r) for r in rows]}, fh, indent=1)
     return rows
+
+
+# --------------------------------------------------------------------------------------- training throughput
+class _Naive(torch.nn.Module):
+    """A block run by its naive formulation (:func:`naive.naive_forward`), its parameters shared."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return naive.naive_forward(self.block, x)
+
+
+def training_throughput(blocks: list[str] = ("snl", "nl", "cc"), *, arch: str = "preresnet56", batch: int = 128,
+                        size: int = 32, stage: int = 1, steps: int = 3, threads: int = 2,
+                        json_path: str | None = None) -> list[dict]:
+    """Training images/s of ``arch`` with one block after the last unit of ``stage``: the block's ``auto`` path
+    against the same network with the block on its ``dense`` backend and with the block's naive formulation
+    (the authors' NCHW code, :mod:`naive`). The three networks share one set of weights and one batch; their SGD
+    steps (forward, backward, update) are interleaved; median step time."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out = []
+    try:
+        for name in blocks:
+            opts = {"reduction": 8} if name == "cc" else {}
+            nets = {}
+            for variant in ("auto", "dense", "naive"):
+                torch.manual_seed(0)
+                net = build_model(arch, 10)
+                backend = "dense" if variant == "dense" else "auto"
+                insert_blocks(net, [{"stage": stage, "after_last": True, "block": name,
+                                     "options": dict(opts, backend=backend)}])
+                if variant == "naive":
+                    for mod in list(net.modules()):
+                        if hasattr(mod, "nonlocal_block"):
+                            mod.nonlocal_block = _Naive(mod.nonlocal_block)
+                nets[variant] = net.train()
+            x = torch.randn(batch, 3, size, size)
+            y = torch.randint(0, 10, (batch,))
+
+            def make(net, x=x, y=y):
+                opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+
+                def step():
+                    opt.zero_grad(set_to_none=True)
+                    torch.nn.functional.cross_entropy(net(x), y).backward()
+                    opt.step()
+                return step
+            t_auto, t_dense, t_naive = interleaved_medians([make(nets[v]) for v in ("auto", "dense", "naive")],
+                                                           steps)
+            row = {"block": name, "arch": arch, "batch": batch, "size": size, "stage": stage, "threads": threads,
+                   "auto_img_s": batch / t_auto, "dense_img_s": batch / t_dense, "naive_img_s": batch / t_naive,
+                   "auto_vs_dense": t_dense / t_auto, "auto_vs_naive": t_naive / t_auto}
+            out.append(row)
+            print(f"{name:5} {arch} B={batch} {size}x{size} stage {stage}, {threads} threads: auto "
+                  f"{row['auto_img_s']:7.1f} img/s, dense {row['dense_img_s']:7.1f}, naive {row['naive_img_s']:7.1f}"
+                  f"  auto/dense {row['auto_vs_dense']:.2f}x  auto/naive {row['auto_vs_naive']:.2f}x", flush=True)
+    finally:
+        torch.set_num_threads(saved)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump({"environment": environment(), "throughput": out}, fh, indent=1)
+    return out
