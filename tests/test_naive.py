@@ -10,6 +10,8 @@ import torch
 from _util import assert_close, randomize
 
 import nonlocalnet
+from nonlocalnet import reference as ref
+from nonlocalnet.bench import training_throughput
 from nonlocalnet.bench.naive import CASES, naive_forward
 from nonlocalnet.cli import main
 
@@ -69,3 +71,27 @@ def test_bench_naive_smoke(tmp_path, capfd):
     assert [r["case"] for r in rows] == ["nl", "cgnl", "cc"]
     assert all(r["ratio"] > 0 and r["threads"] == 1 for r in rows)
     assert "naive/ours" in capfd.readouterr().out
+
+
+@pytest.mark.parametrize("opts", [{"kernel": "gaussian"}, {"value_channels": 12}, {"key_channels": 3}])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sdpa_unequal_widths_match_reference(opts, channels_last):
+    """SDPA pads q/k or v with zero channels to one width (the fused kernel's condition): still exact."""
+    block = randomize(nonlocalnet.build_block("nl", 16, dim=2, backend="sdpa", **opts))
+    x = torch.randn(2, 16, 5, 6, dtype=torch.float64) * 0.3
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    assert_close(block(x), ref.forward(block, x.contiguous()))
+
+
+@pytest.mark.parametrize("name", ["cc", "cgnl", "snl", "gc"])
+def test_channels_last_output_keeps_its_layout(name):
+    block = nonlocalnet.build_block(name, 16, dim=2, **({"reduction": 2} if name == "cc" else {}))
+    x = torch.randn(2, 16, 6, 5).to(memory_format=torch.channels_last)
+    assert block(x).is_contiguous(memory_format=torch.channels_last)
+    assert block(x.contiguous()).is_contiguous()
+
+
+def test_training_throughput_smoke():
+    rows = training_throughput(["snl"], batch=2, size=8, steps=1, threads=1)
+    assert rows[0]["auto_img_s"] > 0 and rows[0]["auto_vs_naive"] > 0
