@@ -19,7 +19,13 @@ Tao et al. 2018, Eq. 8)::
 
 and, with ``recurrence = R`` (CCNet), the whole stage is applied ``R`` times with shared weights.
 All projections are 1×1 convolutions (their weights are stored as ``ConvNd`` so state dicts match
-convolutional code) applied to tokens ``(B, N, C)``; any ``dim`` in {1, 2, 3} works the same.
+convolutional code) applied as GEMMs; any ``dim`` in {1, 2, 3} works the same.
+
+Layout (docs/benchmarks.md, "naive baseline"): a block works on the ``(B, C, N)`` view of its input, never a tokens
+copy. The graph and the projections read its tokens view ``(B, N, C)`` in place (one GEMM per batch item, the
+transposed operand handled by BLAS); the output maps are GEMMs ``W Tᵀ`` landing channels-first, so BatchNorm /
+GroupNorm run on their native ``(B, C, L)`` layout and the residual is added there (γ·F fused by ``addcmul``). A
+channels_last input is the transposed case: everything stays tokens-major, and the output is channels_last.
 """
 
 from __future__ import annotations
@@ -372,8 +378,8 @@ class NonlocalUnit(nn.Module):
 
 
 def to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """``(B, C, *S) -> (B, N, C)``, contiguous: one copy for NCHW inputs (otherwise every projection would
-    copy the strided view again), free for channels_last inputs."""
+    """``(B, C, *S) -> (B, N, C)``, contiguous: one copy for NCHW inputs, free for channels_last inputs (for
+    analysis and :meth:`NonlocalUnit.forward`; the block's own forward works on the channels-first view)."""
     return aff.movedim(x, 1, -1).reshape(x.shape[0], -1, x.shape[1]).contiguous()
 
 
