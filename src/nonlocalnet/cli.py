@@ -157,7 +157,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     run_bench(quick=args.quick, blocks=["all"] if args.all_blocks else args.blocks, backends=args.backends,
               sizes=args.sizes, video=args.video, batch=args.batch, channels=args.channels, modes=args.modes,
               dtypes=args.dtype, repeats=args.repeats, device=args.device, dense_cap_gib=args.dense_cap_gib,
-              floor=args.floor, json_path=args.json, plot=args.plot)
+              floor=args.floor, compile_floor=args.compile_floor, json_path=args.json, plot=args.plot)
     return 0
 
 
@@ -360,6 +360,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--dense-cap-gib", type=float, default=6.0, help="skip dense runs needing more than this")
     p.add_argument("--floor", action="store_true",
                    help="also measure each block's forward time against its own 1x1 projections (largest size)")
+    p.add_argument("--compile-floor", action="store_true",
+                   help="with --floor: also the floor of the torch.compile'd block (inductor)")
     p.add_argument("--json", default=None, help="write the rows and the environment to this JSON file")
     p.add_argument("--plot", default=None, help="write a log-log plot of time vs N (PNG) to this file")
     p.add_argument("--baseline", choices=["dense", "naive"], default="dense",

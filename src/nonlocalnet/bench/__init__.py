@@ -100,7 +100,7 @@ def run_case(name: str, backend: str, shape: tuple[int, ...], mode: str, dtype: 
 
 
 def projection_floor(name: str, shape: tuple[int, ...], device: torch.device, repeats: int,
-                     options: dict | None = None) -> dict:
+                     options: dict | None = None, compile: bool = False) -> dict:
     """The physical floor: a block's forward time against the time of its own 1×1 projections alone
     (θ, φ, g, W_t — the GEMMs no formulation avoids), measured side by side on the same tokens."""
     b, c = shape[:2]
@@ -112,15 +112,16 @@ def projection_floor(name: str, shape: tuple[int, ...], device: torch.device, re
     x = torch.randn(shape, device=device)
     convs = [m for m in block.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))]
     tokens = {cin: torch.randn(b, n, cin, device=device) for cin in {m.in_channels for m in convs}}
+    run_block = torch.compile(block) if compile else block
     def projections():
         for m in convs:
             project(m, tokens[m.in_channels])
 
     with torch.no_grad():
-        t_block = median_time(lambda: block(x), device, repeats)
-        t_proj = median_time(projections, device, repeats)
+        t_block, t_proj = interleaved_medians([lambda: run_block(x), projections], repeats, warmup=2)
         taken = block.build_graph(x).backend
-    return {"block": name, "shape": "x".join(map(str, shape)), "path": taken, "block_ms": 1e3 * t_block,
+    return {"block": name, "shape": "x".join(map(str, shape)), "path": taken, "compiled": compile,
+            "block_ms": 1e3 * t_block,
             "projections_ms": 1e3 * t_proj, "ratio": t_block / t_proj}
 
 
@@ -186,6 +187,7 @@ def run(*, quick: bool = False, blocks: list[str] | None = None, backends: list[
         sizes: list[int] | None = None, video: list[tuple[int, int, int]] = (), batch: int | None = None,
         channels: int | None = None, modes: list[str] | None = None, dtypes: list[str] = ("float32",),
         repeats: int | None = None, device: str = "cpu", dense_cap_gib: float = 6.0, floor: bool = False,
+        compile_floor: bool = False,
         json_path: str | None = None, plot: str | None = None) -> list[Row]:
     """Measure, print the table (stdout) and progress (stderr); optionally write JSON and a log-log plot.
 
@@ -226,10 +228,11 @@ def run(*, quick: bool = False, blocks: list[str] | None = None, backends: list[
         print("\n# physical floor: block forward time / time of its own 1x1 projections")
         for name in blocks:
             opts = {"reduction": 8} if name == "cc" else {}
-            f = projection_floor(name, shapes[len(sizes) - 1], dev, repeats, opts)
-            floors.append(f)
-            print(f"{f['block']:6} {f['path']:10} {f['shape']:16} block {f['block_ms']:9.2f} ms  "
-                  f"projections {f['projections_ms']:8.2f} ms  ratio {f['ratio']:5.2f}")
+            for comp in (False, True) if compile_floor else (False,):
+                f = projection_floor(name, shapes[len(sizes) - 1], dev, repeats, opts, compile=comp)
+                floors.append(f)
+                print(f"{f['block']:6} {f['path']:10} {f['shape']:16} {'compiled' if comp else 'eager':8} block "
+                      f"{f['block_ms']:9.2f} ms  projections {f['projections_ms']:8.2f} ms  ratio {f['ratio']:5.2f}")
     if plot:
         plot_loglog(rows, plot)
     if json_path:
