@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from . import affinity as aff
 from .filters import apply_filter
+from .spectral_filters import SpectralFilter
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -159,14 +160,17 @@ class NonlocalUnit(nn.Module):
     """One unit: ``Y = X + out( Σ_t B_t(A) Z W_t )`` with ``Z = g(X)`` (filters.py for ``B_t``).
 
     Parameters: ``g`` (1×1 conv ``C → C_v``), ``w`` (one 1×1 conv ``C_v → C`` per filter term; empty
-    when ``out_proj=False``, as in CC where ``F = A Z``), ``norm`` (:class:`OutNorm`).
+    when ``out_proj=False``, as in CC where ``F = A Z``), ``norm`` (:class:`OutNorm`) and, for the
+    non-polynomial filters (heat, Cayley, wavelet), ``spectral`` (:class:`~nonlocalnet.spectral_filters.SpectralFilter`,
+    which then computes the terms; ``coef`` only gives their number).
     """
 
     def __init__(self, in_channels: int, value_channels: int, coef: torch.Tensor, *, dim: int, bias: bool,
                  out_norm: str, zero_init: bool, norm_groups: int = 1, out_proj: bool = True,
-                 proj_groups: int = 1, sub_sample: bool = False):
+                 proj_groups: int = 1, sub_sample: bool = False, spectral: SpectralFilter | None = None):
         super().__init__()
         self.sub_sample = sub_sample
+        self.spectral = spectral
         self.g = conv1x1(dim, in_channels, value_channels, bias)
         self.w = nn.ModuleList(
             [conv1x1(dim, value_channels, in_channels, bias, groups=proj_groups) for _ in range(len(coef))]
@@ -178,6 +182,8 @@ class NonlocalUnit(nn.Module):
 
     def filter_terms(self, x: torch.Tensor, graph: aff.Graph, spatial: tuple[int, ...]) -> list[torch.Tensor]:
         z = project(self.g, x)
+        if self.spectral is not None:
+            return self.spectral(graph, z)
         z_keys = aff.pool_tokens(z, spatial) if self.sub_sample else None
         return apply_filter(graph.matmul, z, self.coef_rows, z_keys)
 
