@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import affinity as aff
-from .filters import apply_filter
+from .filters import apply_filter, polynomial_responses
 from .spectral_filters import SpectralFilter
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -186,6 +186,16 @@ class NonlocalUnit(nn.Module):
             return self.spectral(graph, z)
         z_keys = aff.pool_tokens(z, spatial) if self.sub_sample else None
         return apply_filter(graph.matmul, z, self.coef_rows, z_keys)
+
+    def responses(self, lam: torch.Tensor) -> torch.Tensor:
+        """The frequency response of each term, ``B_t(λ)`` ``(T, len(λ))`` at eigenvalues ``λ`` of ``A``."""
+        if self.spectral is not None:
+            return self.spectral.responses(torch.as_tensor(lam, dtype=self.spectral.log_scales.dtype))
+        return polynomial_responses(self.coef.double(), torch.as_tensor(lam, dtype=torch.float64))
+
+    def term_labels(self) -> list[str] | None:
+        """Names of the terms of a spectral filter (``None`` for the polynomial ones: see ``coef``)."""
+        return None if self.spectral is None else self.spectral.labels()
 
     def response(self, x: torch.Tensor, graph: aff.Graph, spatial: tuple[int, ...]) -> torch.Tensor:
         """``F(A, Z)`` before the output norm."""
