@@ -185,7 +185,7 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
         o["order"] = check_order(o["filter"], o["order"])
         o["spectral_path"] = "auto" if o["spectral_path"] is None else o["spectral_path"]
         _choice("spectral_path", o["spectral_path"], PATHS)
-        k = 12 if o["approx_order"] is None else o["approx_order"]
+        k = 24 if o["approx_order"] is None else o["approx_order"]
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"approx_order: expected an int >= 0 (Chebyshev order K of the approximation), got {k!r}")
         o["approx_order"] = k

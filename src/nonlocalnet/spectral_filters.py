@@ -141,7 +141,7 @@ def exact_available(graph: Graph) -> bool:
 
 
 def filter_terms(name: str, order: int, scales: torch.Tensor, graph: Graph, z: torch.Tensor, path: str = "auto",
-                 approx_order: int = 12) -> list[torch.Tensor]:
+                 approx_order: int = 24) -> list[torch.Tensor]:
     """``[B_t(A) Z]`` for every term: exact on factorizable graphs, else the Chebyshev expansion of order
     ``approx_order`` (``path`` forces one: ``exact`` raises where it does not apply)."""
     exact = exact_available(graph)
@@ -163,7 +163,7 @@ class SpectralFilter(nn.Module):
     ``approx_order``: the Chebyshev order ``K`` of the approximation.
     """
 
-    def __init__(self, name: str, order: int, path: str = "auto", approx_order: int = 12):
+    def __init__(self, name: str, order: int, path: str = "auto", approx_order: int = 24):
         super().__init__()
         self.name, self.order, self.path, self.approx_order = name, order, path, approx_order
         self.log_scales = nn.Parameter(initial_scales(name, order).log())
