@@ -149,8 +149,10 @@ def filter_terms(name: str, order: int, scales: torch.Tensor, graph: Graph, z: t
         raise ValueError(f"spectral_path='exact' needs a factorizable square graph (kernel dot_product, relu_dot or "
                          f"double_attention on the lowrank backend), got the {graph.backend!r} backend")
     if exact and path != "chebyshev":
-        s = sp.core_matrix(graph.u, graph.v)
-        return sp.apply(graph.u, graph.v, elements(name, order, scales, s), z)
+        with torch.autocast(z.device.type if z.device.type in ("cuda", "cpu") else "cpu", enabled=False):
+            s = sp.core_matrix(graph.u, graph.v)  # the r x r algebra in float64, never under autocast
+            els = elements(name, order, scales, s)
+        return sp.apply(graph.u, graph.v, els, z)
     coef = chebyshev_coefficients(name, order, scales.to(torch.float64), approx_order).to(z.dtype)
     basis = torch.stack(chebyshev_terms(graph.matmul, z, approx_order), 0)
     return list(torch.einsum("tk,k...->t...", coef, basis).unbind(0))
