@@ -1,0 +1,116 @@
+"""Benchmark of the spectral filters: the exact ``r × r`` path against Chebyshev filters of order 2/4/8 and
+against the dense eigendecomposition, side by side in one run (docs/benchmarks.md, "Spectral filters").
+
+``python -m nonlocalnet.bench.spectral [--sizes 32 64 96] [--batch 1] [--channels 64]``. For each size
+``N = s²`` it times (median) and measures the peak memory of, forward only, on one SNL graph
+(``relu_dot`` + ``symmetric``, ``C_s = C/2``, rank ``r = 2 C_s``):
+
+- ``graph``: the affinity operator alone (projections, degrees) — common to every row below;
+- ``<filter> exact``: the whole block with the exact ``r × r`` path (heat, Cayley, wavelet at their preset
+  orders);
+- ``cheby K``: the Chebyshev block of order ``K`` (``K`` products with ``A``) on the low-rank graph;
+- ``<filter> cheb-approx K``: the same spectral filter through its Chebyshev expansion of order ``K``;
+- ``heat dense eigh``: the dense ``A`` (``N × N``), ``torch.linalg.eigh``, ``V f(Λ) Vᵀ Z`` — the textbook
+  way; skipped above ``--eigh-max`` nodes;
+- ``spectrum core`` / ``spectrum dense``: all eigenvalues of ``A`` through the core vs ``eigvalsh`` of the
+  dense ``A`` (what ``analyze filter`` needs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+import nonlocalnet
+from nonlocalnet import spectral as sp
+from nonlocalnet.bench import environment, median_time, peak_memory
+
+
+def _cases(block_args: dict, x: torch.Tensor, eigh_max: int):
+    c = x.shape[1]
+    n = x[0, 0].numel()
+    snl = nonlocalnet.build_block("snl", c, **block_args).eval()
+    graph = snl.build_graph(x)
+    yield "graph", lambda: snl.build_graph(x)
+    for name in ("heat", "cayley", "wavelet"):
+        b = nonlocalnet.build_block(name, c, **block_args).eval()
+        b.edges.load_state_dict(snl.edges.state_dict())
+        yield f"{name} exact", lambda b=b: b(x)
+    for k in (2, 4, 8):
+        b = nonlocalnet.build_block("cheby", c, order=k, **block_args).eval()
+        b.edges.load_state_dict(snl.edges.state_dict())
+        yield f"cheby {k}", lambda b=b: b(x)
+    for k in (8, 16):
+        b = nonlocalnet.build_block("heat", c, spectral_path="chebyshev", approx_order=k, **block_args).eval()
+        b.edges.load_state_dict(snl.edges.state_dict())
+        yield f"heat cheb-approx {k}", lambda b=b: b(x)
+    u = graph.u
+
+    def spectrum_core():
+        g = snl.build_graph(x)
+        return sp.eigenvalues(g.u, g.v, symmetric=True)
+
+    yield "spectrum core", spectrum_core
+    if n <= eigh_max:
+        heat = nonlocalnet.build_block("heat", c, **block_args).eval()
+        heat.edges.load_state_dict(snl.edges.state_dict())
+        unit = heat.units[0]
+        t = unit.spectral.scales()
+
+        def dense_eigh():
+            tok = x.flatten(2).transpose(1, 2)
+            a = snl.build_graph(x).dense()
+            lam, vec = torch.linalg.eigh(a)
+            z = tok @ unit.g.weight.flatten(1).T
+            proj = vec.transpose(1, 2) @ z
+            terms = [z] + [vec @ (torch.exp(-tj * (1 - lam)).unsqueeze(-1) * proj) for tj in t]
+            return sum(term @ w.weight.flatten(1).T for term, w in zip(terms, unit.w))
+
+        yield "heat dense eigh", dense_eigh
+        yield "spectrum dense", lambda: torch.linalg.eigvalsh(snl.build_graph(x).dense())
+    del u
+
+
+def run(sizes, batch: int, channels: int, repeats: int, eigh_max: int, threads: int | None = None) -> list[dict]:
+    if threads:
+        torch.set_num_threads(threads)
+    rows = []
+    device = torch.device("cpu")
+    for s in sizes:
+        torch.manual_seed(0)
+        x = torch.randn(batch, channels, s, s)
+        with torch.no_grad():
+            for label, fn in _cases({}, x, eigh_max):
+                reps = 1 if "dense" in label and s * s > 2048 else repeats
+                t = median_time(fn, device, reps, warmup=0 if reps == 1 else 1)
+                mem = peak_memory(fn, device) if not ("dense" in label and s * s > 4096) else None
+                row = {"N": s * s, "side": s, "case": label, "ms": 1e3 * t,
+                       "peak_mib": None if mem is None else mem / 2**20}
+                rows.append(row)
+                print(f"N={s}x{s:<3} {label:<22} {row['ms']:10.1f} ms  "
+                      f"{'-' if mem is None else f'{mem / 2**20:9.1f}'} MiB", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m nonlocalnet.bench.spectral", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 96], help="spatial sides s (N = s²)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--channels", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--eigh-max", type=int, default=96 * 96, help="largest N for the dense eigh rows")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="write the rows and the environment here")
+    args = p.parse_args(argv)
+    rows = run(args.sizes, args.batch, args.channels, args.repeats, args.eigh_max, args.threads)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(), "args": vars(args), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
