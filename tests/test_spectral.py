@@ -253,6 +253,17 @@ def test_exact_spectrum_from_the_core():
                 assert max(abs(x - y) for x, y in zip(got, want)) < 1e-10
 
 
+def test_graph_spectrum():
+    block = randomize(nonlocalnet.build_block("snl", 8, dim=2))
+    x = _x((2, 8, 5, 6))
+    lam, real = sp.spectrum(block.build_graph(x))
+    assert real and lam.shape == (2, 30)
+    assert torch.allclose(lam, torch.linalg.eigvalsh(ref.affinity(block, x)), atol=1e-12)
+    dense = nonlocalnet.build_block("snl", 8, dim=2, backend="dense").double()
+    with pytest.raises(ValueError, match="factorizable"):
+        sp.spectrum(dense.build_graph(x))
+
+
 @pytest.mark.parametrize("name", SPECTRAL + ("snl", "gsnl", "cheby", "ns"))
 def test_responses_are_the_gain_on_eigenvectors(name):
     """For every filter, B_t(A) u = B_t(λ) u on each eigenvector u of the symmetric A."""

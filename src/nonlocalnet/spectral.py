@@ -180,3 +180,15 @@ def eigenvalues(u: torch.Tensor, v: torch.Tensor, symmetric: bool = False) -> to
     lam = torch.linalg.eigvals(vv.transpose(1, 2) @ uu)
     zeros = torch.zeros(u.shape[0], n - r, dtype=lam.dtype, device=lam.device)
     return torch.cat([lam, zeros], 1)
+
+
+def spectrum(graph) -> tuple[torch.Tensor, bool]:
+    """All eigenvalues of a factorizable square graph's ``A`` (``(B, N)``) and whether they are real (the
+    symmetric normalization), through the core: ``O(N r² + r³)``, no ``N × N`` matrix."""
+    from .affinity import LowRankGraph
+
+    if not isinstance(graph, LowRankGraph) or not graph.square:
+        raise ValueError(f"graph: the core spectrum needs a factorizable square graph (LowRankGraph, N' = N), got "
+                         f"{type(graph).__name__} with backend {graph.backend!r}")
+    sym = graph.normalization == "symmetric"
+    return eigenvalues(graph.u, graph.v, symmetric=sym), sym

@@ -14,19 +14,35 @@ against the dense eigendecomposition, side by side in one run (docs/benchmarks.m
   way; skipped above ``--eigh-max`` nodes;
 - ``spectrum core`` / ``spectrum dense``: all eigenvalues of ``A`` through the core vs ``eigvalsh`` of the
   dense ``A`` (what ``analyze filter`` needs).
+
+Times: median and minimum over ``--repeats`` calls (the minimum is the robust figure on a shared machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 
 import torch
 
 import nonlocalnet
 from nonlocalnet import spectral as sp
-from nonlocalnet.bench import environment, median_time, peak_memory
+from nonlocalnet.bench import environment, peak_memory
+
+
+def times(fn, repeats: int, warmup: int = 1) -> list[float]:
+    """Wall times of ``repeats`` calls (CPU), after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
 
 
 def _cases(block_args: dict, x: torch.Tensor, eigh_max: int):
@@ -78,19 +94,19 @@ def run(sizes, batch: int, channels: int, repeats: int, eigh_max: int, threads: 
     if threads:
         torch.set_num_threads(threads)
     rows = []
-    device = torch.device("cpu")
+    device = torch.device("cpu")  # peak_memory's device
     for s in sizes:
         torch.manual_seed(0)
         x = torch.randn(batch, channels, s, s)
         with torch.no_grad():
             for label, fn in _cases({}, x, eigh_max):
                 reps = 1 if "dense" in label and s * s > 2048 else repeats
-                t = median_time(fn, device, reps, warmup=0 if reps == 1 else 1)
+                ts = times(fn, reps, warmup=0 if reps == 1 else 1)
                 mem = peak_memory(fn, device) if not ("dense" in label and s * s > 4096) else None
-                row = {"N": s * s, "side": s, "case": label, "ms": 1e3 * t,
-                       "peak_mib": None if mem is None else mem / 2**20}
+                row = {"N": s * s, "side": s, "case": label, "ms": 1e3 * statistics.median(ts),
+                       "min_ms": 1e3 * min(ts), "repeats": reps, "peak_mib": None if mem is None else mem / 2**20}
                 rows.append(row)
-                print(f"N={s}x{s:<3} {label:<22} {row['ms']:10.1f} ms  "
+                print(f"N={s}x{s:<3} {label:<22} median {row['ms']:10.1f} ms  min {row['min_ms']:10.1f} ms  "
                       f"{'-' if mem is None else f'{mem / 2**20:9.1f}'} MiB", flush=True)
     return rows
 
