@@ -30,10 +30,11 @@ from nonlocalnet.analysis import (
     run_spectrum,
     write_report,
 )
-from nonlocalnet.analysis.cost import count_flops
 from nonlocalnet.cli import main as cli_main
 from nonlocalnet.models import get_module
-from nonlocalnet.train import build_model_from_config, config_from_dict, dump_config, save_weights, train
+from nonlocalnet.profiling import count_flops
+from nonlocalnet.runs import build_model_from_config, config_from_dict, dump_config, save_weights
+from nonlocalnet.train import train
 
 TINY = {
     "data": {"name": "demo", "size": 16, "options": {"train_size": 64, "test_size": 32}},
@@ -71,7 +72,7 @@ def _checkpoint(tmp: Path, raw: dict, num_classes: int = 2, seed: int = 0) -> Pa
     tmp.mkdir(parents=True, exist_ok=True)
     cfg = config_from_dict({**raw, "run": {"device": "cpu", "out": str(tmp)}})
     torch.manual_seed(seed)
-    model = build_model_from_config(cfg, num_classes, load_pretrained=False)
+    model = build_model_from_config(cfg, num_classes, load_pretrained_weights=False)
     with torch.no_grad():  # non-trivial output norms (zero-init BN / gamma would hide the blocks)
         for name, p in model.named_parameters():
             if "nonlocal_block" in name and ("norm" in name):

@@ -10,22 +10,13 @@ from _util import assert_close, randomize
 
 import nonlocalnet
 from nonlocalnet import reference as ref
-from nonlocalnet.affinity import EXP_KERNELS, LOWRANK_KERNELS
+from nonlocalnet.kernels import KERNELS, valid_backends, valid_normalizations
 
 SHAPES = {1: (2, 8, 7), 2: (2, 8, 5, 4), 3: (2, 8, 3, 4, 3)}
 
 
 def backends_of(name: str, kernel: str, normalization: str) -> list[str]:
-    if name == "cc":
-        return ["auto", "dense", "chunked"]
-    if name == "cgnl":
-        return ["auto", "dense", "lowrank"]
-    out = ["auto", "dense", "chunked"]
-    if kernel in LOWRANK_KERNELS:
-        out.append("lowrank")
-    if kernel in EXP_KERNELS and normalization in ("softmax", "row"):
-        out.append("sdpa")
-    return out
+    return list(valid_backends(kernel, normalization, nonlocalnet.PRESETS[name].mode))
 
 
 # the spectral filters (heat, cayley, wavelet) have their own suite: tests/test_spectral.py
@@ -52,12 +43,7 @@ def test_preset_matches_reference(name, dim, backend, training):
         assert_close(block.affinity(x), ref.affinity(block, x))
 
 
-KERNEL_NORMS = [
-    (k, n)
-    for k in ("embedded_gaussian", "gaussian", "dot_product", "relu_dot", "concatenation", "double_attention")
-    for n in ("softmax", "count", "row", "symmetric", "none")
-    if not (n == "softmax" and k not in EXP_KERNELS)
-]
+KERNEL_NORMS = [(k, n) for k in KERNELS for n in valid_normalizations(k)]
 
 
 # symmetric + sub_sample is rejected at build time (tests/test_errors.py), so it is not a case here

@@ -62,7 +62,11 @@ def test_cheby_order_1_is_snl():
 
 
 def test_gsnl_matches_eq10():
-    """Y = X + relu(BN(Z W_1 + A Z W_2 + (2A - I) Z W_3)) (seed 002 Eq. 10, authors' output norm)."""
+    """Y = X + relu(BN(Z W_1 + A Z W_2 + (2A - I) Z W_3)), authors' output norm.
+
+    Eq. 10 of Zhu, She, Zhang, Guo, "A Spectral Nonlocal Block for Neural Networks", ICLR 2020 submission
+    (OpenReview rkgb9kSKwS).
+    """
     block = randomize(nonlocalnet.build_block("gsnl", 8)).eval()
     x = torch.randn(2, 8, 4, 5, dtype=torch.float64)
     a = block.affinity(x)

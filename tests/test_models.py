@@ -370,3 +370,25 @@ def test_real_build_block():
     assert block.in_channels == 32 and block.dim == 2
     with torch.no_grad():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_strip_blocks_gives_the_backbone_back():
+    from nonlocalnet.models import build_model, insert_blocks, strip_blocks
+
+    torch.manual_seed(0)
+    net = build_model("preresnet20", num_classes=10)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    insert_blocks(net, [{"stage": 1, "after_block": 2, "block": "snl"}, {"stage": 2, "after_block": 1, "block": "nl",
+                                                                       "count": 2}], input_shape=(3, 32, 32))
+    insert_blocks(net, [{"stage": 1, "after_block": 2, "block": "ns"}], input_shape=(3, 32, 32))  # nested wrapper
+    bare = strip_blocks(net)
+    assert set(bare.state_dict()) == set(before)
+    assert all(torch.equal(bare.state_dict()[k], v) for k, v in before.items())
+    assert sum(p.numel() for p in bare.parameters()) == sum(v.numel() for k, v in before.items()
+                                                           if not k.endswith(("running_mean", "running_var",
+                                                                              "num_batches_tracked")))
+    assert len([m for m in net.modules() if type(m).__name__ == "NonlocalBlock"]) == 4  # net itself untouched
+    x = torch.randn(2, 3, 32, 32)
+    ref = build_model("preresnet20", num_classes=10)
+    ref.load_state_dict(before)
+    assert torch.allclose(bare.eval()(x), ref.eval()(x))

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from nonlocalnet.train import (
+from nonlocalnet.runs import (
     CheckpointError,
     Config,
     ConfigError,
@@ -25,9 +25,9 @@ from nonlocalnet.train import (
     config_from_dict,
     dump_config,
     load_config,
-    lr_factor,
     read_metadata,
 )
+from nonlocalnet.train import build_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -50,7 +50,7 @@ def _env() -> dict[str, str]:
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nonlocalnet.cli_train", *args], env=_env(), cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "nonlocalnet", *args], env=_env(), cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -94,7 +94,7 @@ def test_unknown_key_lists_valid_keys():
     ({"train": {"milestones": [10, 5]}}, "increasing"),
     ({"model": {"blocks": [{"block": "nl"}]}}, "exactly one of 'at', 'stage', 'res'"),
     ({"model": {"blocks": [{"stage": 1, "after_block": 2, "before_last": True}]}}, "at most one"),
-    ({"model": {"blocks": [{"at": "stage1.1", "units": 0}]}}, "'units' must be >= 1"),
+    ({"model": {"blocks": [{"at": "stage1.1", "units": 0}]}}, "'units' must be an integer >= 1"),
     ({"model": {"blocks": {"stage": 1}}}, "model.blocks: expected a list"),
 ])
 def test_invalid_values(raw, match):
@@ -125,14 +125,26 @@ def test_overrides_and_base(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def _lr_factors(t: TrainConfig, steps_per_epoch: int, steps: int) -> list[float]:
+    """The learning rate of each optimizer step, as a multiple of train.lr, from the real scheduler."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=t.lr)
+    sched = build_scheduler(opt, steps_per_epoch, t)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"] / t.lr)
+        opt.step()
+        sched.step()
+    return out
+
+
 def test_lr_schedule():
     t = TrainConfig(epochs=10, lr=0.1, milestones=[3, 6], gamma=0.1, warmup_epochs=1)
-    f = [lr_factor(s, 4, t) for s in range(40)]
-    assert f[:4] == [0.25, 0.5, 0.75, 1.0]  # per-step linear warmup over one epoch
-    assert f[4:12] == [1.0] * 8 and all(math.isclose(v, 0.1) for v in f[12:24])
+    f = _lr_factors(t, 4, 40)
+    assert all(math.isclose(a, b) for a, b in zip(f[:4], [0.25, 0.5, 0.75, 1.0]))  # per-step linear warmup
+    assert all(math.isclose(v, 1.0) for v in f[4:12]) and all(math.isclose(v, 0.1) for v in f[12:24])
     assert all(math.isclose(v, 0.01) for v in f[24:])
     c = TrainConfig(epochs=10, lr=0.1, schedule="cosine", milestones=[], min_lr=0.001)
-    g = [lr_factor(s, 10, c) for s in range(100)]
+    g = _lr_factors(c, 10, 100)
     assert g[0] == 1.0 and all(a >= b for a, b in zip(g, g[1:])) and math.isclose(g[50], (1 + 0.01) / 2)
 
 
@@ -207,7 +219,7 @@ def test_train_and_eval(tmp_path, capsys):
     state = torch.load(out / "last.state.pt", weights_only=True)
     assert state["epoch"] == 2 and state["step"] == 8 and "optimizer" in state and "rng" in state
 
-    from nonlocalnet.cli_train import main
+    from nonlocalnet.cli import main
 
     assert main(["eval", str(out / "last.safetensors")]) == 0
     res = json.loads(capsys.readouterr().out)
@@ -243,7 +255,7 @@ def test_train_and_eval(tmp_path, capsys):
 
 
 def test_eval_errors_name_the_file(tmp_path, capsys):
-    from nonlocalnet.cli_train import main
+    from nonlocalnet.cli import main
 
     missing = tmp_path / "nothing.safetensors"
     assert main(["eval", str(missing)]) == 2
@@ -258,7 +270,7 @@ def test_eval_errors_name_the_file(tmp_path, capsys):
 
 
 def test_cli_config_errors(tmp_path, capsys):
-    from nonlocalnet.cli_train import main
+    from nonlocalnet.cli import main
 
     cfg = _write(tmp_path / "tiny.yaml", TINY)
     assert main(["train", str(cfg), "--set", "train.bogus=1"]) == 2
@@ -282,7 +294,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     r = _cli("train", str(cfg), "--set", f"run.out={full}")
     assert r.returncode == 0, r.stderr
 
-    proc = subprocess.Popen([sys.executable, "-m", "nonlocalnet.cli_train", "train", str(cfg), "--set",
+    proc = subprocess.Popen([sys.executable, "-m", "nonlocalnet", "train", str(cfg), "--set",
                              f"run.out={killed}"], env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     metrics = killed / "metrics.jsonl"
@@ -337,7 +349,7 @@ def test_two_process_ddp_gloo(tmp_path):
     cfg = _write(tmp_path / "tiny.yaml", TINY)
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "nonlocalnet.cli_train", "train", str(cfg), "--set", f"run.out={out}"]
+           "-m", "nonlocalnet", "train", str(cfg), "--set", f"run.out={out}"]
     r = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "world size 2" in r.stderr

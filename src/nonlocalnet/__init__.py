@@ -1,4 +1,11 @@
-"""nonlocalnet: nonlocal neural networks in PyTorch, every block as a graph filter (seed 003).
+"""nonlocalnet: nonlocal neural networks in PyTorch, every block as a graph filter.
+
+The graph-filter view is that of L. Zhu et al., "Unifying Nonlocal Blocks for Neural Networks", ICCV 2021
+(arXiv:2108.02451). The blocks come from X. Wang, R. Girshick, A. Gupta, K. He, "Non-local Neural Networks",
+CVPR 2018 (arXiv:1711.07971); Y. Tao, Q. Sun, Q. Du, W. Liu, "Nonlocal Neural Networks, Nonlocal Diffusion
+and Nonlocal Modeling", NeurIPS 2018 (arXiv:1806.00681); L. Zhu, Q. She, L. Zhang, P. Guo, "A Spectral
+Nonlocal Block for Neural Networks", ICLR 2020 submission (OpenReview rkgb9kSKwS); and Zhu et al. 2021 (ICCV).
+``nonlocalnet.list_blocks()`` and ``nonlocalnet.PRESETS[name].reference`` give the paper of each block.
 
 >>> import torch, nonlocalnet
 >>> block = nonlocalnet.build_block("snl", 64)

@@ -1,9 +1,11 @@
 """Step 1 of every nonlocal block: the affinity ``A`` (the graph), as an operator.
 
 A kernel gives ``M`` (per batch item, ``N × N'``), a normalization turns it into ``A``
-(framework.md "Step 1"; seed 002 Eq. 2, seed 003 Eq. 5). Blocks never ask for ``A`` itself:
-they ask for products ``A @ V`` with ``V`` of shape ``(B, N', c)``. Each backend answers that
-product differently, all exactly:
+(framework.md "Step 1"; Eq. 2 of L. Zhu, Q. She, L. Zhang, P. Guo, "A Spectral Nonlocal Block for Neural
+Networks", ICLR 2020 submission, OpenReview rkgb9kSKwS; Eq. 5 of L. Zhu et al., "Unifying Nonlocal Blocks for
+Neural Networks", ICCV 2021, arXiv:2108.02451, numbered as in its submitted version; "Zhu et al. 2021 (ICCV)"
+below). Blocks never ask for ``A`` itself: they ask for products ``A @ V`` with ``V`` of shape ``(B, N', c)``.
+Each backend answers that product differently, all exactly:
 
 - :class:`LowRankGraph` — ``M = P Qᵀ`` (``dot_product``, ``relu_dot``, A²'s double attention):
   ``A V`` in ``O(N·r·c)``, no ``N × N'`` tensor (framework.md "Low rank").
@@ -28,11 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-KERNELS = ("embedded_gaussian", "gaussian", "dot_product", "relu_dot", "concatenation", "double_attention")
-EXP_KERNELS = ("embedded_gaussian", "gaussian")
-LOWRANK_KERNELS = ("dot_product", "relu_dot", "double_attention")
-NORMALIZATIONS = ("softmax", "count", "row", "symmetric", "none")
-BACKENDS = ("auto", "dense", "lowrank", "sdpa", "chunked")
+from .kernels import KERNELS
 
 MiB = 2**20
 
@@ -312,7 +310,7 @@ class SDPAGraph(Graph):
 
 
 class CrissCrossGraph(Graph):
-    """Criss-cross attention (Huang et al. 2019; seed 003 §B.5): softmax of ``q_i·k_j`` over the
+    """Criss-cross attention (Huang et al. 2019; Zhu et al. 2021 (ICCV), §B.5): softmax of ``q_i·k_j`` over the
     positions ``j`` that differ from ``i`` in at most one coordinate, the query itself counted once.
 
     Generalized to any ``dim``: 1-D is global attention, 2-D is CCNet's row+column, 3-D adds the
@@ -367,7 +365,7 @@ class CrissCrossGraph(Graph):
 
 
 class ChannelGraph(Graph):
-    """CGNL's graph (Yue et al. 2018; seed 003 §B.4): nodes are (position, channel) pairs of each group,
+    """CGNL's graph (Yue et al. 2018; Zhu et al. 2021 (ICCV), §B.4): nodes are (position, channel) pairs of each group,
     ``y = Σ_p φ_p(t) · ⟨φ_p(p), g⟩`` with the inner product over all positions and channels of the group.
 
     ``dot_product``: one feature ``t`` itself. ``gaussian``: the RBF ``exp(-γ (t - p)²)`` expanded to
@@ -450,7 +448,7 @@ def chunk_rows(batch: int, n_keys: int, element_size: int, budget_bytes: int, te
 
 
 def choose_backend(kernel: str, normalization: str, batch: int, n: int, n_keys: int, element_size: int,
-                   budget_bytes: int, device_type: str, rank: int = 0) -> str:
+                   budget_bytes: int, rank: int = 0) -> str:
     """The exact path ``backend="auto"`` takes. Rule measured on 2 CPU cores (docs/benchmarks.md):
 
     - factorizable kernels (dot, relu-dot, double attention): ``lowrank``, except when the graph is
@@ -461,9 +459,10 @@ def choose_backend(kernel: str, normalization: str, batch: int, n: int, n_keys: 
     - the rest (concatenation, symmetric/none/count exp kernels): ``dense`` if it fits, else ``chunked``.
     """
     fits = batch * n * n_keys * element_size * 3 <= budget_bytes
-    if kernel in LOWRANK_KERNELS:
+    k = KERNELS[kernel]
+    if k.factorizable:
         return "dense" if fits and n_keys < rank else "lowrank"
-    if kernel in EXP_KERNELS and normalization in ("softmax", "row"):
+    if k.exp and normalization in ("softmax", "row"):
         return "sdpa"
     return "dense" if fits else "chunked"
 
@@ -480,14 +479,11 @@ def build_graph(kernel: str, normalization: str, backend: str, *, q: torch.Tenso
     if kernel == "concatenation":
         a, b = concat
         batch, n, n_keys, el = a.shape[0], a.shape[1], b.shape[1], a.element_size()
-        device_type = a.device.type
     else:
         batch, n, n_keys, el = q.shape[0], q.shape[1], k.shape[1], q.element_size()
-        device_type = q.device.type
     if backend == "auto":
         rank = 0 if q is None else q.shape[-1] * (2 if normalization == "symmetric" else 1)
-        backend = choose_backend(kernel, normalization, batch, n, n_keys, max(el, 4), budget_bytes, device_type,
-                                 rank)
+        backend = choose_backend(kernel, normalization, batch, n, n_keys, max(el, 4), budget_bytes, rank)
     if backend == "lowrank":
         return LowRankGraph(q, k, normalization)
     if backend == "sdpa":
@@ -495,7 +491,7 @@ def build_graph(kernel: str, normalization: str, backend: str, *, q: torch.Tenso
     if kernel == "concatenation":
         pk: PairwiseKernel = ConcatKernel(*concat)
     else:
-        exp = kernel in EXP_KERNELS
+        exp = KERNELS[kernel].exp
         pk = BilinearKernel(q, k, exp=exp, scale=scale if exp else 1.0)  # `scale` belongs to the exp kernels
     if backend == "dense":
         return PairwiseGraph(pk, normalization, chunk=None)

@@ -1,7 +1,18 @@
 """Thin ``nn.Module`` s over the functional core: :class:`Affinity` (the graph), :class:`NonlocalUnit`
 (filter + output norm + residual) and :class:`NonlocalBlock` (a stage of units sharing one affinity).
 
-A nonlocal block is (framework.md; seed 002 Eq. 1, seed 003 Eq. 1, seed 000 Eq. 8)::
+Papers cited here (short form first):
+
+- Tao et al. 2018: Y. Tao, Q. Sun, Q. Du, W. Liu, "Nonlocal Neural Networks, Nonlocal Diffusion and
+  Nonlocal Modeling", NeurIPS 2018, arXiv:1806.00681.
+- Zhu et al., ICLR 2020 submission: L. Zhu, Q. She, L. Zhang, P. Guo, "A Spectral Nonlocal Block for
+  Neural Networks", OpenReview rkgb9kSKwS.
+- Zhu et al. 2021 (ICCV): L. Zhu et al., "Unifying Nonlocal Blocks for Neural Networks", ICCV 2021,
+  arXiv:2108.02451 (equation and section numbers as in its submitted version, "A Unified Framework to
+  Analyze and Design the Nonlocal Blocks for Neural Networks"; code: the SNL_ICCV2021 repository).
+
+A nonlocal block is (framework.md; Zhu et al., ICLR 2020 submission, Eq. 1; Zhu et al. 2021 (ICCV), Eq. 1;
+Tao et al. 2018, Eq. 8)::
 
     A = normalize(kernel(θ(X), φ(X)))                    computed once from the stage input X
     Z⁰ = X;  Zⁿ⁺¹ = Zⁿ + out_n( Σ_t B_t(A) g_n(Zⁿ) W_tⁿ )   for each unit n
@@ -228,7 +239,7 @@ def from_tokens(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 class NonlocalBlock(nn.Module):
     """A nonlocal stage: one :class:`Affinity` (``.edges``) and ``units`` :class:`NonlocalUnit` s
-    (seed 000 Eq. 8).
+    (Tao et al. 2018, Eq. 8).
 
     Maps ``(B, C, *S)`` to the same shape. ``block.affinity(x)`` returns the dense ``A``
     ``(B, N, N')`` computed from ``x`` (for analysis). Built by :func:`nonlocalnet.build_block`.

@@ -1,69 +1,337 @@
-"""The ``nonlocalnet`` command: ``train``, ``eval``, ``analyze``, ``bench``, ``blocks``."""
+"""The ``nonlocalnet`` command, the only place that knows argparse: every subcommand is defined here and
+calls the library. ``python -m nonlocalnet`` (also under ``torchrun``) runs the same :func:`main`.
+
+A user's mistake ends with one line on stderr, ``nonlocalnet: error: …``, and exit status 2 (3 when the
+loss became non-finite), never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
+
+from nonlocalnet import __version__
+from nonlocalnet.analysis import (
+    AnalysisError,
+    run_affinity,
+    run_attention,
+    run_cost,
+    run_dynamics,
+    run_filter,
+    run_spectrum,
+    write_report,
+)
+from nonlocalnet.analysis.attention import parse_query
+from nonlocalnet.analysis.output import default_out
+from nonlocalnet.apps.demo import DEFAULT_RUNS, run_demo
+from nonlocalnet.bench import run as run_bench
+from nonlocalnet.presets import PRESETS
+from nonlocalnet.runs import CheckpointError, ConfigError, dump_config, load_config, load_config_only, load_run
+from nonlocalnet.train import NonFiniteLossError, TrainingError, evaluate_checkpoint, train
+
+__all__ = ["build_parser", "main"]
+
+EXIT_ERROR = 2
+EXIT_NONFINITE = 3
+ANALYSES = ("spectrum", "affinity", "attention", "filter", "dynamics", "cost", "report")
 
 
-def _blocks(args: argparse.Namespace) -> int:
-    from nonlocalnet.presets import PRESETS
+class UserError(Exception):
+    """A mistake in the command line; reported as one line."""
 
+
+# ------------------------------------------------------------------------------------------- commands
+
+
+def cmd_blocks(args: argparse.Namespace) -> int:
     for name, preset in PRESETS.items():
         print(f"{name:6} {preset.reference}")
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from nonlocalnet.bench import run
-
-    run(args)
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    if args.out:
+        cfg.run.out = args.out
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    summary = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from nonlocalnet import __version__
+def cmd_eval(args: argparse.Namespace) -> int:
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.set)))
+    return 0
 
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if args.analysis == "report":
+        out = Path(args.out) if args.out else default_out(path if path.is_dir() else path.parent, "report")
+        print(write_report(path, out, args.data_root, overrides=args.set, images=args.images,
+                           iterations=args.iterations, device=args.device, memory=not args.no_memory))
+        return 0
+    if args.analysis == "cost" and path.suffix in (".yaml", ".yml"):
+        loaded = load_config_only(path, args.set, device=args.device)
+    else:
+        loaded = load_run(path, args.set, device=args.device)
+    out = Path(args.out) if args.out else default_out(loaded, args.analysis)
+    data_opts = {}
+    if args.analysis in ("affinity", "attention", "filter", "dynamics"):
+        data_opts = dict(data_root=args.data_root, split=args.split, images=args.images)
+    if args.analysis == "spectrum":
+        data = run_spectrum(loaded, out, top=args.top, evolution=not args.no_evolution)
+    elif args.analysis == "affinity":
+        data = run_affinity(loaded, out, max_power=args.powers, bins=args.bins, **data_opts)
+    elif args.analysis == "attention":
+        data = run_attention(loaded, out, queries=args.query or None, top=args.top, **data_opts)
+    elif args.analysis == "filter":
+        data = run_filter(loaded, out, points=args.points, use_data=not args.no_data, **data_opts)
+    elif args.analysis == "dynamics":
+        data = run_dynamics(loaded, out, iterations=args.iterations, **data_opts)
+    else:
+        data = run_cost(loaded, out, input_shape=args.input_shape, batch=args.batch, memory=not args.no_memory,
+                        device=args.device)
+        print((out / "cost.md").read_text(), end="")
+    for f in data.get("figures", []):
+        print(f)
+    print(out / f"{args.analysis}.json")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    run_demo(args.out, args.configs, args.runs, args.set, not args.no_analysis)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    run_bench(quick=args.quick, blocks=["all"] if args.all_blocks else args.blocks, backends=args.backends,
+              sizes=args.sizes, video=args.video, batch=args.batch, channels=args.channels, modes=args.modes,
+              dtypes=args.dtype, repeats=args.repeats, device=args.device, dense_cap_gib=args.dense_cap_gib,
+              floor=args.floor, json_path=args.json, plot=args.plot)
+    return 0
+
+
+# --------------------------------------------------------------------------------------- argument types
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a shape like 3,32,32, got {text!r}") from None
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"expected positive dimensions, got {text!r}")
+    return dims
+
+
+def _clip(text: str) -> tuple[int, int, int]:
+    dims = _shape(text)
+    if len(dims) != 3:
+        raise argparse.ArgumentTypeError(f"expected a clip size TxHxW (three positive ints), got {text!r}")
+    return dims
+
+
+def _query(text: str) -> tuple[int, int]:
+    try:
+        return parse_query(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _block_name(text: str) -> str:
+    if text not in PRESETS:
+        raise argparse.ArgumentTypeError(f"unknown block {text!r}; valid: {', '.join(PRESETS)}")
+    return text
+
+
+# -------------------------------------------------------------------------------------------- parsers
+
+
+def _set_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a key of {what} (value parsed as YAML), e.g. --set train.lr=0.05 "
+                        "--set model.blocks.0.block=ns; repeatable")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model from a YAML config",
+                       description="Train a model from a YAML config (docs/configs.md). Writes config.yaml, "
+                                   "metrics.jsonl and checkpoints to run.out. For several GPUs or nodes: "
+                                   "torchrun --nproc_per_node N -m nonlocalnet train CONFIG.yaml")
+    p.add_argument("config", help="YAML config file")
+    _set_option(p, "the config")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from run.out/last.safetensors (exactly: same metrics as an uninterrupted run)")
+    p.add_argument("--out", default=None, help="shorthand for --set run.out=DIR")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on the test split",
+                       description="Evaluate a .safetensors checkpoint with the config saved next to it "
+                                   "(config.yaml) or inside it; prints {\"top1\", \"top5\", \"loss\"} as JSON.")
+    e.add_argument("checkpoint", help="a .safetensors checkpoint written by `nonlocalnet train`")
+    _set_option(e, "the run's config (e.g. --set data.root=/data/cifar --set run.device=cpu)")
+    e.set_defaults(func=cmd_eval)
+
+
+def _add_analyze(sub) -> None:
+    a = sub.add_parser(
+        "analyze", help="analyze a trained run: spectrum, affinity, attention, filter, dynamics, cost, report",
+        description="Analyses of trained nonlocal blocks (docs/analysis.md). Each writes PNG plots and a JSON of the "
+                    "numbers behind them. Only affinity, attention, filter, dynamics and report read data.")
+    asub = a.add_subparsers(dest="analysis", metavar="SUBCOMMAND", required=True)
+
+    def common(p: argparse.ArgumentParser, what: str = "CHECKPOINT_OR_RUN_DIR") -> None:
+        p.add_argument("path", metavar=what,
+                       help="a run dir (uses last.safetensors, else best, else the latest epoch file) or a "
+                            ".safetensors checkpoint written by `nonlocalnet train`")
+        p.add_argument("--out", default=None, help="output directory (default: <run dir>/analysis/<subcommand>)")
+        _set_option(p, "the run's config (e.g. --set data.root=/data/cifar)")
+        p.add_argument("--device", default="cpu", help="torch device for the forward passes (default cpu)")
+
+    def data(p: argparse.ArgumentParser, images: int) -> None:
+        p.add_argument("--data-root", default=None,
+                       help="dataset root (default: data.root of the run's config; the 'demo' dataset needs none)")
+        p.add_argument("--split", choices=("test", "train"), default="test", help="which split to take samples from")
+        p.add_argument("--images", type=_positive_int, default=images, help=f"number of samples (default {images})")
+
+    p = asub.add_parser("spectrum", help="eigenvalues of sym(W_t W_g) per block (Tao et al. 2018, Figs. 1-4), and "
+                                         "their evolution over the epoch checkpoints")
+    common(p)
+    p.add_argument("--top", type=_positive_int, default=32, help="eigenvalues kept, by magnitude (default 32)")
+    p.add_argument("--no-evolution", action="store_true", help="skip the per-epoch evolution")
+
+    p = asub.add_parser("affinity", help="histograms of A, A^2, A^3, A^4 and ||A^k - A|| (the stable hypothesis "
+                                         "of the spectral nonlocal block, ICLR 2020 submission, Fig. 2); reads data")
+    common(p)
+    data(p, 8)
+    p.add_argument("--powers", type=_positive_int, default=4, help="highest power k (default 4)")
+    p.add_argument("--bins", type=_positive_int, default=50, help="histogram bins (default 50)")
+
+    p = asub.add_parser("attention", help="attention rows of A over the image and feature maps (Zhu et al., "
+                                          "ICCV 2021, Fig. 3); reads data")
+    common(p)
+    data(p, 2)
+    p.add_argument("--query", type=_query, action="extend", nargs="+", metavar="Y,X",
+                   help="query positions in image pixels (default: the most salient positions)")
+    p.add_argument("--top", type=_positive_int, default=2, help="number of salient queries when --query is not given")
+
+    p = asub.add_parser("filter", help="graph filter gain vs eigenvalue of A, with the eigenvalues of real inputs; "
+                                       "reads data unless --no-data")
+    common(p)
+    data(p, 4)
+    p.add_argument("--points", type=_positive_int, default=None,
+                   help="λ grid points (default 101, or 41 for blocks wider than 256 channels)")
+    p.add_argument("--no-data", action="store_true", help="gain curves only, no λ histogram (reads no data)")
+
+    p = asub.add_parser("dynamics", help="||x_t||/||x_0|| when iterating a trained block on its inputs; reads data")
+    common(p)
+    data(p, 8)
+    p.add_argument("--iterations", type=_positive_int, default=50, help="iterations (default 50)")
+
+    p = asub.add_parser("cost", help="parameters, FLOPs, peak memory of backbone and blocks (Zhu et al., ICCV 2021, "
+                                     "Table 6); takes a config YAML too")
+    common(p, "CONFIG_OR_CHECKPOINT_OR_RUN_DIR")
+    p.add_argument("--input-shape", type=_shape, default=None,
+                   help="per-sample input shape, e.g. 3,224,224 (default: from the data config)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch size (default 1: per-image numbers)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+
+    p = asub.add_parser("report", help="one self-contained HTML page with all analyses of a run")
+    common(p)
+    p.add_argument("--data-root", default=None, help="dataset root (default: data.root of the run's config)")
+    p.add_argument("--images", type=_positive_int, default=8, help="samples for the data-based sections (default 8)")
+    p.add_argument("--iterations", type=_positive_int, default=50, help="dynamics iterations (default 50)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements in the cost table")
+
+    for name, sp in asub.choices.items():
+        sp.set_defaults(func=cmd_analyze, analysis=name)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="train baseline / +NL / +SNL on the bundled task and write a report")
+    p.add_argument("--out", default="runs", help="root of the run directories (default: runs)")
+    p.add_argument("--configs", default="configs/demo", help="directory with baseline.yaml, nl.yaml, snl.yaml")
+    p.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), help="which configs to train")
+    _set_option(p, "every run's config")
+    p.add_argument("--no-analysis", action="store_true", help="skip the per-run analysis reports")
+    p.set_defaults(func=cmd_demo)
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="time and peak memory of every backend against dense, side by side",
+                       description="Benchmarks: every preset and backend against the dense path, side by side in "
+                                   "one run; prints ratios and measured peak memory (docs/benchmarks.md).")
+    p.add_argument("--quick", action="store_true", help="small sizes, finishes in well under 2 minutes on CPU")
+    p.add_argument("--blocks", nargs="+", type=_block_name, default=None,
+                   help=f"presets (default: snl nl; any of {', '.join(PRESETS)})")
+    p.add_argument("--all-blocks", action="store_true", help="every preset")
+    p.add_argument("--backends", nargs="+", default=None, help="backends (default: all a preset supports)")
+    p.add_argument("--sizes", nargs="+", type=_positive_int, default=None, help="square sides H=W (N = side²)")
+    p.add_argument("--video", nargs="+", type=_clip, default=[], help="clip sizes TxHxW, e.g. 4x28x28 (3-D blocks)")
+    p.add_argument("--batch", type=_positive_int, default=None)
+    p.add_argument("--channels", type=_positive_int, default=None)
+    p.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"], default=None)
+    p.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16", "float16"], default=["float32"])
+    p.add_argument("--repeats", type=_positive_int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--dense-cap-gib", type=float, default=6.0, help="skip dense runs needing more than this")
+    p.add_argument("--floor", action="store_true",
+                   help="also measure each block's forward time against its own 1x1 projections (largest size)")
+    p.add_argument("--json", default=None, help="write the rows and the environment to this JSON file")
+    p.add_argument("--plot", default=None, help="write a log-log plot of time vs N (PNG) to this file")
+    p.set_defaults(func=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nonlocalnet",
-        description="Nonlocal neural networks: train, evaluate, analyze and benchmark nonlocal blocks.",
-    )
+        description="Nonlocal neural networks: train, evaluate, analyze and benchmark nonlocal blocks.")
     parser.add_argument("--version", action="version", version=f"nonlocalnet {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = sub.add_parser("blocks", help="list the nonlocal blocks and the paper each follows")
-    p.set_defaults(func=_blocks)
-
-    try:
-        from nonlocalnet.cli_train import add_train_parsers
-    except ImportError:  # pragma: no cover - training extras missing
-        add_train_parsers = None
-    if add_train_parsers is not None:
-        add_train_parsers(sub)
-
-    try:
-        from nonlocalnet.analysis.cli import add_analyze_parser
-    except ImportError:
-        add_analyze_parser = None
-    if add_analyze_parser is not None:
-        add_analyze_parser(sub)
-
-    from nonlocalnet.train.demo import add_demo_parser
-
-    add_demo_parser(sub)
-
-    from nonlocalnet.bench import build_parser as bench_parser
-
-    p = sub.add_parser("bench", help="time and peak memory of every backend against dense, side by side")
-    bench_parser(p)
-    p.set_defaults(func=_bench)
+    p.set_defaults(func=cmd_blocks)
+    _add_train(sub)
+    _add_analyze(sub)
+    _add_demo(sub)
+    _add_bench(sub)
     return parser
+
+
+def _error(msg: str) -> None:
+    print(f"nonlocalnet: error: {msg}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except NonFiniteLossError as e:
+        _error(str(e))
+        return EXIT_NONFINITE
+    except (ConfigError, CheckpointError, TrainingError, AnalysisError, FileNotFoundError, UserError) as e:
+        _error(str(e))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _error("interrupted; a training run continues with --resume")
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Bring trained weights from the two most used public nonlocal implementations into our blocks.
 
-- :func:`from_official_snl` — the SNL authors' ``Stage`` (ICCV 2021 code, classification part): a shared
+- :func:`from_official_snl` — the SNL authors' ``Stage`` (classification part of the SNL_ICCV2021 code of
+  L. Zhu et al., "Unifying Nonlocal Blocks for Neural Networks", ICCV 2021, arXiv:2108.02451): a shared
   affinity from ``t``/``p`` and ``n`` SNL, NS or NL units ``stages.{i}.*``.
 - :func:`from_mmcv` — OpenMMLab's ``NonLocal1d/2d/3d`` in its four modes.
 

@@ -1,21 +1,38 @@
 """Step 2: graph filters, polynomials in ``A`` applied to the node features ``Z``.
 
-Every block of the family is (seed 003 Eq. 3–4, seed 002 Eq. 7 and 10; framework.md "Step 2")
+Papers cited here (short form first):
+
+- Wang et al. 2018: X. Wang, R. Girshick, A. Gupta, K. He, "Non-local Neural Networks", CVPR 2018,
+  arXiv:1711.07971.
+- Tao et al. 2018: Y. Tao, Q. Sun, Q. Du, W. Liu, "Nonlocal Neural Networks, Nonlocal Diffusion and
+  Nonlocal Modeling", NeurIPS 2018, arXiv:1806.00681.
+- Zhu et al., ICLR 2020 submission: L. Zhu, Q. She, L. Zhang, P. Guo, "A Spectral Nonlocal Block for
+  Neural Networks", OpenReview rkgb9kSKwS.
+- Zhu et al. 2021 (ICCV): L. Zhu et al., "Unifying Nonlocal Blocks for Neural Networks", ICCV 2021,
+  arXiv:2108.02451 (equation and section numbers as in its submitted version, "A Unified Framework to
+  Analyze and Design the Nonlocal Blocks for Neural Networks"; code: the SNL_ICCV2021 repository).
+
+Every block of the family is (Zhu et al. 2021 (ICCV), Eq. 3–4; Zhu et al., ICLR 2020 submission, Eq. 7 and
+10; framework.md "Step 2")
 
     F(A, Z) = Σ_t  B_t(A) Z W_t,      B_t(A) = Σ_k coef[t, k] T_k(A)
 
 with the Chebyshev basis ``T_0 Z = Z``, ``T_1 Z = A Z``, ``T_k Z = 2 A T_{k-1} Z − T_{k-2} Z``.
 A filter is therefore just a coefficient matrix ``coef`` (terms × (K+1)); the presets differ only there:
 
-=========  ===========================================  =========================================
-name       terms                                        coef
-=========  ===========================================  =========================================
-``nl``     ``A Z W``  (Wang et al. 2018)                 ``[[0, 1]]``
-``ns``     ``(A − I) Z W``  (Tao et al. 2018, Eq. 8)     ``[[-1, 1]]`` (one shared ``W``)
-``snl``    ``Z W_1 + A Z W_2``  (seed 002 Eq. 8, 003 Eq. 5)  ``[[1, 0], [0, 1]]``
-``gsnl``   ``Z W_1 + A Z W_2 + (2A − I) Z W_3`` (002 Eq. 10) ``[[1, 0], [0, 1], [-1, 2]]``
-``cheby``  ``Σ_{k≤K} T_k(A) Z W_k``  (seed 003 Eq. 3)     identity of size K+1
-=========  ===========================================  =========================================
+=========  =======================================  ===================================
+name       terms                                    coef
+=========  =======================================  ===================================
+``nl``     ``A Z W``                                ``[[0, 1]]``
+``ns``     ``(A − I) Z W``                          ``[[-1, 1]]`` (one shared ``W``)
+``snl``    ``Z W_1 + A Z W_2``                      ``[[1, 0], [0, 1]]``
+``gsnl``   ``Z W_1 + A Z W_2 + (2A − I) Z W_3``     ``[[1, 0], [0, 1], [-1, 2]]``
+``cheby``  ``Σ_{k≤K} T_k(A) Z W_k``                 identity of size K+1
+=========  =======================================  ===================================
+
+Sources: ``nl`` Wang et al. 2018; ``ns`` Tao et al. 2018, Eq. 8; ``snl`` Zhu et al., ICLR 2020 submission,
+Eq. 8 and Zhu et al. 2021 (ICCV), Eq. 5; ``gsnl`` Zhu et al., ICLR 2020 submission, Eq. 10; ``cheby``
+Zhu et al. 2021 (ICCV), Eq. 3.
 
 Only products ``A @ (N × c)`` are needed, so every filter runs on any :class:`~nonlocalnet.affinity.Graph`.
 The non-polynomial filters (heat, Cayley, wavelets) are in :mod:`nonlocalnet.spectral_filters`; every filter
@@ -51,7 +68,7 @@ def filter_coefficients(name: str, order: int = 1) -> torch.Tensor:
 
 def chebyshev_terms(matmul: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, order: int,
                     z_keys: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """``[T_0(A) Z, ..., T_K(A) Z]`` by the three-term recursion (seed 003 Eq. 3).
+    """``[T_0(A) Z, ..., T_K(A) Z]`` by the three-term recursion (Zhu et al. 2021 (ICCV), Eq. 3).
 
     ``z_keys`` is ``Z`` on the key positions when they differ (sub-sampling): then only ``K ≤ 1``
     is defined, since ``A`` is not square.

@@ -3,6 +3,12 @@
 A preset fixes defaults (kernel, normalization, filter, output norm) from its paper; every option can
 be overridden, so e.g. ``build_block("snl", 64, kernel="embedded_gaussian")`` is SNL's filter on a
 softmax-free symmetric Gaussian graph. framework.md has the table these defaults come from.
+
+Each preset's ``reference`` (printed by ``nonlocalnet blocks``) names its paper: authors, title, venue and
+year, and the equation or section. "Unifying Nonlocal Blocks" is Zhu et al., "Unifying Nonlocal Blocks for
+Neural Networks", ICCV 2021 (arXiv:2108.02451; equation and section numbers as in its submitted version); "A
+Spectral Nonlocal Block" is Zhu, She, Zhang, Guo, "A Spectral Nonlocal Block for Neural Networks", ICLR 2020
+submission (OpenReview rkgb9kSKwS). Wang et al. is arXiv:1711.07971, Tao et al. arXiv:1806.00681.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import affinity as aff
+from . import kernels as K
 from .blocks import OUT_NORMS, Affinity, NonlocalBlock, NonlocalUnit
 from .filters import FILTERS, filter_coefficients, highest_order
 from .spectral_filters import PATHS, SPECTRAL_FILTERS, SpectralFilter, check_order, n_terms
@@ -39,15 +45,21 @@ _SNL = dict(kernel="relu_dot", normalization="symmetric", out_norm="bn_relu", ze
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
-        Preset("nl", "Wang et al. 2018: Y = X + BN(A Z W), A = softmax(θφᵀ) (seed 002 Eq. 1-2)",
+        Preset("nl", 'Wang et al., "Non-local Neural Networks", CVPR 2018: Y = X + BN(A Z W), A = softmax(θφᵀ) '
+                     '(as Eq. 1-2 of Zhu et al., "A Spectral Nonlocal Block", ICLR 2020 submission)',
                dict(filter="nl")),
-        Preset("ns", "Tao et al. 2018: nonlocal stage, F = (A - I) Z W on one A per stage (seed 000 Eq. 8; "
-                     "seed 002 Eq. 3)", dict(filter="ns")),
-        Preset("snl", "Spectral nonlocal: F = Z W_1 + A Z W_2, A = D^-1/2 M̂ D^-1/2 (seed 003 Eq. 5; 002 Eq. 8)",
+        Preset("ns", 'Tao et al., "Nonlocal Neural Networks, Nonlocal Diffusion and Nonlocal Modeling", NeurIPS '
+                     '2018, Eq. 8: nonlocal stage, F = (A - I) Z W on one A per stage (also Zhu et al., "A Spectral '
+                     'Nonlocal Block", ICLR 2020 submission, Eq. 3)', dict(filter="ns")),
+        Preset("snl", 'Zhu et al., "Unifying Nonlocal Blocks for Neural Networks", ICCV 2021, Eq. 5: spectral '
+                      'nonlocal, F = Z W_1 + A Z W_2, A = D^-1/2 M̂ D^-1/2 (also Zhu et al., "A Spectral Nonlocal '
+                      'Block", ICLR 2020 submission, Eq. 8)',
                dict(_SNL, filter="snl")),
-        Preset("gsnl", "Generalized SNL: F = Z W_1 + A Z W_2 + (2A - I) Z W_3 (seed 002 Eq. 10)",
+        Preset("gsnl", 'Zhu et al., "A Spectral Nonlocal Block for Neural Networks", ICLR 2020 submission, Eq. 10: '
+                       'generalized SNL, F = Z W_1 + A Z W_2 + (2A - I) Z W_3',
                dict(_SNL, filter="gsnl")),
-        Preset("cheby", "Chebyshev SNL of order K: F = Σ_k T_k(A) Z W_k (seed 003 Eq. 3-4; K=1 is Eq. 5)",
+        Preset("cheby", 'Zhu et al., "Unifying Nonlocal Blocks for Neural Networks", ICCV 2021, Eq. 3-4: '
+                        'Chebyshev SNL of order K, F = Σ_k T_k(A) Z W_k (K=1 is Eq. 5)',
                dict(_SNL, filter="cheby", order=2)),
         Preset("cayley", "Cayley filter of order R (Levie et al., CayleyNets, IEEE TSP 2018, Eq. 8) on the SNL graph: "
                          "F = Z W_0 + Σ_j [Re C(hL)^j Z W_j' + Im C(hL)^j Z W_j''], C(x) = (x - i)/(x + i), "
@@ -60,23 +72,24 @@ PRESETS: dict[str, Preset] = {
                           "exp(-s_0 L) Z W_0 + Σ_j g(s_j L) Z W_j, g(x) = x e^(1-x), learnable s_j > 0 "
                           "(Zhu et al., ICCV 2021, Remark 1)",
                dict(_SNL, filter="wavelet", order=3)),
-        Preset("a2", "Double attention (Chen et al. 2018): A = softmax_n(θ) softmax_N(φ)ᵀ, F = A Z W "
-                     "(seed 003 §2.2 (3), §B.3)",
+        Preset("a2", 'Chen et al., "A²-Nets: Double Attention Networks", NeurIPS 2018: double attention, '
+                     'A = softmax_n(θ) softmax_N(φ)ᵀ, F = A Z W (as in Zhu et al., "Unifying Nonlocal Blocks", '
+                     'ICCV 2021, §2.2 (3), §B.3)',
                dict(kernel="double_attention", normalization="none", filter="nl", out_norm="none",
                     zero_init=False)),
-        Preset("cgnl", "Compact generalized NL (Yue et al. 2018): graph over positions × channels per group, "
-                       "Y = X + GN(F) (seed 003 §2.2 (4), §B.4)",
+        Preset("cgnl", 'Yue et al., "Compact Generalized Non-local Network", NeurIPS 2018: graph over positions '
+                       '× channels per group, Y = X + GN(F) (as in Zhu et al., "Unifying Nonlocal Blocks", '
+                       'ICCV 2021, §2.2 (4), §B.4)',
                dict(kernel="dot_product", normalization="none", filter="nl", out_norm="gn", zero_init=False,
                     bias=False), mode="channels"),
-        Preset("cc", "Criss-cross attention (Huang et al. 2019): masked softmax over row+column, F = A X W_v, "
-                     "Y = X + γF, recurrence 2 (seed 003 §2.2 (5), §B.5)",
+        Preset("cc", 'Huang et al., "CCNet: Criss-Cross Attention for Semantic Segmentation", ICCV 2019: masked '
+                     'softmax over row+column, F = A X W_v, Y = X + γF, recurrence 2 (as in Zhu et al., '
+                     '"Unifying Nonlocal Blocks", ICCV 2021, §2.2 (5), §B.5)',
                dict(reduction=8, filter="nl", out_norm="gamma", zero_init=True, out_proj=False, recurrence=2),
                mode="crisscross"),
     ]
 }
 
-NATURAL_NORMALIZATION = {"embedded_gaussian": "softmax", "gaussian": "softmax", "dot_product": "count",
-                         "concatenation": "count", "relu_dot": "symmetric", "double_attention": "none"}
 ALL_OPTIONS = tuple(COMMON) + tuple(CGNL_ONLY)
 
 
@@ -108,9 +121,9 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
     o = dict(COMMON, **(CGNL_ONLY if preset.mode == "channels" else {}), **preset.defaults)
     if "kernel" in options and "normalization" not in options:
         # a user kernel keeps the preset's normalization where it is defined for that kernel
-        kern = options["kernel"]
-        if o["normalization"] == "softmax" and kern not in aff.EXP_KERNELS:
-            o["normalization"] = NATURAL_NORMALIZATION.get(kern, o["normalization"])
+        kern = K.KERNELS.get(options["kernel"])
+        if kern is not None and o["normalization"] not in kern.normalizations:
+            o["normalization"] = kern.natural_normalization
     o.update(options)
 
     if isinstance(dim, bool) or dim not in (1, 2, 3):
@@ -135,38 +148,32 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
             or o["memory_budget"] <= 0:
         raise ValueError(f"memory_budget: expected a positive number of MiB, got {o['memory_budget']!r}")
 
-    kern, norm, backend = o["kernel"], o["normalization"], o["backend"]
+    kern, norm, backend, mode = o["kernel"], o["normalization"], o["backend"], preset.mode
     _choice("out_norm", o["out_norm"], OUT_NORMS)
-    _choice("backend", backend, aff.BACKENDS)
+    _choice("backend", backend, K.BACKENDS)
     _choice("filter", o["filter"], FILTERS + SPECTRAL_FILTERS)
-    _choice("normalization", norm, aff.NORMALIZATIONS)
-    if preset.mode == "channels":
-        _choice("kernel", kern, ("dot_product", "gaussian"))
-        if norm not in ("none", "count"):
-            raise ValueError(f"normalization: cgnl supports 'none' or 'count', got {norm!r}")
-        if backend not in ("auto", "lowrank", "dense"):
-            raise ValueError(f"backend: cgnl supports 'auto', 'lowrank' or 'dense', got {backend!r}")
-    elif preset.mode == "crisscross":
-        _choice("kernel", kern, aff.EXP_KERNELS)
-        if norm not in ("softmax", "row"):
+    _choice("normalization", norm, K.NORMALIZATIONS)
+    _choice("kernel", kern, K.mode_kernels(mode))
+    if norm not in K.valid_normalizations(kern, mode):
+        if mode == "crisscross":
             raise ValueError(f"normalization: cc uses the masked softmax ('softmax'), got {norm!r}")
-        if backend not in ("auto", "dense", "chunked"):
-            raise ValueError(f"backend: cc supports 'auto'/'chunked' (criss-cross path) or 'dense', got {backend!r}")
-        if o["sub_sample"]:
-            raise ValueError("sub_sample: criss-cross attention does not go with sub-sampling (keys must stay "
-                             "on the query's row and column)")
-    else:
-        _choice("kernel", kern, aff.KERNELS)
-        if norm == "softmax" and kern not in aff.EXP_KERNELS:
-            raise ValueError(f"normalization='softmax' is the row normalization of the exp kernels "
-                             f"(embedded_gaussian, gaussian); kernel {kern!r} takes 'row', 'count', "
-                             f"'symmetric' or 'none'")
-        if backend == "lowrank" and kern not in aff.LOWRANK_KERNELS:
-            raise ValueError(f"backend='lowrank' needs a factorizable kernel ({', '.join(aff.LOWRANK_KERNELS)}); "
-                             f"kernel {kern!r} does not factor: use 'sdpa', 'chunked' or 'dense'")
-        if backend == "sdpa" and not (kern in aff.EXP_KERNELS and norm in ("softmax", "row")):
-            raise ValueError(f"backend='sdpa' needs an exp kernel (embedded_gaussian, gaussian) with softmax "
-                             f"normalization, got kernel={kern!r}, normalization={norm!r}")
+        if mode == "channels":
+            raise ValueError(f"normalization: cgnl supports 'none' or 'count', got {norm!r}")
+        raise ValueError(f"normalization='softmax' is the row normalization of the exp kernels "
+                         f"({', '.join(K.EXP_KERNELS)}); kernel {kern!r} takes "
+                         f"{', '.join(map(repr, K.valid_normalizations(kern)))}")
+    backends = K.valid_backends(kern, norm, mode)
+    if backend not in backends:
+        if mode != "positions":
+            raise ValueError(f"backend: {name} supports {', '.join(map(repr, backends))}, got {backend!r}")
+        if backend == "lowrank":
+            raise ValueError(f"backend='lowrank' needs {K.backend_requirement('lowrank')}; kernel {kern!r} "
+                             f"does not factor: use {', '.join(map(repr, backends[1:]))}")
+        raise ValueError(f"backend={backend!r} needs {K.backend_requirement(backend)}, got kernel={kern!r}, "
+                         f"normalization={norm!r}; valid: {', '.join(map(repr, backends))}")
+    if mode == "crisscross" and o["sub_sample"]:
+        raise ValueError("sub_sample: criss-cross attention does not go with sub-sampling (keys must stay "
+                         "on the query's row and column)")
     if norm == "symmetric" and o["sub_sample"]:
         raise ValueError("normalization='symmetric' needs a square affinity (N' = N) and does not go with "
                          "sub_sample=True; use normalization='row' or sub_sample=False")
@@ -195,12 +202,12 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
         if o["sub_sample"]:
             raise ValueError(f"sub_sample: filter={o['filter']!r} is a function of a square affinity; use "
                              f"sub_sample=False")
-        if o["spectral_path"] == "exact" and (kern not in aff.LOWRANK_KERNELS or backend not in ("auto", "lowrank")
+        if o["spectral_path"] == "exact" and (kern not in K.LOWRANK_KERNELS or backend not in ("auto", "lowrank")
                                               or preset.mode != "positions"):
-            raise ValueError(f"spectral_path='exact' needs a factorizable kernel ({', '.join(aff.LOWRANK_KERNELS)}) "
+            raise ValueError(f"spectral_path='exact' needs a factorizable kernel ({', '.join(K.LOWRANK_KERNELS)}) "
                              f"on the 'lowrank' or 'auto' backend, got kernel={kern!r}, backend={backend!r}")
         coef = torch.zeros(n_terms(o["filter"], o["order"]), 1)  # the terms are computed by the SpectralFilter
-        if kern in aff.LOWRANK_KERNELS and backend == "auto" and preset.mode == "positions":
+        if kern in K.LOWRANK_KERNELS and backend == "auto" and preset.mode == "positions":
             o["backend"] = "lowrank"  # the exact r x r path, also where `auto` would form a small dense A
     if highest_order(coef) >= 2 and o["sub_sample"]:
         raise ValueError(f"sub_sample: powers of A (order {highest_order(coef)}) need a square affinity; "

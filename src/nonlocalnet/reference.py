@@ -4,15 +4,25 @@ Nothing here is fast and nothing here shares code with :mod:`affinity` / :mod:`f
 :mod:`blocks`: every ``N × N`` matrix is formed, every polynomial ``T_k(A)`` is a matrix, masks are
 built by loops. :func:`forward` recomputes a block's output from its parameters alone.
 
-Equations (framework.md and the seeds):
+Papers cited here (short form first):
+
+- Tao et al. 2018: Y. Tao, Q. Sun, Q. Du, W. Liu, "Nonlocal Neural Networks, Nonlocal Diffusion and
+  Nonlocal Modeling", NeurIPS 2018, arXiv:1806.00681.
+- Zhu et al. 2021 (ICCV): L. Zhu et al., "Unifying Nonlocal Blocks for Neural Networks", ICCV 2021,
+  arXiv:2108.02451 (equation and section numbers as in its submitted version, "A Unified Framework to
+  Analyze and Design the Nonlocal Blocks for Neural Networks"; code: the SNL_ICCV2021 repository).
+
+Equations (framework.md and these papers):
 
 - kernels: ``exp(θ_i·φ_j)`` (embedded Gaussian), ``exp(x_i·x_j)`` (Gaussian), ``θ_i·φ_j``,
-  ``relu(θ_i)·relu(φ_j)``, ``relu(w·[θ_i; φ_j])``; A²: ``softmax_n(θ) softmax_N(φ)ᵀ`` (seed 003 §B.3)
-- normalizations: ``D⁻¹M``, ``M/N'``, ``D̂^{-1/2} M̂ D̂^{-1/2}`` with ``M̂ = (M+Mᵀ)/2`` (seed 003 Eq. 5)
-- filter: ``F = Σ_t (Σ_k coef[t,k] T_k(A)) Z W_t``, ``T_k = 2A T_{k-1} − T_{k-2}`` (seed 003 Eq. 3)
-- stage: ``Zⁿ⁺¹ = Zⁿ + out_n(F_n(A, g_n(Zⁿ)))``, ``A`` from the stage input (seed 000 Eq. 8)
-- CC: softmax over the positions in the same row/column (mask ``C``, seed 003 §B.5)
-- CGNL: graph over (position, channel) nodes (seed 003 §B.4)
+  ``relu(θ_i)·relu(φ_j)``, ``relu(w·[θ_i; φ_j])``; A²: ``softmax_n(θ) softmax_N(φ)ᵀ`` (Zhu et al. 2021 (ICCV), §B.3)
+- normalizations: ``D⁻¹M``, ``M/N'``, ``D̂^{-1/2} M̂ D̂^{-1/2}`` with ``M̂ = (M+Mᵀ)/2``
+  (Zhu et al. 2021 (ICCV), Eq. 5)
+- filter: ``F = Σ_t (Σ_k coef[t,k] T_k(A)) Z W_t``, ``T_k = 2A T_{k-1} − T_{k-2}``
+  (Zhu et al. 2021 (ICCV), Eq. 3)
+- stage: ``Zⁿ⁺¹ = Zⁿ + out_n(F_n(A, g_n(Zⁿ)))``, ``A`` from the stage input (Tao et al. 2018, Eq. 8)
+- CC: softmax over the positions in the same row/column (mask ``C``, Zhu et al. 2021 (ICCV), §B.5)
+- CGNL: graph over (position, channel) nodes (Zhu et al. 2021 (ICCV), §B.4)
 - spectral filters (docs/spectral.md), ``L = I − A``: heat ``exp(−tL)``, wavelet ``e·sL·exp(−sL)`` from
   ``torch.linalg.eigh`` of the dense symmetric ``A`` (``matrix_exp`` when ``A`` is not symmetric); Cayley
   ``C = (hL − iI)(hL + iI)⁻¹`` as a dense complex matrix, its powers by matmul (Levie et al., CayleyNets,
@@ -28,18 +38,23 @@ import torch
 import torch.nn.functional as F
 
 
-def _mat(conv) -> torch.Tensor:
-    """A 1×1 conv's weight as a dense ``(Cout, Cin)`` matrix (block diagonal when grouped)."""
-    w = conv.weight.reshape(conv.weight.shape[0], -1)
-    g = conv.groups
+def conv_matrix(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """A (possibly grouped) 1×1 conv weight ``(C_out, C_in/G, 1, ..)`` as the dense ``C_out × C_in`` matrix it
+    applies (block diagonal for ``G > 1``: output group ``g`` reads input group ``g``)."""
+    w = weight.reshape(weight.shape[0], -1)
+    cout, cin_g = w.shape
+    g = in_channels // cin_g
     if g == 1:
         return w
-    cout, cin_g = w.shape
-    full = torch.zeros(cout, cin_g * g, dtype=w.dtype)
+    full = torch.zeros(cout, in_channels, dtype=w.dtype, device=w.device)
     og = cout // g
     for i in range(g):
         full[i * og:(i + 1) * og, i * cin_g:(i + 1) * cin_g] = w[i * og:(i + 1) * og]
     return full
+
+
+def _mat(conv) -> torch.Tensor:
+    return conv_matrix(conv.weight, conv.in_channels)
 
 
 def _lin(conv, x: torch.Tensor) -> torch.Tensor:
@@ -197,7 +212,8 @@ def out_norm(norm_module, f: torch.Tensor) -> torch.Tensor:
 
 
 def cgnl_channel_affinity(graph, x: torch.Tensor) -> torch.Tensor:
-    """CGNL's graph on tokens ``x``: ``(B, G, N·C_g, N'·C_g)``, entry by entry from the kernel (seed 003 §B.4).
+    """CGNL's graph on tokens ``x``: ``(B, G, N·C_g, N'·C_g)``, entry by entry from the kernel
+    (Zhu et al. 2021 (ICCV), §B.4).
 
     Node ``(i, c)`` of group ``g`` is position ``i``, channel ``c``; ``M = k(θ_ic, φ_jc')`` with
     ``k(t, p) = t·p`` (dot) or ``exp(-γt²) exp(-γp²) Σ_{k≤P} (2γ)^k/k! (tp)^k`` (Gaussian RBF, Taylor P).

@@ -1,4 +1,6 @@
-"""``affinity``: the stable hypothesis (seed 002 §3.3, Fig. 2): histograms of the entries of ``A, A², A³, A⁴``
+"""``affinity``: the stable hypothesis of
+"A Spectral Nonlocal Block for Neural Networks" (Zhu et al., ICLR 2020 submission), §3.3, Fig. 2: histograms of the
+entries of ``A, A², A³, A⁴``
 over a batch of the run's data, and how far ``A^k`` is from ``A``.
 
 Each block's input is captured with a forward hook during one eval-mode pass of the model; ``A`` is the dense
@@ -21,17 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from .common import (
-    Loaded,
-    capture_blocks,
-    dense_affinity,
-    is_channel_graph,
-    load_batch,
-    new_figure,
-    safe_name,
-    save_figure,
-    write_result,
-)
+from nonlocalnet.runs import Loaded
+
+from .capture import capture_blocks, dense_affinity, load_batch
+from .errors import require_blocks
+from .matrices import is_channel_graph
+from .output import new_figure, safe_name, save_figure, write_result
 
 __all__ = ["affinity_powers", "power_statistics", "run_affinity"]
 
@@ -112,6 +109,7 @@ def _plot(rec: dict[str, Any], out: Path) -> Path:
 
 def run_affinity(loaded: Loaded, out: Path, *, data_root: str | None = None, split: str = "test", images: int = 8,
                  max_power: int = 4, bins: int = 50, batch=None) -> dict[str, Any]:
+    require_blocks(loaded)
     out = Path(out)
     if batch is None:
         batch = load_batch(loaded.cfg, count=images, split=split, data_root=data_root, what="`analyze affinity`")

@@ -1,4 +1,5 @@
-"""``attention``: attention maps and feature maps (seed 003 Fig. 3).
+"""``attention``: attention maps and feature maps (Zhu et al., "Unifying Nonlocal Blocks for Neural Networks", ICCV
+2021, Fig. 3).
 
 For each block and image: the row ``A[q, :]`` of the block's affinity for a query position ``q`` — given as
 image pixels (``--query y,x``, mapped to the feature cell that covers them) or, by default, the most salient
@@ -21,17 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import (
-    Loaded,
-    capture_batch,
-    dense_affinity,
-    edges_of,
-    is_channel_graph,
-    new_figure,
-    safe_name,
-    save_figure,
-    write_result,
-)
+from nonlocalnet.affinity import pooled_shape
+from nonlocalnet.runs import Loaded
+
+from .capture import capture_batch, dense_affinity
+from .errors import require_blocks
+from .matrices import is_channel_graph
+from .output import new_figure, safe_name, save_figure, write_result
 
 __all__ = ["parse_query", "run_attention", "salient_positions"]
 
@@ -77,8 +74,7 @@ def _upsample(m: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 
 def _key_grid(block, spatial: tuple[int, ...]) -> tuple[int, ...]:
-    if edges_of(block).sub_sample:
-        from nonlocalnet.affinity import pooled_shape
+    if block.edges.sub_sample:
 
         return pooled_shape(spatial)
     return spatial
@@ -96,6 +92,7 @@ def _feature_norm(t: torch.Tensor) -> np.ndarray:
 
 def run_attention(loaded: Loaded, out: Path, *, data_root: str | None = None, split: str = "test", images: int = 2,
                   queries: list[tuple[int, int]] | None = None, top: int = 2, batch=None) -> dict[str, Any]:
+    require_blocks(loaded)
     out = Path(out)
     batch, io = capture_batch(loaded, batch, images=images, split=split, data_root=data_root,
                               what="`analyze attention`")

@@ -1,111 +1,45 @@
-"""``cost``: parameters, FLOPs and peak activation memory of the backbone and of each block (seed 003 Table 6).
+"""``cost``: parameters, FLOPs and peak activation memory of the backbone and of each block (as in
+Zhu et al., "Unifying Nonlocal Blocks for Neural Networks", ICCV 2021, Table 6).
 
 - Input: the model's real per-sample input shape (from the run's data config: CIFAR 3×32×32, ``data.size``,
   ``data.frames``, or the dataset's defaults; ``--input-shape`` overrides), batch ``--batch`` (1).
 - FLOPs are counted, not estimated: :class:`torch.utils.flop_counter.FlopCounterMode` on a forward pass, so
   they are those of the path actually taken (matmuls, convolutions, attention kernels; 1 multiply-add = 2
   FLOPs; element-wise ops, norms and softmax are not counted, as in the usual tables). ``GMACs = GFLOPs / 2``
-  is what seed 003 Table 6 calls "Flops (G)" (ResNet-50: 4.1).
+  is what Zhu et al. 2021 Table 6 calls "Flops (G)" (ResNet-50: 4.1).
 - Each block is counted alone on its real input (captured with a forward hook): once as built (``auto``,
   its graph's backend reported), once rebuilt with ``backend="dense"`` (same weights): the ``N × N'``
   formulation.
-- Peak activation memory is measured (:func:`nonlocalnet.bench.peak_memory`): on CUDA the allocator's peak;
+- Peak activation memory is measured (:func:`nonlocalnet.profiling.peak_memory`): on CUDA the allocator's peak;
   on CPU the largest live set of bytes allocated during the call, from the profiler's allocation records;
   inference is a ``no_grad`` forward, training a forward + backward of ``sum(output)``.
-- Sizes: parameters (M); "+" columns are over the backbone built from the same config without blocks.
+- Sizes: parameters (M); "+" columns are over the backbone: the same model with its inserted blocks taken
+  out (:func:`nonlocalnet.models.strip_blocks`), so any model given in Python is measured right.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from .common import Loaded, capture_blocks, find_blocks, write_json
+from nonlocalnet.models import strip_blocks
+from nonlocalnet.presets import build_block
+from nonlocalnet.profiling import count_flops, peak_memory
+from nonlocalnet.runs import Loaded, find_blocks, input_shape_for
 
-__all__ = ["count_flops", "dense_copy", "input_shape_for", "measure_peak", "run_cost"]
+from .capture import capture_blocks
+from .errors import require_blocks
+from .output import write_json
 
-
-def _register_cpu_flash_attention() -> None:
-    """FlopCounterMode counts the CUDA fused-attention ops but not the CPU flash kernel that
-    ``scaled_dot_product_attention`` dispatches to here; count it with torch's own SDPA formula."""
-    from torch.utils import flop_counter as fcm
-
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is None or op in fcm.flop_registry:
-        return
-
-    @fcm.register_flop_formula(op)
-    def _cpu_flash(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return fcm.sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def count_flops(module: nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of ``module(x)`` (no_grad) as counted by :class:`FlopCounterMode` (2 per multiply-add)."""
-    _register_cpu_flash_attention()
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        module(x)
-    return int(fc.get_total_flops())
-
-
-@contextlib.contextmanager
-def _quiet_fd2():
-    """Silence C-level stderr (the CPU profiler prints two log lines per profile) for the duration."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no real fd 2 (embedded interpreters)
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def measure_peak(fn, device: torch.device) -> int:
-    """Peak bytes allocated while ``fn`` runs (:func:`nonlocalnet.bench.peak_memory`)."""
-    from nonlocalnet.bench import peak_memory
-
-    with _quiet_fd2():
-        return int(peak_memory(fn, device))
-
-
-def input_shape_for(cfg, model: nn.Module | None = None) -> tuple[int, ...]:
-    """The per-sample input shape the run's data gives the model (no data read)."""
-    from nonlocalnet.data import dataset_options
-
-    name = cfg.data.name
-    if name in ("cifar10", "cifar100"):
-        return (3, 32, 32)
-    try:
-        opts = dataset_options(name)
-    except KeyError:
-        opts = {}
-    size = cfg.data.size or cfg.data.options.get("size") or opts.get("size")
-    if size is None:
-        return tuple(getattr(model, "dry_run_input_shape", (3, 224, 224)))
-    if "frames" in opts:
-        frames = cfg.data.frames or cfg.data.options.get("frames") or opts["frames"]
-        return (3, int(frames), int(size), int(size))
-    return (3, int(size), int(size))
+__all__ = ["dense_copy", "run_cost"]
 
 
 def dense_copy(block: nn.Module) -> nn.Module:
     """The same block (same weights) with ``backend="dense"``: the materialized ``N × N'`` formulation."""
-    from nonlocalnet import build_block
-
     opts = dict(block.options)
     opts["backend"] = "dense"
     if len(block.units) > 1:
@@ -132,7 +66,7 @@ def _train_peak(module: nn.Module, x: torch.Tensor, device: torch.device) -> int
         module.zero_grad(set_to_none=True)
         module(x).sum().backward()
 
-    peak = measure_peak(step, device)
+    peak = peak_memory(step, device)
     module.zero_grad(set_to_none=True)
     return peak
 
@@ -142,7 +76,7 @@ def _infer_peak(module: nn.Module, x: torch.Tensor, device: torch.device) -> int
         with torch.no_grad():
             module(x)
 
-    return measure_peak(step, device)
+    return peak_memory(step, device)
 
 
 def _fmt(v: float | None, spec: str, plus: bool = False) -> str:
@@ -156,14 +90,14 @@ def _mib(d: dict[str, Any], key: str) -> float | None:
 
 
 def format_markdown(data: dict[str, Any]) -> str:
-    """The tables of ``cost.json`` as Markdown (seed 003 Table 6 layout: backbone, then "+" per block)."""
+    """The tables of ``cost.json`` as Markdown (Zhu et al. 2021 Table 6 layout: backbone, then "+" per block)."""
     bb, tot = data["backbone"], data["total"]
     lines = [
         f"# Cost of {data['run']['arch']} with nonlocal blocks",
         "",
         f"Input: batch {data['batch']} x {tuple(data['input_shape'])}, device {data['device']}. FLOPs counted by "
-        "torch.utils.flop_counter.FlopCounterMode (1 multiply-add = 2 FLOPs; GMACs = GFLOPs/2 is seed 003 "
-        "Table 6's 'Flops (G)'). Peak memory measured (inference: no_grad forward; training: forward+backward).",
+        "torch.utils.flop_counter.FlopCounterMode (1 multiply-add = 2 FLOPs; GMACs = GFLOPs/2 is Zhu et al. 2021's "
+        "Table 6 'Flops (G)'). Peak memory measured (inference: no_grad forward; training: forward+backward).",
         "",
         "| model | params (M) | GFLOPs | GMACs | peak inference MiB (block rows: the block alone) |",
         "|---|---:|---:|---:|---:|",
@@ -204,8 +138,7 @@ def format_markdown(data: dict[str, Any]) -> str:
 def run_cost(loaded: Loaded, out: Path, *, input_shape: tuple[int, ...] | None = None, batch: int = 1,
              memory: bool = True, device: str = "cpu") -> dict[str, Any]:
     """Count and measure; writes ``cost.json`` and ``cost.md``; returns the JSON data."""
-    from nonlocalnet.train import build_model_from_config
-
+    require_blocks(loaded)
     out = Path(out)
     dev = torch.device(device)
     model = loaded.model.to(dev).eval()
@@ -214,11 +147,9 @@ def run_cost(loaded: Loaded, out: Path, *, input_shape: tuple[int, ...] | None =
     x = torch.randn((batch, *shape), generator=gen).to(dev)
     notes = list(loaded.notes)
 
-    cfg0 = copy.deepcopy(loaded.cfg)
-    cfg0.model.blocks = []
-    backbone = build_model_from_config(cfg0, loaded.num_classes, load_pretrained=False).to(dev).eval()
+    backbone = strip_blocks(model).eval()  # the inserted blocks taken out, never a rebuild from a name
     if find_blocks(backbone):
-        notes.append("the backbone itself contains nonlocal blocks (not inserted by model.blocks)")
+        notes.append("the backbone itself contains nonlocal blocks (not inserted by insert_blocks)")
     bb = {"params": _params(backbone), "flops": count_flops(backbone, x)}
     tot = {"params": _params(model), "flops": count_flops(model, x)}
     if memory:
@@ -257,8 +188,8 @@ def run_cost(loaded: Loaded, out: Path, *, input_shape: tuple[int, ...] | None =
     data = {"analysis": "cost", "run": loaded.describe(), "input_shape": list(shape), "batch": batch,
             "device": str(dev),
             "definition": {"flops": "torch.utils.flop_counter.FlopCounterMode total (2 FLOPs per multiply-add)",
-                           "macs": "flops / 2 (seed 003 Table 6 'Flops (G)')",
-                           "peak memory": "nonlocalnet.bench.peak_memory: CUDA max_memory_allocated above the "
+                           "macs": "flops / 2 (Zhu et al. 2021 Table 6 'Flops (G)')",
+                           "peak memory": "nonlocalnet.profiling.peak_memory: CUDA max_memory_allocated above the "
                                           "baseline, or the CPU profiler's largest live allocation set",
                            "plus": "block rows: the block's own parameters and FLOPs (over the backbone)"},
             "backbone": bb, "total": tot, "blocks": blocks,

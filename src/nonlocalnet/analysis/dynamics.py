@@ -1,4 +1,5 @@
-"""``dynamics``: Tao et al.'s diffusion view (seed 000 §4): iterate a trained block as a map on features.
+"""``dynamics``: the diffusion view of Tao et al., "Nonlocal Neural Networks, Nonlocal Diffusion and Nonlocal
+Modeling", NeurIPS 2018, §4: iterate a trained block as a map on features.
 
 Starting from the block's real inputs ``x_0`` (captured with a hook during an eval-mode forward pass of the
 model), two iterations, in float64 and eval mode (BatchNorm with its running statistics):
@@ -7,7 +8,7 @@ model), two iterations, in float64 and eval mode (BatchNorm with its running sta
   ``x_t`` each time;
 - ``fixed_graph``: the affinity ``A`` computed once from ``x_0`` and the units applied over and over,
   ``z ← unit_n(z; A)`` for ``n = 1..units``, one iteration per pass — the nonlocal-stage view
-  (seed 000 Eq. 8) of diffusion on a fixed graph.
+  (Tao et al. 2018 Eq. 8) of diffusion on a fixed graph.
 
 Reported: ``‖x_t‖ / ‖x_0‖`` per image (Frobenius norm over channels and positions) for ``t = 0..T``; its mean,
 min and max over the images. Decay means damping, growth means instability; the run stops early (the
@@ -24,8 +25,11 @@ import numpy as np
 import torch
 
 from nonlocalnet.blocks import from_tokens, to_tokens
+from nonlocalnet.runs import Loaded
 
-from .common import Loaded, capture_batch, float64_block, new_figure, save_figure, write_result
+from .capture import capture_batch, float64_block
+from .errors import require_blocks
+from .output import new_figure, save_figure, write_result
 
 __all__ = ["iterate_block", "run_dynamics"]
 
@@ -78,6 +82,7 @@ def _trend(last: float) -> str:
 
 def run_dynamics(loaded: Loaded, out: Path, *, data_root: str | None = None, split: str = "test", images: int = 8,
                  iterations: int = 50, batch=None) -> dict[str, Any]:
+    require_blocks(loaded)
     out = Path(out)
     batch, io = capture_batch(loaded, batch, images=images, split=split, data_root=data_root,
                               what="`analyze dynamics`")

@@ -1,4 +1,6 @@
-"""``filter``: the learned graph filter in the spectral domain (seed 003 Eq. 3–4; seed 002 Eq. 7).
+"""``filter``: the learned graph filter in the spectral domain (Zhu et al., "Unifying Nonlocal Blocks for Neural
+Networks", ICCV 2021,
+Eq. 3–4; "A Spectral Nonlocal Block for Neural Networks" (Zhu et al., ICLR 2020 submission), Eq. 7).
 
 A unit computes ``F(A, Z) = Σ_t B_t(A) Z W_t`` with ``B_t(λ) = Σ_k coef[t, k] T_k(λ)`` (``unit.coef``). On a
 graph signal along an eigenvector ``u`` of ``A`` (``A u = λ u``) with channel vector ``x`` (``X = u xᵀ``), the
@@ -25,18 +27,12 @@ from typing import Any
 import numpy as np
 from numpy.polynomial import chebyshev
 
-from .common import (
-    Loaded,
-    block_matrices,
-    capture_batch,
-    dense_affinity,
-    is_channel_graph,
-    new_figure,
-    poly_label,
-    safe_name,
-    save_figure,
-    write_result,
-)
+from nonlocalnet.runs import Loaded
+
+from .capture import capture_batch, dense_affinity
+from .errors import require_blocks
+from .matrices import block_matrices, is_channel_graph, poly_label
+from .output import new_figure, safe_name, save_figure, write_result
 
 __all__ = ["affinity_eigenvalues", "filter_response", "run_filter"]
 
@@ -111,6 +107,7 @@ def _plot(rec: dict[str, Any], out: Path) -> Path:
 
 def run_filter(loaded: Loaded, out: Path, *, data_root: str | None = None, split: str = "test", images: int = 4,
                points: int | None = None, bins: int = 60, use_data: bool = True, batch=None) -> dict[str, Any]:
+    require_blocks(loaded)
     out = Path(out)
     io = None
     data_info = None

@@ -1,5 +1,6 @@
-"""``spectrum``: eigenvalues of the symmetric part of each block's weight products (seed 000 §3.1, Figs 1–4;
-seed 002 Fig. 5; framework.md "The spectrum analysis").
+"""``spectrum``: eigenvalues of the symmetric part of each block's weight products (Tao et al., "Nonlocal Neural
+Networks, Nonlocal Diffusion and Nonlocal Modeling", NeurIPS 2018,
+§3.1, Figs. 1–4; "A Spectral Nonlocal Block for Neural Networks" (Zhu et al., ICLR 2020 submission), Fig. 5).
 
 For unit ``i`` of a block and filter term ``t``: ``W_g`` is g's weight (``C_v × C``), ``W_t`` the term's output
 projection (``C × C_v``, block-diagonal for grouped convs, e.g. CGNL), ``W = W_t W_g`` (``C × C``, rank ≤ C_v)
@@ -20,26 +21,19 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib.ticker import MaxNLocator
+from safetensors import SafetensorError, safe_open
 
-from .common import (
-    Loaded,
-    block_matrices,
-    new_figure,
-    safe_name,
-    save_figure,
-    symmetric_eigenvalues,
-    write_json,
-)
+from nonlocalnet.runs import CheckpointError, Loaded
+
+from .errors import require_blocks
+from .matrices import block_matrices, symmetric_eigenvalues
+from .output import new_figure, safe_name, save_figure, write_json
 
 __all__ = ["norm_scale", "read_tensors", "run_spectrum", "spectrum_of_state"]
 
 
 def read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
     """Only ``keys`` of a safetensors file (an epoch checkpoint), without loading the rest."""
-    from safetensors import SafetensorError, safe_open
-
-    from nonlocalnet.train import CheckpointError
-
     try:
         with safe_open(str(path), framework="pt") as f:
             have = set(f.keys())
@@ -170,12 +164,13 @@ def _plot_evolution(name: str, evo: dict[str, Any], out: Path) -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax2.tick_params(labelsize=7)
         ax2.legend(fontsize=7)
-    fig.suptitle(f"{name}: evolution of the top eigenvalues over training (seed 000 Fig. 2)", fontsize=10)
+    fig.suptitle(f"{name}: evolution of the top eigenvalues over training (Tao et al. 2018 Fig. 2)", fontsize=10)
     return save_figure(fig, out / f"spectrum_evolution_{safe_name(name)}.png")
 
 
 def run_spectrum(loaded: Loaded, out: Path, *, top: int = 32, evolution: bool = True) -> dict[str, Any]:
     """Compute, plot and write ``spectrum.json``; returns the JSON data (with ``figures``)."""
+    require_blocks(loaded)
     out = Path(out)
     blocks = []
     figures = []

@@ -1,6 +1,6 @@
 """Benchmarks: every preset and backend against the dense reference path, side by side in one run.
 
-``python -m nonlocalnet.bench`` or ``nonlocalnet bench``. For each (preset, size, backend) it measures
+``nonlocalnet bench`` (:mod:`nonlocalnet.cli`). For each (preset, size, backend) it measures
 the median time of forward (or forward+backward) and the peak memory, and prints ratios against the
 ``dense`` backend measured in the same run. Peak memory is measured, not estimated: on CUDA the
 allocator's ``max_memory_allocated``; on CPU the highest sum of live bytes from the profiler's
@@ -9,75 +9,31 @@ allocation records (``profile_memory=True``), i.e. the largest live set of inter
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import matplotlib
 import torch
 
-import nonlocalnet
-from nonlocalnet.affinity import EXP_KERNELS, LOWRANK_KERNELS
-from nonlocalnet.presets import PRESETS, resolve_options
+from nonlocalnet.blocks import project
+from nonlocalnet.kernels import valid_backends
+from nonlocalnet.presets import PRESETS, build_block, resolve_options
+from nonlocalnet.profiling import median_time, peak_memory
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
+
+__all__ = ["CORE", "QUICK", "Row", "backends_for", "projection_floor", "run", "run_case"]
 
 
 def backends_for(name: str, **options) -> list[str]:
-    """The backends a preset accepts with these options (``auto`` first, ``dense`` second)."""
+    """The backends a preset accepts with these options (``auto`` first, ``dense`` second), from the kernel
+    table; ``chunked`` of criss-cross is its ``auto`` path, so it is measured once."""
     o = resolve_options(name, 64, 2, options)
-    mode = PRESETS[name].mode
-    if mode == "channels":
-        return ["auto", "dense", "lowrank"]
-    if mode == "crisscross":
-        return ["auto", "dense"]
-    out = ["auto", "dense", "chunked"]
-    if o["kernel"] in LOWRANK_KERNELS:
-        out.append("lowrank")
-    if o["kernel"] in EXP_KERNELS and o["normalization"] in ("softmax", "row"):
-        out.append("sdpa")
-    return out
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_time(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def peak_memory(fn: Callable[[], None], device: torch.device) -> int:
-    """Peak bytes allocated while ``fn`` runs, above what was live before (measured)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated(device) - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
-    live = peak = 0
-    for e in events:
-        live += e.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
+    out = list(valid_backends(o["kernel"], o["normalization"], PRESETS[name].mode))
+    return [b for b in out if not (PRESETS[name].mode == "crisscross" and b == "chunked")]
 
 
 @dataclass
@@ -111,7 +67,7 @@ def run_case(name: str, backend: str, shape: tuple[int, ...], mode: str, dtype: 
         row.note = f"skipped: dense needs ~{dense_bytes / 2**30:.1f} GiB (> --dense-cap-gib)"
         return row
     torch.manual_seed(0)
-    block = nonlocalnet.build_block(name, c, dim=dim, backend=backend, **options).to(device)
+    block = build_block(name, c, dim=dim, backend=backend, **options).to(device)
     x = torch.randn(shape, device=device)
     autocast = dtype in (torch.bfloat16, torch.float16)
     if mode == "fwd+bwd":
@@ -145,12 +101,10 @@ def projection_floor(name: str, shape: tuple[int, ...], device: torch.device, re
     for s in shape[2:]:
         n *= s
     torch.manual_seed(0)
-    block = nonlocalnet.build_block(name, c, dim=len(shape) - 2, **(options or {})).to(device).eval()
+    block = build_block(name, c, dim=len(shape) - 2, **(options or {})).to(device).eval()
     x = torch.randn(shape, device=device)
     convs = [m for m in block.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))]
     tokens = {cin: torch.randn(b, n, cin, device=device) for cin in {m.in_channels for m in convs}}
-    from nonlocalnet.blocks import project
-
     def projections():
         for m in convs:
             project(m, tokens[m.in_channels])
@@ -187,11 +141,6 @@ def format_table(rows: list[Row]) -> str:
 
 def plot_loglog(rows: list[Row], path: str, mode: str = "fwd+bwd") -> None:
     """Time against N on log-log axes, one line per (block, backend); slope 1 = linear, 2 = quadratic."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     series: dict[tuple[str, str], list[tuple[int, float]]] = {}
     for r in rows:
         if r.time_ms and r.mode == mode and r.dtype == "float32" and r.shape.count("x") == 3:
@@ -226,55 +175,37 @@ QUICK = dict(blocks=["snl", "nl"], sizes=[16, 32], batch=2, channels=64, modes=[
 CORE = dict(blocks=["snl", "nl"], sizes=[32, 64, 96], batch=4, channels=128, modes=["fwd+bwd"], repeats=3)
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="nonlocalnet bench", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small sizes, finishes in well under 2 minutes on CPU")
-    p.add_argument("--blocks", nargs="+", default=None, help=f"presets (default: snl nl; any of {list(PRESETS)})")
-    p.add_argument("--all-blocks", action="store_true", help="every preset")
-    p.add_argument("--backends", nargs="+", default=None, help="backends (default: all a preset supports)")
-    p.add_argument("--sizes", nargs="+", type=int, default=None, help="square sides H=W (N = side²)")
-    p.add_argument("--video", nargs="+", default=[], help="clip sizes TxHxW, e.g. 4x28x28 (3-D blocks)")
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--channels", type=int, default=None)
-    p.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"], default=None)
-    p.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16", "float16"], default=["float32"])
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dense-cap-gib", type=float, default=6.0, help="skip dense runs needing more than this")
-    p.add_argument("--floor", action="store_true",
-                   help="also measure each block's forward time against its own 1x1 projections (at the largest size)")
-    p.add_argument("--json", default=None, help="write the rows and the environment to this JSON file")
-    p.add_argument("--plot", default=None, help="write a log-log plot of time vs N (PNG) to this file")
-    return p
+def run(*, quick: bool = False, blocks: list[str] | None = None, backends: list[str] | None = None,
+        sizes: list[int] | None = None, video: list[tuple[int, int, int]] = (), batch: int | None = None,
+        channels: int | None = None, modes: list[str] | None = None, dtypes: list[str] = ("float32",),
+        repeats: int | None = None, device: str = "cpu", dense_cap_gib: float = 6.0, floor: bool = False,
+        json_path: str | None = None, plot: str | None = None) -> list[Row]:
+    """Measure, print the table (stdout) and progress (stderr); optionally write JSON and a log-log plot.
 
-
-def run(args: argparse.Namespace) -> list[Row]:
-    cfg = dict(QUICK if args.quick else CORE)
-    blocks = list(PRESETS) if args.all_blocks else (args.blocks or cfg["blocks"])
-    sizes = args.sizes or cfg["sizes"]
-    batch, channels = args.batch or cfg["batch"], args.channels or cfg["channels"]
-    modes, repeats = args.modes or cfg["modes"], args.repeats or cfg["repeats"]
-    device = torch.device(args.device)
-    shapes = [(batch, channels, s, s) for s in sizes]
-    for v in args.video:
-        t, h, w = (int(u) for u in v.lower().split("x"))
-        shapes.append((batch, channels, t, h, w))
+    ``None`` takes the value of :data:`QUICK` (``quick``) or :data:`CORE`; ``blocks`` may hold ``"all"``."""
+    cfg = dict(QUICK if quick else CORE)
+    blocks = list(PRESETS) if blocks == ["all"] else (blocks or cfg["blocks"])
+    sizes = sizes or cfg["sizes"]
+    batch, channels = batch or cfg["batch"], channels or cfg["channels"]
+    modes, repeats = modes or cfg["modes"], repeats or cfg["repeats"]
+    dev = torch.device(device)
+    shapes = [(batch, channels, s, s) for s in sizes] + [(batch, channels, *v) for v in video]
     rows: list[Row] = []
     env = environment()
     print(f"# nonlocalnet bench — torch {env['torch']}, {env.get('gpu', env['processor'])}, "
-          f"{env['threads']} threads, device {device}", flush=True)
+          f"{env['threads']} threads, device {dev}", flush=True)
     for name in blocks:
         opts = {"reduction": 8} if name == "cc" else {}
-        backends = args.backends or backends_for(name)
+        chosen = backends or backends_for(name)
         for shape in shapes:
             for mode in modes:
-                for dt in args.dtype:
+                for dt in dtypes:
                     dtype = getattr(torch, dt)
-                    for be in backends:
+                    for be in chosen:
                         if be not in backends_for(name):
                             continue
                         try:
-                            r = run_case(name, be, shape, mode, dtype, device, repeats, opts, args.dense_cap_gib)
+                            r = run_case(name, be, shape, mode, dtype, dev, repeats, opts, dense_cap_gib)
                         except (RuntimeError, torch.OutOfMemoryError) as e:  # report, keep going
                             r = Row(name, be, "", "x".join(map(str, shape)), 0, mode, dt, None, None,
                                     note=f"failed: {str(e).splitlines()[0][:80]}")
@@ -284,27 +215,17 @@ def run(args: argparse.Namespace) -> list[Row]:
     add_ratios(rows)
     print(format_table(rows))
     floors = []
-    if args.floor:
+    if floor:
         print("\n# physical floor: block forward time / time of its own 1x1 projections")
         for name in blocks:
             opts = {"reduction": 8} if name == "cc" else {}
-            f = projection_floor(name, shapes[-1] if not args.video else shapes[len(sizes) - 1], device,
-                                 repeats, opts)
+            f = projection_floor(name, shapes[len(sizes) - 1], dev, repeats, opts)
             floors.append(f)
             print(f"{f['block']:6} {f['path']:10} {f['shape']:16} block {f['block_ms']:9.2f} ms  "
                   f"projections {f['projections_ms']:8.2f} ms  ratio {f['ratio']:5.2f}")
-    if args.plot:
-        plot_loglog(rows, args.plot)
-    if args.json:
-        with open(args.json, "w") as fh:
+    if plot:
+        plot_loglog(rows, plot)
+    if json_path:
+        with open(json_path, "w") as fh:
             json.dump({"environment": env, "rows": [asdict(r) for r in rows], "floor": floors}, fh, indent=1)
     return rows
-
-
-def main(argv: list[str] | None = None) -> int:
-    run(build_parser().parse_args(argv))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

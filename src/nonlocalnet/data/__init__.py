@@ -23,7 +23,7 @@ from ._common import (
 from .cifar import CIFAR10, CIFAR100
 from .demo import DemoDataset, generate_demo
 from .folder import CUB200, ImageFolder
-from .registry import DATASETS, build_dataset, dataset_options
+from .registry import DATASETS, build_dataset, dataset_options, expected_num_classes
 from .safe_pickle import RestrictedUnpickler, UnsafePickleError, load_restricted
 from .transforms import BatchTransform
 from .ucf101 import UCF101
@@ -51,6 +51,7 @@ __all__ = [
     "UnsafePickleError",
     "build_dataset",
     "dataset_options",
+    "expected_num_classes",
     "generate_demo",
     "load_restricted",
 ]

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .transforms import BatchTransform
+
 # Per-channel statistics in 0..1 units (pixel / 255).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -67,6 +69,12 @@ class BaseDataset(Dataset):
     input_shape: tuple[int, ...]
     augment: dict = {"crop_padding": 0, "flip": True}
 
+    @classmethod
+    def expected_num_classes(cls, **options) -> int | None:
+        """The number of classes known without reading the data (``None`` where the files decide)."""
+        n = cls.__dict__.get("num_classes")
+        return n if isinstance(n, int) else None
+
     @property
     def info(self) -> DatasetInfo:
         return DatasetInfo(self.name, int(self.num_classes), tuple(self.mean), tuple(self.std),
@@ -74,8 +82,6 @@ class BaseDataset(Dataset):
 
     def batch_transform(self, train: bool, *, generator: torch.Generator | None = None, **overrides):
         """A :class:`BatchTransform` with this dataset's statistics and recommended augmentation."""
-        from .transforms import BatchTransform
-
         options = dict(self.augment) if train else {}
         options.update(overrides)
         return BatchTransform(self.mean, self.std, train=train, generator=generator, **options)

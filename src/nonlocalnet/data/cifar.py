@@ -128,6 +128,10 @@ class CIFAR100(_CIFAR):
     """CIFAR-100 with ``label_type="fine"`` (100 classes, default) or ``"coarse"`` (20 superclasses)."""
 
     name = "cifar100"
+
+    @classmethod
+    def expected_num_classes(cls, label_type: str = "fine", **options) -> int:
+        return 20 if label_type == "coarse" else 100
     mean = CIFAR100_MEAN
     std = CIFAR100_STD
     META_FILE = "meta"

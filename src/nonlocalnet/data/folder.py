@@ -120,6 +120,7 @@ class CUB200(_ImageFileDataset):
     """CUB-200-2011 birds (200 classes); ``.samples`` is a list of ``(path, label)`` with 0-based labels."""
 
     name = "cub200"
+    num_classes = 200
     EXPECTED = "images.txt, image_class_labels.txt, train_test_split.txt, images/"
 
     def __init__(self, root: str | os.PathLike, split: str = "train", size: int = 224,

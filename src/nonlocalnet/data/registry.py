@@ -11,7 +11,7 @@ from .demo import DemoDataset
 from .folder import CUB200, ImageFolder
 from .ucf101 import UCF101
 
-__all__ = ["DATASETS", "build_dataset", "dataset_options"]
+__all__ = ["DATASETS", "build_dataset", "dataset_options", "expected_num_classes"]
 
 #: dataset name -> class; every class is called as ``cls(root, split, **options)``
 DATASETS: dict[str, type[BaseDataset]] = {
@@ -37,6 +37,11 @@ def dataset_options(name: str) -> dict[str, object]:
     cls = DATASETS[_canonical(name)]
     params = list(inspect.signature(cls.__init__).parameters.values())[3:]  # self, root, split
     return {p.name: p.default for p in params}
+
+
+def expected_num_classes(name: str, **options) -> int | None:
+    """The number of classes of dataset ``name`` known without its files (``None``: the files decide)."""
+    return DATASETS[_canonical(name)].expected_num_classes(**options)
 
 
 def build_dataset(name: str, root: str | os.PathLike | None = None, split: str = "train",

@@ -54,6 +54,7 @@ class UCF101(FileDataset):
     """UCF-101 frame folders; ``.samples`` is a list of ``(video_dir, label)``."""
 
     name = "ucf101"
+    num_classes = 101
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
     augment = {"crop_padding": 0, "flip": True}

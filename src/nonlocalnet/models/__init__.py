@@ -12,6 +12,7 @@ from .insert import (
     inserted_blocks,
     remap_state_dict,
     resolve_placement,
+    strip_blocks,
 )
 from .preresnet import PreActBasicBlock, PreActBottleneck, PreResNet
 from .registry import build_model, list_models
@@ -38,4 +39,5 @@ __all__ = [
     "resnet50",
     "resnet50_cifar",
     "resolve_placement",
+    "strip_blocks",
 ]

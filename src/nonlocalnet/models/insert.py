@@ -50,6 +50,7 @@ Examples (the placements of the papers):
 
 from __future__ import annotations
 
+import copy
 import difflib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -66,23 +67,12 @@ __all__ = [
     "inserted_blocks",
     "remap_state_dict",
     "get_module",
+    "strip_blocks",
 ]
 
-_POSITION_KEYS = ("after_block", "before_block", "after_last", "before_last")
-_CONTAINER_KEYS = ("stage", "res")
-PLACEMENT_KEYS: tuple[str, ...] = (
-    "at",
-    "where",
-    "block",
-    "units",
-    "count",
-    "dim",
-    "in_channels",
-    "options",
-    *_CONTAINER_KEYS,
-    *_POSITION_KEYS,
-)
-_WHERE = ("after", "before")
+from nonlocalnet.presets import build_block
+
+from .placement import PLACEMENT_KEYS, POSITION_KEYS, WHERE, check_placement, int_key
 
 
 class BlockChain(nn.Sequential):
@@ -108,7 +98,7 @@ class Inserted(nn.Module):
         placement: dict | None = None,
     ) -> None:
         super().__init__()
-        if where not in _WHERE:
+        if where not in WHERE:
             raise ValueError(f"where must be 'after' or 'before', got {where!r}")
         self.module = module
         self.nonlocal_block = nonlocal_block
@@ -194,23 +184,12 @@ def _canonical(model: nn.Module, path: str) -> str:
 # ------------------------------------------------------------------------------------------ placements
 
 
-def _int_key(spec: Mapping, key: str, default: int | None, minimum: int = 1) -> int | None:
-    val = spec.get(key, default)
-    if val is None:
-        return None
-    if isinstance(val, bool) or not isinstance(val, int) or val < minimum:
-        raise ValueError(
-            f"placement key {key!r} must be an integer >= {minimum}, got {val!r} in {dict(spec)}"
-        )
-    return val
-
-
 def _container_path(model: nn.Module, spec: Mapping) -> str:
-    if "stage" in spec:
-        k = _int_key(spec, "stage", None)
+    if spec.get("stage") is not None:
+        k = int_key(spec, "stage")
         candidates = [f"stage{k}", f"layer{k}"]
     else:
-        r = _int_key(spec, "res", None, minimum=2)
+        r = int_key(spec, "res")
         candidates = [f"layer{r - 1}", f"stage{r - 1}"]
     for c in candidates:
         if _walk(model, c)[0] is not None:
@@ -230,43 +209,17 @@ def resolve_placement(model: nn.Module, spec: Mapping[str, Any]) -> dict[str, An
     ``in_channels`` (``None`` = infer) and ``options``. Raises ValueError for unknown keys, bad values and
     paths that do not exist (the message lists nearby valid module names).
     """
-    if not isinstance(spec, Mapping):
-        raise TypeError(f"a placement must be a dict, got {type(spec).__name__}: {spec!r}")
-    unknown = [k for k in spec if k not in PLACEMENT_KEYS]
-    if unknown:
-        raise ValueError(
-            f"placement {dict(spec)} has unknown key(s) {', '.join(map(repr, unknown))}; "
-            f"valid keys: {', '.join(PLACEMENT_KEYS)}"
-        )
-    containers = [k for k in ("at", *_CONTAINER_KEYS) if k in spec]
-    if len(containers) != 1:
-        raise ValueError(
-            f"placement {dict(spec)} must give exactly one of 'at', 'stage', 'res' "
-            f"(got {containers or 'none'})"
-        )
-    positions = [k for k in _POSITION_KEYS if k in spec and spec[k] is not False]
-    if len(positions) > 1:
-        raise ValueError(f"placement {dict(spec)} gives several positions {positions}; use at most one")
+    checked = check_placement(spec)
+    where = checked["where"]
+    positions = [k for k in POSITION_KEYS if spec.get(k) not in (None, False)]
 
-    where = spec.get("where")
-    if where is not None and where not in _WHERE:
-        raise ValueError(f"placement key 'where' must be 'after' or 'before', got {where!r}")
-
-    if "at" in spec:
-        if not isinstance(spec["at"], str) or not spec["at"]:
-            raise ValueError(f"placement key 'at' must be a non-empty module path, got {spec['at']!r}")
+    if spec.get("at") is not None:
         container = spec["at"]
     else:
         container = _container_path(model, spec)
     path = container
     if positions:
         key = positions[0]
-        implied = "after" if key.startswith("after") else "before"
-        if where is not None and where != implied:
-            raise ValueError(
-                f"placement {dict(spec)}: {key!r} implies where={implied!r}, but where={where!r}"
-            )
-        where = implied
         parent = get_module(model, container)
         if isinstance(parent, Inserted):
             parent = parent.module
@@ -274,11 +227,9 @@ def resolve_placement(model: nn.Module, spec: Mapping[str, Any]) -> dict[str, An
         if not children:
             raise ValueError(f"placement {dict(spec)}: {container!r} has no child modules to choose from")
         if key.endswith("_last"):
-            if spec[key] is not True:
-                raise ValueError(f"placement key {key!r} must be true or false, got {spec[key]!r}")
             j = len(children)
         else:
-            j = _int_key(spec, key, None)
+            j = int_key(spec, key)
             if j > len(children):
                 raise ValueError(
                     f"placement {dict(spec)}: {container!r} has only {len(children)} blocks "
@@ -286,27 +237,15 @@ def resolve_placement(model: nn.Module, spec: Mapping[str, Any]) -> dict[str, An
                 )
         path = f"{container}.{children[j - 1]}"
 
-    dim = _int_key(spec, "dim", None)
-    if dim is not None and dim > 3:
-        raise ValueError(f"placement key 'dim' must be 1, 2 or 3, got {dim}")
-    options = spec.get("options") or {}
-    if not isinstance(options, Mapping):
-        raise ValueError(f"placement key 'options' must be a dict, got {options!r}")
-    clash = [k for k in ("units", "dim", "in_channels") if k in options]
-    if clash:
-        raise ValueError(f"give {clash} as top-level placement keys, not inside 'options'")
-    block = spec.get("block")
-    if block is not None and not isinstance(block, str):
-        raise ValueError(f"placement key 'block' must be a block name (str), got {block!r}")
     return {
         "at": _canonical(model, path),
         "where": where or "after",
-        "block": block,
-        "units": _int_key(spec, "units", 1),
-        "count": _int_key(spec, "count", 1),
-        "dim": dim,
-        "in_channels": _int_key(spec, "in_channels", None),
-        "options": dict(options),
+        "block": spec.get("block"),
+        "units": int_key(spec, "units", 1),
+        "count": int_key(spec, "count", 1),
+        "dim": spec.get("dim"),
+        "in_channels": spec.get("in_channels"),
+        "options": dict(spec.get("options") or {}),
     }
 
 
@@ -400,14 +339,6 @@ def _record_shapes(
 # ------------------------------------------------------------------------------------------- insertion
 
 
-def _default_factory() -> Callable[..., nn.Module]:
-    try:
-        from nonlocalnet import build_block
-    except ImportError as e:  # pragma: no cover - depends on the core being installed
-        raise ImportError("insert_blocks needs nonlocalnet.build_block or an explicit factory=") from e
-    return build_block
-
-
 def _set_child(model: nn.Module, canonical_path: str, new: nn.Module) -> None:
     parent_path, _, name = canonical_path.rpartition(".")
     parent = get_module(model, parent_path) if parent_path else model
@@ -448,7 +379,7 @@ def insert_blocks(
     targets = [(p["at"], p["where"]) for p in resolved if p["in_channels"] is None or p["dim"] is None]
     shapes = _record_shapes(model, targets, example_input, input_shape) if targets else {}
     if factory is None:
-        factory = _default_factory()
+        factory = build_block
     device, dtype = _model_device_dtype(model)
 
     wrappers = []
@@ -478,6 +409,25 @@ def insert_blocks(
         target = get_module(model, p["at"])
         _set_child(model, p["at"], Inserted(target, block, p["where"], placement=p))
     return model
+
+
+def strip_blocks(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every inserted block taken out (each :class:`Inserted` replaced by the module
+    it wraps): the backbone the blocks were inserted into, with its weights. ``model`` is left untouched."""
+    out = copy.deepcopy(model)
+    while isinstance(out, Inserted):
+        out = out.module
+    _strip(out)
+    return out
+
+
+def _strip(module: nn.Module) -> None:
+    for name, child in module._modules.items():
+        while isinstance(child, Inserted):
+            child = child.module
+        module._modules[name] = child
+        if child is not None:
+            _strip(child)
 
 
 def inserted_blocks(model: nn.Module) -> dict[str, nn.Module]:

@@ -28,7 +28,7 @@ class DistEnv:
         return self.rank == 0
 
 
-def _pick_device(kind: str, local_rank: int) -> torch.device:
+def pick_device(kind: str, local_rank: int) -> torch.device:
     if kind == "cpu":
         return torch.device("cpu")
     if kind == "cuda" and not torch.cuda.is_available():
@@ -44,7 +44,7 @@ def setup(device: str = "auto") -> DistEnv:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _pick_device(device, local_rank)
+    dev = pick_device(device, local_rank)
     env = DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
     if world > 1:
         if dev.type == "cuda":

@@ -1,0 +1,85 @@
+"""Linear algebra on trained blocks: the weight matrices of each filter term, symmetric spectra, labels."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.polynomial import chebyshev
+
+from nonlocalnet.blocks import NonlocalBlock
+from nonlocalnet.reference import conv_matrix
+
+from .errors import AnalysisError
+
+__all__ = ["block_matrices", "is_channel_graph", "poly_label", "sorted_by_magnitude", "symmetric_eigenvalues"]
+
+
+def is_channel_graph(block: NonlocalBlock) -> bool:
+    """CGNL: a graph over positions × channels, no ``N × N'`` position affinity."""
+    return block.edges.mode == "channels"
+
+
+def poly_label(coef_row: Sequence[float]) -> str:
+    """``B_t(A) = Σ_k coef[k] T_k(A)`` in the power basis, e.g. ``[-1, 2] -> "2A - I"``."""
+    p = chebyshev.cheb2poly(np.asarray(coef_row, dtype=float))
+    parts = []
+    for k in range(len(p) - 1, -1, -1):
+        c = float(p[k])
+        if abs(c) < 1e-12:
+            continue
+        mono = "I" if k == 0 else ("A" if k == 1 else f"A^{k}")
+        mag = abs(c)
+        body = mono if mag == 1 else f"{mag:g}{mono}"
+        sign = "-" if c < 0 else "+"
+        parts.append((sign, body))
+    if not parts:
+        return "0"
+    s = ("-" if parts[0][0] == "-" else "") + parts[0][1]
+    for sign, body in parts[1:]:
+        s += f" {sign} {body}"
+    return s
+
+
+def block_matrices(name: str, block: NonlocalBlock, state: dict[str, torch.Tensor] | None = None
+                   ) -> list[dict[str, Any]]:
+    """For each unit ``i`` and filter term ``t``: the keys and matrices of ``W_t`` (``C × C_v``) and ``W_g``
+    (``C_v × C``), read from ``state`` (default: the block's own weights) by state-dict key.
+
+    ``out_proj=False`` (CC): no ``W_t``; the entry has ``w_key=None`` and ``w=None``.
+    """
+    own = {f"{name}.{k}": v for k, v in block.state_dict().items()}
+    state = own if state is None else state
+    out = []
+    for i, unit in enumerate(block.units):
+        g_key = f"{name}.units.{i}.g.weight"
+        if g_key not in state:
+            raise AnalysisError(f"state dict has no {g_key}")
+        wg = state[g_key].detach().cpu().double().reshape(state[g_key].shape[0], -1)  # C_v × C
+        coef = unit.coef.tolist()
+        if not len(unit.w):
+            out.append({"unit": i, "term": 0, "coef": coef[0], "poly": poly_label(coef[0]), "g_key": g_key,
+                        "w_key": None, "wg": wg, "w": None, "groups": 1})
+            continue
+        for t, conv in enumerate(unit.w):
+            w_key = f"{name}.units.{i}.w.{t}.weight"
+            if w_key not in state:
+                raise AnalysisError(f"state dict has no {w_key}")
+            w = conv_matrix(state[w_key].detach().cpu().double(), wg.shape[0])  # C × C_v
+            out.append({"unit": i, "term": t, "coef": coef[t], "poly": poly_label(coef[t]), "g_key": g_key,
+                        "w_key": w_key, "wg": wg, "w": w, "groups": int(conv.groups)})
+    return out
+
+
+def symmetric_eigenvalues(w: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Eigenvalues of ``(W + Wᵀ)/2`` sorted by magnitude, largest first."""
+    w = np.asarray(w, dtype=np.float64)
+    return sorted_by_magnitude(np.linalg.eigvalsh(0.5 * (w + w.T)))
+
+
+def sorted_by_magnitude(values: Iterable[float]) -> np.ndarray:
+    v = np.asarray(list(values), dtype=np.float64)
+    order = np.argsort(-np.abs(v), kind="stable")
+    return v[order]

@@ -1,3 +1,0 @@
-from nonlocalnet.bench import main
-
-raise SystemExit(main())

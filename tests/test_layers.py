@@ -1,0 +1,95 @@
+"""The package's layers: imports point down only, and no module imports a project module inside a function.
+
+Layers, bottom to top (docs/design.md): core (kernels, affinity, filters, blocks, presets, reference, compat,
+profiling) < models, data < runs < train, analysis, bench < apps < cli. A module may import its own layer or
+a lower one; ``models`` and ``data`` do not import each other.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "src" / "nonlocalnet"
+
+CORE = {"kernels", "affinity", "filters", "blocks", "presets", "reference", "compat", "profiling", "__init__"}
+LEVEL = {"models": 1, "data": 1, "runs": 2, "train": 3, "analysis": 3, "bench": 3, "apps": 4, "cli": 5, "__main__": 6}
+
+
+def _unit(module: str) -> str:
+    """``nonlocalnet.runs.build`` -> ``runs``; core modules -> ``core``."""
+    parts = module.split(".")
+    top = parts[1] if len(parts) > 1 else "__init__"
+    return "core" if top in CORE else top
+
+
+def _level(unit: str) -> int:
+    return 0 if unit == "core" else LEVEL[unit]
+
+
+def _modules() -> list[tuple[str, Path]]:
+    out = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG.parent).with_suffix("")
+        name = ".".join(p for p in rel.parts if p != "__init__") if rel.name == "__init__" else ".".join(rel.parts)
+        out.append((name, path))
+    return out
+
+
+def _imports(name: str, path: Path) -> list[tuple[str, int, bool]]:
+    """``(imported project module, line, inside a function)`` for every import of ``nonlocalnet``."""
+    tree = ast.parse(path.read_text())
+    is_pkg = path.name == "__init__.py"
+    found = []
+
+    def visit(node, in_function: bool):
+        for child in ast.iter_child_nodes(node):
+            inner = in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
+            if isinstance(child, ast.Import):
+                for a in child.names:
+                    if a.name.split(".")[0] == "nonlocalnet":
+                        found.append((a.name, child.lineno, in_function))
+            elif isinstance(child, ast.ImportFrom):
+                if child.level:
+                    base = name.split(".")
+                    base = base if is_pkg else base[:-1]
+                    base = base[: len(base) - (child.level - 1)]
+                    mod = ".".join(base + ([child.module] if child.module else []))
+                else:
+                    mod = child.module or ""
+                if mod.split(".")[0] == "nonlocalnet":
+                    targets = [mod] if child.module else [f"{mod}.{a.name}" for a in child.names]
+                    found.extend((t, child.lineno, in_function) for t in targets)
+            visit(child, inner)
+
+    visit(tree, False)
+    return found
+
+
+MODULES = _modules()
+
+
+@pytest.mark.parametrize("name,path", MODULES, ids=[m for m, _ in MODULES])
+def test_imports_point_down(name, path):
+    here = _unit(name)
+    for target, line, in_function in _imports(name, path):
+        there = _unit(target)
+        assert not in_function, f"{name}:{line} imports {target} inside a function (import it at the top)"
+        if there == here or there == "core" and here == "core":
+            continue
+        assert _level(there) < _level(here), (
+            f"{name}:{line} imports {target}: layer {here!r} (level {_level(here)}) may not import "
+            f"{there!r} (level {_level(there)})")
+
+
+def test_every_layer_is_known():
+    units = {_unit(name) for name, _ in MODULES}
+    assert units <= {"core", *LEVEL}, units - {"core", *LEVEL}
+    assert {"runs", "train", "analysis", "bench", "apps", "cli"} <= units
+
+
+def test_one_entry_point():
+    assert not (PKG / "cli_train.py").exists() and not (PKG / "bench" / "__main__.py").exists()
+    assert "from nonlocalnet.cli import main" in (PKG / "__main__.py").read_text()
