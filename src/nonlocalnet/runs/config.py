@@ -27,6 +27,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "ModelConfig",
+    "PaperResult",
     "RunConfig",
     "TrainConfig",
     "apply_overrides",
@@ -215,6 +216,17 @@ class RunConfig:
 
 
 @dataclass
+class PaperResult:
+    """The number a paper reports for the row a config reproduces (shown beside ours by ``summarize``)."""
+
+    source: str
+    """The paper and table, e.g. "Tao et al. 2018, Table 1"."""
+    metric: Literal["top1", "error"] = "top1"
+    """``top1``: test top-1 accuracy (%); ``error``: test error (%) = 100 - top-1."""
+    value: float = 0.0
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -222,6 +234,8 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     description: str | None = None
     """What this config reproduces (free text)."""
+    paper: PaperResult | None = None
+    """The paper's number for the row this config reproduces, if any (docs/configs.md)."""
 
     def __post_init__(self) -> None:
         t = self.train
