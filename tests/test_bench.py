@@ -22,3 +22,14 @@ def test_bench_quick_smoke(tmp_path):
     assert {r["taken"] for r in auto if r["block"] == "nl"} == {"sdpa"}
     assert data["floor"] and all(f["ratio"] > 0 for f in data["floor"])
     assert plot.stat().st_size > 1000
+
+
+def test_bench_spectral_smoke(tmp_path):
+    """`nonlocalnet bench --spectral`: every case runs and is recorded (no timing assertion)."""
+    out = tmp_path / "spectral.json"
+    assert main(["bench", "--spectral", "--sizes", "4", "--channels", "8", "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    cases = {r["case"] for r in rows}
+    assert {"heat exact", "cayley exact", "wavelet exact", "cheby 2", "cheby 8", "heat dense eigh",
+            "spectrum core", "spectrum dense"} <= cases
+    assert all(r["ms"] > 0 for r in rows)

@@ -1,8 +1,8 @@
 """The package's layers: imports point down only, and no module imports a project module inside a function.
 
-Layers, bottom to top (docs/design.md): core (kernels, affinity, filters, blocks, presets, reference, compat,
-profiling) < models, data < runs < train, analysis, bench < apps < cli. A module may import its own layer or
-a lower one; ``models`` and ``data`` do not import each other.
+Layers, bottom to top (docs/design.md): core (kernels, affinity, filters, spectral, spectral_filters, blocks,
+presets, reference, compat, profiling) < models, data < runs < train, analysis, bench < apps < cli. A module may
+import its own layer or a lower one; ``models`` and ``data`` do not import each other.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "nonlocalnet"
 
-CORE = {"kernels", "affinity", "filters", "blocks", "presets", "reference", "compat", "profiling", "__init__"}
+CORE = {"kernels", "affinity", "filters", "spectral", "spectral_filters", "blocks", "presets", "reference", "compat",
+        "profiling", "__init__"}
 LEVEL = {"models": 1, "data": 1, "runs": 2, "train": 3, "analysis": 3, "bench": 3, "apps": 4, "cli": 5, "__main__": 6}
 
 

@@ -30,6 +30,7 @@ from nonlocalnet.apps.demo import DEFAULT_RUNS, run_demo
 from nonlocalnet.apps.summary import summarize
 from nonlocalnet.apps.sweep import run_sweep
 from nonlocalnet.bench import run as run_bench
+from nonlocalnet.bench.spectral import run_spectral
 from nonlocalnet.presets import PRESETS
 from nonlocalnet.runs import CheckpointError, ConfigError, dump_config, load_config, load_config_only, load_run
 from nonlocalnet.train import NonFiniteLossError, TrainingError, evaluate_checkpoint, train
@@ -129,6 +130,10 @@ def cmd_summarize(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.spectral:
+        run_spectral(sizes=args.sizes or (32, 64, 96), batch=args.batch or 1, channels=args.channels or 64,
+                     repeats=args.repeats or 5, eigh_max=args.eigh_max, json_path=args.json)
+        return 0
     run_bench(quick=args.quick, blocks=["all"] if args.all_blocks else args.blocks, backends=args.backends,
               sizes=args.sizes, video=args.video, batch=args.batch, channels=args.channels, modes=args.modes,
               dtypes=args.dtype, repeats=args.repeats, device=args.device, dense_cap_gib=args.dense_cap_gib,
@@ -337,6 +342,11 @@ def _add_bench(sub) -> None:
                    help="also measure each block's forward time against its own 1x1 projections (largest size)")
     p.add_argument("--json", default=None, help="write the rows and the environment to this JSON file")
     p.add_argument("--plot", default=None, help="write a log-log plot of time vs N (PNG) to this file")
+    p.add_argument("--spectral", action="store_true",
+                   help="instead: the spectral filters' exact r x r path vs Chebyshev orders 2/4/8, their Chebyshev "
+                        "approximation and dense eigh (B=1, C=64, sides 32 64 96 unless given; docs/spectral.md)")
+    p.add_argument("--eigh-max", type=_positive_int, default=96 * 96,
+                   help="--spectral: largest N for the dense eigh rows")
     p.set_defaults(func=cmd_bench)
 
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from .affinity import LowRankGraph
+
 # an element of the algebra: (alpha, M), alpha of shape (B,) or (), M of shape (B, r, r)
 Element = tuple[torch.Tensor, torch.Tensor]
 
@@ -185,8 +187,6 @@ def eigenvalues(u: torch.Tensor, v: torch.Tensor, symmetric: bool = False) -> to
 def spectrum(graph) -> tuple[torch.Tensor, bool]:
     """All eigenvalues of a factorizable square graph's ``A`` (``(B, N)``) and whether they are real (the
     symmetric normalization), through the core: ``O(N r² + r³)``, no ``N × N`` matrix."""
-    from .affinity import LowRankGraph
-
     if not isinstance(graph, LowRankGraph) or not graph.square:
         raise ValueError(f"graph: the core spectrum needs a factorizable square graph (LowRankGraph, N' = N), got "
                          f"{type(graph).__name__} with backend {graph.backend!r}")

@@ -1,7 +1,7 @@
 """Benchmark of the spectral filters: the exact ``r × r`` path against Chebyshev filters of order 2/4/8 and
 against the dense eigendecomposition, side by side in one run (docs/benchmarks.md, "Spectral filters").
 
-``python -m nonlocalnet.bench.spectral [--sizes 32 64 96] [--batch 1] [--channels 64]``. For each size
+``nonlocalnet bench --spectral [--sizes 32 64 96] [--batch 1] [--channels 64]``. For each size
 ``N = s²`` it times (median) and measures the peak memory of, forward only, on one SNL graph
 (``relu_dot`` + ``symmetric``, ``C_s = C/2``, rank ``r = 2 C_s``):
 
@@ -20,17 +20,16 @@ Times: median and minimum over ``--repeats`` calls (the minimum is the robust fi
 
 from __future__ import annotations
 
-import argparse
 import json
+import platform
 import statistics
-import sys
 import time
 
 import torch
 
 import nonlocalnet
 from nonlocalnet import spectral as sp
-from nonlocalnet.bench import environment, peak_memory
+from nonlocalnet.profiling import peak_memory
 
 
 def times(fn, repeats: int, warmup: int = 1) -> list[float]:
@@ -90,11 +89,18 @@ def _cases(block_args: dict, x: torch.Tensor, eigh_max: int):
     del u
 
 
-def run(sizes, batch: int, channels: int, repeats: int, eigh_max: int, threads: int | None = None) -> list[dict]:
+def run_spectral(sizes=(32, 64, 96), batch: int = 1, channels: int = 64, repeats: int = 5, eigh_max: int = 96 * 96,
+                 threads: int | None = None, json_path: str | None = None) -> list[dict]:
+    """Measure and print one line per (size, case); optionally write the rows and the environment as JSON.
+    The dense rows run once above N = 2048 (the eigh at 96² takes minutes on 2 cores); their peak memory is
+    not measured above N = 4096 (the profiler's overhead there is larger than the measurement)."""
     if threads:
         torch.set_num_threads(threads)
     rows = []
     device = torch.device("cpu")  # peak_memory's device
+    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+           "threads": torch.get_num_threads()}
+    print(f"# spectral filters — torch {env['torch']}, {env['threads']} threads, B={batch}, C={channels}", flush=True)
     for s in sizes:
         torch.manual_seed(0)
         x = torch.randn(batch, channels, s, s)
@@ -108,25 +114,7 @@ def run(sizes, batch: int, channels: int, repeats: int, eigh_max: int, threads: 
                 rows.append(row)
                 print(f"N={s}x{s:<3} {label:<22} median {row['ms']:10.1f} ms  min {row['min_ms']:10.1f} ms  "
                       f"{'-' if mem is None else f'{mem / 2**20:9.1f}'} MiB", flush=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"environment": env, "batch": batch, "channels": channels, "rows": rows}, f, indent=1)
     return rows
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nonlocalnet.bench.spectral", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 96], help="spatial sides s (N = s²)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--channels", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--eigh-max", type=int, default=96 * 96, help="largest N for the dense eigh rows")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", default=None, help="write the rows and the environment here")
-    args = p.parse_args(argv)
-    rows = run(args.sizes, args.batch, args.channels, args.repeats, args.eigh_max, args.threads)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": environment(), "args": vars(args), "rows": rows}, f, indent=1)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
