@@ -232,7 +232,8 @@ def test_filter_gain_against_weight_norms(loaded, tmp_path):
     (blk,) = data["blocks"]
     state = loaded.state
     hist = blk["lambda_histogram"]
-    assert hist["source"].startswith("eigh") and hist["count"] == 2 * 256
+    # the exact spectrum through the r x r core (factorizable SNL graph), equal to the dense eigh of A
+    assert hist["source"].startswith("r x r core") and hist["count"] == 2 * 256
     assert hist["max"] == pytest.approx(1.0, abs=1e-6)  # sym-normalized non-negative A: top eigenvalue 1
     lam = np.asarray(blk["lambda"])
     for u in blk["units"]:
@@ -250,6 +251,39 @@ def test_filter_gain_against_weight_norms(loaded, tmp_path):
         g = (w0 + lam[j] * w1) @ wg
         ev = np.linalg.eigvalsh((g + g.T) / 2)
         assert u["sym_max"][j] == pytest.approx(ev[-1], rel=1e-9) and u["sym_min"][j] == pytest.approx(ev[0], rel=1e-9)
+    _png_ok(data["figures"][0])
+
+
+@pytest.mark.parametrize("preset", ["cayley", "heat", "wavelet"])
+def test_filter_spectral_presets(preset, tmp_path):
+    """Rational and exponential filters: the responses are B_t(λ) at the checkpoint's learned scales, the gain is
+    ||Σ_t B_t(λ) W_t||₂, and the spectrum from the r x r core equals numpy's eigh of the dense A."""
+    raw = {"data": TINY["data"], "model": {"arch": "preresnet20", "blocks": [
+        {"stage": 1, "after_block": 2, "block": preset}]}}
+    run = _checkpoint(tmp_path / preset, raw)
+    loaded = load_run(run)
+    data = run_filter(loaded, tmp_path / "f", images=2)
+    (blk,) = data["blocks"]
+    (u,) = blk["units"]
+    state = loaded.state
+    lam = np.asarray(blk["lambda"])
+    scales = np.exp(state[f"{BLOCK}.units.0.spectral.log_scales"].double().numpy())
+    assert u["filter"] == preset and u["scales"] == pytest.approx(scales.tolist(), rel=1e-12)
+    lam_l = 1 - lam
+    resp = np.asarray(u["responses"])
+    if preset == "heat":
+        expected = [np.ones_like(lam)] + [np.exp(-t * lam_l) for t in scales]
+    elif preset == "cayley":
+        c = (scales[0] * lam_l - 1j) / (scales[0] * lam_l + 1j)
+        expected = [np.ones_like(lam)] + [f(c**j) for j in (1, 2) for f in (np.real, np.imag)]
+    else:
+        expected = [np.exp(-scales[0] * lam_l)] + [s * lam_l * np.exp(1 - s * lam_l) for s in scales[1:]]
+    np.testing.assert_allclose(resp, np.stack(expected), rtol=1e-10, atol=1e-12)
+    ws = [state[f"{BLOCK}.units.0.w.{t}.weight"].double().numpy().reshape(16, 8) for t in range(len(expected))]
+    j = int(np.argmin(np.abs(lam - 0.3)))
+    assert u["gain"][j] == pytest.approx(np.linalg.norm(sum(e[j] * w for e, w in zip(expected, ws)), 2), rel=1e-9)
+    hist = blk["lambda_histogram"]
+    assert hist["source"].startswith("r x r core") and hist["max"] == pytest.approx(1.0, abs=1e-6)
     _png_ok(data["figures"][0])
 
 
