@@ -10,7 +10,9 @@ feature maps before and after the block as the channel norm ``‖X_i‖``, ``‖
 (Fig. 3A).
 
 3-D blocks (clips) use the query's frame: the key map of that frame, on the middle frame of the clip. 1-D
-blocks and CGNL (no position graph) get the feature maps only.
+blocks and CGNL (no position graph) get the feature maps only. GC's unary graph has one row for every query
+(``A = 1·aᵀ``: the map is GCNet's context attention ``a``); DNL's rows are those of the sum of its pairwise and
+unary terms (each sums to 2); the JSON says so per block (``notes``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from nonlocalnet.runs import Loaded
 
 from .capture import capture_batch, dense_affinity
 from .errors import require_blocks
-from .matrices import is_channel_graph
+from .matrices import graph_notes, is_channel_graph
 from .output import new_figure, safe_name, save_figure, write_result
 
 __all__ = ["parse_query", "run_attention", "salient_positions"]
@@ -108,6 +110,8 @@ def run_attention(loaded: Loaded, out: Path, *, data_root: str | None = None, sp
         if not has_graph:
             rec["note"] = ("cgnl: no N x N' position graph (its graph is over positions x channels); feature maps "
                            "only" if is_channel_graph(block) else "1-D block: feature maps only")
+        if graph_notes(block):
+            rec["notes"] = list(graph_notes(block))
         a = None
         if has_graph:
             a = dense_affinity(block, xin)

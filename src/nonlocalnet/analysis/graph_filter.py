@@ -21,6 +21,8 @@ rank r) they come exactly from the r × r core in ``O(N r²)`` (:func:`nonlocaln
 the symmetric normalization); otherwise from the dense ``A``: ``eigh`` when it is symmetric, else the real parts
 of its (complex) eigenvalues. The JSON says which. Non-square ``A`` (sub-sampling) and CGNL have no such
 spectrum. The responses are the eigenvector gains only where ``A`` is symmetric (the JSON notes it otherwise).
+DNL's ``A`` is a sum (pairwise + unary, row sums 2): its λ reach 2. GC's output maps are nonlinear (GCNet's
+bottleneck): no gain curve, the block's record says so (``applies: false``, ``note``).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from nonlocalnet.spectral_filters import responses as spectral_responses
 
 from .capture import capture_batch, dense_affinity, float64_block
 from .errors import require_blocks
-from .matrices import block_matrices, is_channel_graph, poly_label
+from .matrices import block_matrices, graph_notes, is_channel_graph, nonlinear_reason, poly_label
 from .output import new_figure, safe_name, save_figure, write_result
 
 __all__ = ["affinity_eigenvalues", "affinity_spectrum", "filter_response", "run_filter", "term_responses"]
@@ -179,6 +181,14 @@ def run_filter(loaded: Loaded, out: Path, *, data_root: str | None = None, split
     records, figures = [], []
     for name, block in loaded.blocks.items():
         rec: dict[str, Any] = {"block": name, "preset": block.name}
+        reason = nonlinear_reason(block)
+        if reason is not None:
+            rec.update(applies=False, note=reason, notes=graph_notes(block))
+            records.append(rec)
+            continue
+        rec["applies"] = True
+        if graph_notes(block):
+            rec["notes"] = graph_notes(block)
         lams_data = None
         if io is None:
             rec["lambda_note"] = "no data: λ histogram not computed (--no-data)"
