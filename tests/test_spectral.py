@@ -23,16 +23,18 @@ def _x(shape, seed=1, scale=1.0):
     return torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * scale
 
 
-@pytest.mark.parametrize("name", SPECTRAL)
-@pytest.mark.parametrize("dim", [1, 2, 3])
-@pytest.mark.parametrize("units", [1, 3])
-@pytest.mark.parametrize("backend", ["auto", "lowrank", "dense", "chunked"])
+# auto (= the exact lowrank path, asserted below) at every dim and stage size; the explicit backends at 2-D
+PRESET_CASES = ([(n, d, u, "auto") for n in SPECTRAL for d in (1, 2, 3) for u in (1, 2)]
+                + [(n, 2, u, b) for n in SPECTRAL for u in (1, 2) for b in ("lowrank", "dense", "chunked")])
+
+
+@pytest.mark.parametrize("name,dim,units,backend", PRESET_CASES)
 def test_preset_matches_reference(name, dim, units, backend):
     """auto/lowrank: the exact r × r path. dense/chunked: the Chebyshev expansion, at K = 40 equal to the
     exact response to 1e-6 (its error against K: test_chebyshev_converges_at_the_analytic_rate)."""
     block = randomize(nonlocalnet.build_block(name, 8, dim=dim, units=units, backend=backend, memory_budget=0.0005,
                                               approx_order=40))
-    block.train(units == 3)
+    block.train(units == 2)
     x = _x(SHAPES[dim])
     with torch.no_grad():
         assert_close(block(x), ref.forward(block, x))
@@ -49,18 +51,19 @@ def test_orders(name, order):
     assert_close(block(x), ref.forward(block, x))
 
 
-FACTORIZABLE = [(k, n) for k in ("dot_product", "relu_dot", "double_attention")
-                for n in ("count", "row", "symmetric", "none")]
+# wavelet terms are products of heat terms in the same algebra: one kernel for it is enough
+FACTORIZABLE = [(k, n, f) for k in ("dot_product", "relu_dot", "double_attention")
+                for n in ("count", "row", "symmetric", "none") for f in SPECTRAL
+                if f != "wavelet" or k == "dot_product"]
 
 
-@pytest.mark.parametrize("kernel,normalization", FACTORIZABLE)
-@pytest.mark.parametrize("name", SPECTRAL)
+@pytest.mark.parametrize("kernel,normalization,name", FACTORIZABLE)
 def test_every_factorizable_graph_is_exact(kernel, normalization, name):
     """Any normalization: the filter is the matrix function (exp, resolvent) of A, exact through the core.
     Non-symmetric A: the reference is matrix_exp / the dense complex Cayley transform."""
     block = randomize(nonlocalnet.build_block(name, 8, dim=2, kernel=kernel, normalization=normalization,
                                               spectral_path="exact"), std=0.2)
-    x = _x((2, 8, 4, 5), scale=0.5)
+    x = _x((1, 8, 3, 4), scale=0.5)
     method = "eigh" if normalization == "symmetric" else "expm"
     assert_close(block(x), ref.forward(block, x, spectral_method=method))
 
@@ -213,7 +216,8 @@ def test_gradcheck(name, backend):
     def fn(x, *log_scales):
         return torch.func.functional_call(block, dict(zip(names, log_scales)), (x,))
 
-    assert torch.autograd.gradcheck(fn, (x, *start), eps=1e-6, atol=1e-6, rtol=1e-5)
+    # fast_mode: a random projection of the Jacobian (the full one is checked for the polynomial filters)
+    assert torch.autograd.gradcheck(fn, (x, *start), eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
     if backend == "lowrank":
         params = list(block.parameters())
         y = block(x)
