@@ -304,6 +304,7 @@ def test_responses_values():
     (dict(approx_order=-2), "approx_order"),
     (dict(spectral_path="fast"), "spectral_path"),
     (dict(spectral_path="exact", kernel="embedded_gaussian", normalization="symmetric"), "spectral_path"),
+    (dict(unary=True), "unary"),
 ])
 def test_bad_options(opts, match):
     with pytest.raises(ValueError, match=match):

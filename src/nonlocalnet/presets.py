@@ -244,6 +244,10 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
         if o["sub_sample"]:
             raise ValueError(f"sub_sample: filter={o['filter']!r} is a function of a square affinity; use "
                              f"sub_sample=False")
+        if o["unary"]:
+            raise ValueError(f"unary: filter={o['filter']!r} on a pairwise + unary graph (DNL's sum, row sums 2, "
+                             f"eigenvalues up to 2) is not supported: the graph does not factor and its spectrum "
+                             f"leaves [-1, 1], where the Chebyshev approximation is fitted; use unary=False")
         if o["spectral_path"] == "exact" and (kern not in K.LOWRANK_KERNELS or backend not in ("auto", "lowrank")
                                               or preset.mode != "positions"):
             raise ValueError(f"spectral_path='exact' needs a factorizable kernel ({', '.join(K.LOWRANK_KERNELS)}) "
