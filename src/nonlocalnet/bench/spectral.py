@@ -12,6 +12,7 @@ against the dense eigendecomposition, side by side in one run (docs/benchmarks.m
 - ``<filter> cheb-approx K``: the same spectral filter through its Chebyshev expansion of order ``K``;
 - ``heat dense eigh``: the dense ``A`` (``N × N``), ``torch.linalg.eigh``, ``V f(Λ) Vᵀ Z`` — the textbook
   way; skipped above ``--eigh-max`` nodes;
+- ``<filter> r x r algebra``: building the terms' ``(α, M)`` from the core alone (part of ``exact``);
 - ``spectrum core`` / ``spectrum dense``: all eigenvalues of ``A`` through the core vs ``eigvalsh`` of the
   dense ``A`` (what ``analyze filter`` needs).
 
@@ -29,6 +30,7 @@ import torch
 
 import nonlocalnet
 from nonlocalnet import spectral as sp
+from nonlocalnet import spectral_filters as sf
 from nonlocalnet.profiling import peak_memory
 
 
@@ -62,7 +64,11 @@ def _cases(block_args: dict, x: torch.Tensor, eigh_max: int):
         b = nonlocalnet.build_block("heat", c, spectral_path="chebyshev", approx_order=k, **block_args).eval()
         b.edges.load_state_dict(snl.edges.state_dict())
         yield f"heat cheb-approx {k}", lambda b=b: b(x)
-    u = graph.u
+    core = sp.core_matrix(graph.u, graph.v)
+    for name in ("heat", "cayley", "wavelet"):
+        order = sf.DEFAULT_ORDER[name]
+        scales = sf.initial_scales(name, order).double()
+        yield f"{name} r x r algebra", lambda n=name, o=order, sc=scales: sf.elements(n, o, sc, core)
 
     def spectrum_core():
         g = snl.build_graph(x)
@@ -86,7 +92,6 @@ def _cases(block_args: dict, x: torch.Tensor, eigh_max: int):
 
         yield "heat dense eigh", dense_eigh
         yield "spectrum dense", lambda: torch.linalg.eigvalsh(snl.build_graph(x).dense())
-    del u
 
 
 def run_spectral(sizes=(32, 64, 96), batch: int = 1, channels: int = 64, repeats: int = 5, eigh_max: int = 96 * 96,
