@@ -356,6 +356,11 @@ class NonlocalBlock(nn.Module):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
+        param = next(self.parameters(), None)
+        if param is not None and x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x: dtype {x.dtype} does not match the block's parameters ({param.dtype}); convert "
+                            f"one to the other (block.to({x.dtype}) or x.to({param.dtype})), or run under "
+                            "torch.autocast for mixed precision")
         if x.dim() != 2 + self.dim:
             layout = {1: "(B, C, L)", 2: "(B, C, H, W)", 3: "(B, C, T, H, W)"}[self.dim]
             raise ValueError(f"x: expected a {2 + self.dim}-D tensor {layout} for a dim={self.dim} block, "
@@ -366,6 +371,10 @@ class NonlocalBlock(nn.Module):
         spatial = tuple(int(s) for s in x.shape[2:])
         if x.shape[0] == 0 or any(s == 0 for s in spatial):
             raise ValueError(f"x: batch and spatial sizes must be positive, got shape {tuple(x.shape)}")
+        if self.training and math.prod((x.shape[0], *spatial)) == 1 and \
+                any(getattr(u.norm, "kind", None) in ("bn", "bn_relu") for u in self.units):
+            raise ValueError(f"x: shape {tuple(x.shape)} gives BatchNorm a single value per channel (batch x positions "
+                             "= 1), which has no batch statistics in training mode; use a larger batch or block.eval()")
         if self.edges.sub_sample:
             pooled = aff.pooled_shape(spatial)
             if any(p == 0 for p in pooled):

@@ -32,7 +32,15 @@ from nonlocalnet.apps.sweep import run_sweep
 from nonlocalnet.bench import run as run_bench
 from nonlocalnet.bench.spectral import run_spectral
 from nonlocalnet.presets import PRESETS
-from nonlocalnet.runs import CheckpointError, ConfigError, dump_config, load_config, load_config_only, load_run
+from nonlocalnet.runs import (
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    dump_config,
+    load_config,
+    load_config_only,
+    load_run,
+)
 from nonlocalnet.train import NonFiniteLossError, TrainingError, evaluate_checkpoint, train
 
 __all__ = ["build_parser", "main"]
@@ -377,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         _error(str(e))
         return EXIT_NONFINITE
-    except (ConfigError, CheckpointError, TrainingError, AnalysisError, FileNotFoundError, UserError) as e:
+    except (ConfigError, CheckpointError, DatasetError, TrainingError, AnalysisError, FileNotFoundError,
+            UserError) as e:
         _error(str(e))
         return EXIT_ERROR
     except KeyboardInterrupt:

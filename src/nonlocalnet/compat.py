@@ -68,6 +68,10 @@ def _select(state_dict: Any, prefix: str, what: str) -> dict[str, torch.Tensor]:
     not_tensors = [prefix + k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise ValueError(f"{what}: expected tensors, got other values for keys {_fmt_keys(not_tensors)}")
+    nonfinite = [prefix + k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise ValueError(f"{what}: the state dict holds NaN or inf values in {_fmt_keys(nonfinite)}; a block "
+                         "converted from it would output NaN (was the checkpoint saved after training diverged?)")
     return sd
 
 

@@ -115,6 +115,14 @@ def _choice(arg: str, value: Any, valid: tuple[str, ...] | list[str], what: str 
         raise ValueError(f"{arg}: unknown {what or arg} {value!r}; valid: {', '.join(map(str, valid))}")
 
 
+def _positive_number(arg: str, value: Any, expected: str) -> None:
+    """A finite number > 0 (not a bool): else TypeError (not a number) or ValueError (NaN, inf, <= 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{arg}: expected {expected}, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{arg}: expected {expected}, got {value!r}")
+
+
 def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, Any]) -> dict[str, Any]:
     """Merge a preset's defaults with user options and check that they go together."""
     if not isinstance(name, str):
@@ -154,11 +162,14 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
     for key in ("bias", "sub_sample", "zero_init", "out_proj"):
         if not isinstance(o[key], bool):
             raise TypeError(f"{key}: expected a bool, got {o[key]!r}")
-    if not (isinstance(o["scale"], bool) or (isinstance(o["scale"], (int, float)) and o["scale"] > 0)):
-        raise TypeError(f"scale: expected a bool (1/sqrt(C_s)) or a positive float, got {o['scale']!r}")
-    if not isinstance(o["memory_budget"], (int, float)) or isinstance(o["memory_budget"], bool) \
-            or o["memory_budget"] <= 0:
-        raise ValueError(f"memory_budget: expected a positive number of MiB, got {o['memory_budget']!r}")
+    if not isinstance(o["scale"], bool):
+        _positive_number("scale", o["scale"], "a bool (True: 1/sqrt(C_s)) or a positive finite multiplier")
+    _positive_number("memory_budget", o["memory_budget"], "a positive finite number of MiB")
+    if o["norm_groups"] is not None and (isinstance(o["norm_groups"], bool) or not isinstance(o["norm_groups"], int)
+                                         or o["norm_groups"] < 1):
+        raise ValueError(f"norm_groups: expected a positive int (or None), got {o['norm_groups']!r}")
+    if preset.mode == "channels":
+        _positive_number("rbf_gamma", o["rbf_gamma"], "a positive finite number (the RBF exp(-γ(t-p)²))")
 
     for key in ("whiten", "unary", "value_proj"):
         if not isinstance(o[key], bool):

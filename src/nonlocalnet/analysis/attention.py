@@ -28,7 +28,7 @@ from nonlocalnet.affinity import pooled_shape
 from nonlocalnet.runs import Loaded
 
 from .capture import capture_batch, dense_affinity
-from .errors import require_blocks
+from .errors import AnalysisError, require_blocks
 from .matrices import graph_notes, is_channel_graph
 from .output import new_figure, safe_name, save_figure, write_result
 
@@ -99,6 +99,10 @@ def run_attention(loaded: Loaded, out: Path, *, data_root: str | None = None, sp
     batch, io = capture_batch(loaded, batch, images=images, split=split, data_root=data_root,
                               what="`analyze attention`")
     img_hw = _image_hw(batch.images[0])
+    bad = [(y, x) for y, x in (queries or []) if not (0 <= y < img_hw[0] and 0 <= x < img_hw[1])]
+    if bad:
+        raise AnalysisError(f"--query {bad[0][0]},{bad[0][1]} is outside the image: y must be in [0, {img_hw[0] - 1}] "
+                            f"and x in [0, {img_hw[1] - 1}] (image pixels of the {img_hw[0]}x{img_hw[1]} input)")
     records, figures = [], []
     for name, block in loaded.blocks.items():
         xin, yout = io[name]
