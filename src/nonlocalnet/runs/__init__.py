@@ -1,0 +1,42 @@
+"""Runs: the config schema, the run directory, checkpoints, and building a run's model and data.
+
+Used alike by training, evaluation, the analyses and the apps (docs/design.md has the layers):
+:mod:`.config` (YAML schema, ``--set`` overrides), :mod:`.checkpoint` (atomic safetensors + state files),
+:mod:`.layout` (which files a run dir holds, checkpoint discovery, the config of a checkpoint),
+:mod:`.build` (datasets, transforms, model from a config), :mod:`.load` (a run rebuilt in memory).
+"""
+
+from .build import (
+    batch_transform,
+    build_datasets,
+    build_model_from_config,
+    dataset_kwargs,
+    input_shape_for,
+    load_pretrained,
+    num_classes_for,
+)
+from .checkpoint import CheckpointError, load_weights, read_metadata, save_weights
+from .config import (
+    BlockPlacement,
+    Config,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+    load_config,
+)
+from .layout import checkpoint_config, epoch_checkpoints, read_metrics, resolve_checkpoint
+from .load import Loaded, find_blocks, load_config_only, load_run
+
+__all__ = [
+    "BlockPlacement", "CheckpointError", "Config", "ConfigError", "DataConfig", "Loaded", "ModelConfig", "RunConfig",
+    "TrainConfig", "apply_overrides", "batch_transform", "build_datasets", "build_model_from_config",
+    "checkpoint_config", "config_from_dict", "config_to_dict", "dataset_kwargs", "dump_config", "epoch_checkpoints",
+    "find_blocks", "input_shape_for", "load_config", "load_config_only", "load_pretrained", "load_run",
+    "load_weights", "num_classes_for", "read_metadata", "read_metrics", "resolve_checkpoint", "save_weights",
+]
