@@ -203,9 +203,9 @@ def test_create_feature_extractor_traces_through_blocks():
 
 
 @pytest.mark.parametrize("arch,placement,opts", [
-    ("timm:resnet18", {"res": 4, "before_last": True, "block": "snl"}, {}),
+    # channels-first blocks are compiled in the main suite (test_identities); here the layout conversions
     ("timm:vit_tiny_patch16_224", {"at": "blocks.2", "block": "nl"}, {"img_size": 32, "depth": 3}),
-], ids=["resnet18", "vit-tokens"])
+], ids=["vit-tokens"])
 def test_compile_fullgraph(arch, placement, opts):
     m = build_model(arch, 10, **opts)
     insert_blocks(m, placement, input_shape=(3, 32, 32))
@@ -244,7 +244,7 @@ def test_timm_config_trains_evaluates_and_reports(tmp_path):
     assert "skipped (shape)" in r.stdout + r.stderr  # the 1000-class head of the local file is left out
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2]
-    r = _cli("eval", str(tmp_path / "run"))
+    r = _cli("eval", str(tmp_path / "run" / "last.safetensors"))
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["top1"] == rows[-1]["top1"]
     r = _cli("analyze", "report", str(tmp_path / "run"), "--out", str(tmp_path / "report"), "--images", "2",
