@@ -44,9 +44,11 @@ def test_preset_matches_reference(name, dim, backend, training):
 KERNEL_NORMS = [(k, n) for k in KERNELS for n in valid_normalizations(k)]
 
 
-# symmetric + sub_sample is rejected at build time (tests/test_errors.py), so it is not a case here
+# symmetric + sub_sample and the unary kernel + sub_sample are rejected at build time (tests/test_errors.py,
+# tests/test_gc_dnl.py), so they are not cases here
 @pytest.mark.parametrize("kernel,normalization,sub_sample",
-                         [(k, n, s) for k, n in KERNEL_NORMS for s in (False, True) if not (s and n == "symmetric")])
+                         [(k, n, s) for k, n in KERNEL_NORMS for s in (False, True)
+                          if not (s and (n == "symmetric" or KERNELS[k].unary))])
 @pytest.mark.parametrize("filt", ["nl", "snl"])
 def test_every_kernel_and_normalization(kernel, normalization, sub_sample, filt):
     for backend in backends_of("nl", kernel, normalization):

@@ -26,7 +26,7 @@ torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
 
 ROOT = Path(__file__).resolve().parents[1]
-ZERO_INIT = ("nl", "ns", "cc")  # presets whose new block is the identity (zero-initialized output norm)
+ZERO_INIT = ("nl", "ns", "cc", "gc", "dnl")  # presets whose new block is the identity (zero-initialized output)
 
 
 def _blocks(model):

@@ -17,6 +17,10 @@ Each backend answers that product differently, all exactly:
 - :class:`CrissCrossGraph` — CCNet's masked softmax over the positions that differ from the query
   in at most one coordinate, ``O(N·ΣL_d)``.
 - :class:`ChannelGraph` — CGNL's graph over positions × channels (Yue et al. 2018), factorized.
+- :class:`UnaryGraph` — the query-independent graph ``A = 1·aᵀ``, ``a = softmax(w_m·x_j + b_m)`` (GC's
+  attention pooling, DNL's unary term; kernel ``unary``): rank 1, ``O(N·c)``, never ``N × N'``.
+- :class:`SumGraph` — a sum of graphs, ``A = Σ_i A_i`` (DNL: whitened pairwise + unary); each product
+  ``A V = Σ_i A_i V`` runs on each term's own backend.
 
 Degrees and normalizers are computed in float32 under autocast. Zero degrees give zero rows
 (the official SNL code's convention), never NaN or inf.
@@ -369,16 +373,18 @@ class ChannelGraph(Graph):
     ``y = Σ_p φ_p(t) · ⟨φ_p(p), g⟩`` with the inner product over all positions and channels of the group.
 
     ``dot_product``: one feature ``t`` itself. ``gaussian``: the RBF ``exp(-γ (t - p)²)`` expanded to
-    Taylor order ``P``: ``exp(-γt²) exp(-γp²) Σ_{k≤P} (2γ)^k/k! t^k p^k`` (exact per-node prefactors;
-    the public CGNL code replaces them with the constant ``exp(-2γ)``).
+    Taylor order ``P``: ``exp(-γt²) exp(-γp²) Σ_{k≤P} (2γ)^k/k! t^k p^k`` (``prefactor="exact"``: exact per-node
+    prefactors); ``prefactor="constant"``: the CGNL authors' code, which replaces them with the constant
+    ``exp(-2γ)``. ``scale``: ``True`` divides by ``sqrt(N'·C_g)`` (the authors' ``use_scale``), a float multiplies.
     """
 
     backend = "lowrank"
 
     def __init__(self, t, p, groups: int, kernel: str, order: int, gamma: float, normalization: str,
-                 scale: bool):
+                 scale: bool | float, prefactor: str = "exact"):
         self.t, self.p, self.groups, self.kernel = t, p, groups, kernel
         self.order, self.gamma, self.normalization, self.scale = order, gamma, normalization, scale
+        self.prefactor = prefactor
         self.n, self.n_keys = t.shape[1], p.shape[1]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -386,7 +392,7 @@ class ChannelGraph(Graph):
         if self.kernel == "dot_product":
             return x.unsqueeze(-1)
         g = self.gamma
-        pref = torch.exp(-g * x * x)
+        pref = torch.exp(-g * x * x) if self.prefactor == "exact" else math.exp(-g)  # exp(-γ) per side: exp(-2γ)
         feats = [pref * math.sqrt((2 * g) ** k / math.factorial(k)) * x**k for k in range(self.order + 1)]
         return torch.stack(feats, -1)
 
@@ -394,8 +400,10 @@ class ChannelGraph(Graph):
         f = 1.0
         if self.normalization == "count":
             f /= n_nodes
-        if self.scale:
+        if self.scale is True:
             f /= math.sqrt(n_nodes)
+        elif not isinstance(self.scale, bool):
+            f *= float(self.scale)
         return f
 
     def matmul(self, v):
@@ -440,6 +448,71 @@ class DenseChannelGraph(ChannelGraph):
         y = mm(self.channel_matrix(), vg).reshape(b, self.groups, n, cg).permute(0, 2, 1, 3)
         return y.reshape(b, n, c)
 
+
+class UnaryKernel(PairwiseKernel):
+    """The unary kernel ``M_ij = exp(m_j)`` with ``m_j = w_m·x_j + b_m`` (logits), the same for every query ``i``:
+    its rows are the logits broadcast, so the dense and chunked backends form ``A = 1·aᵀ`` for testing."""
+
+    exp = True
+
+    def __init__(self, logits: torch.Tensor, n: int):
+        super().__init__(n, logits.shape[1], logits.shape[0], _device_type(logits))
+        self.logits = logits  # (B, N')
+
+    def rows(self, i0, i1):
+        return self.logits[:, None, :].expand(self.batch, i1 - i0, self.n_keys)
+
+    def cols(self, i0, i1):
+        return self.logits[:, i0:i1, None].expand(self.batch, i1 - i0, self.n)
+
+
+class UnaryGraph(Graph):
+    """``A = 1·aᵀ`` with ``a = softmax_j(m_j)`` (GCNet's attention pooling, Cao et al., ICCVW 2019, arXiv
+    1904.11492, Eq. 2–3; DNL's unary term, Yin et al., ECCV 2020, arXiv 2006.06668, Eq. 12).
+
+    ``A V = 1·(aᵀ V)``: one weighted sum per batch item, ``O(N'·c)``; the product is returned as an expanded
+    (stride-0) view of the ``(B, 1, c)`` context, so per-position maps after it (1×1 convs, LayerNorm over
+    channels) can run once per batch item (:class:`~nonlocalnet.blocks.NonlocalUnit` does). No ``N × N'`` tensor
+    but :meth:`dense`, for analysis.
+    """
+
+    backend = "lowrank"
+
+    def __init__(self, logits: torch.Tensor, n: int):
+        self.logits, self.n, self.n_keys = logits, n, logits.shape[1]
+        with torch.autocast(_device_type(logits), enabled=False):
+            self.a = torch.softmax(_float32(logits), dim=-1)  # (B, N'): the pooling weights
+
+    def matmul(self, v: torch.Tensor) -> torch.Tensor:
+        if v.shape[1] != self.n_keys:  # a (B, 1, c) context broadcast over the positions
+            v = v.expand(v.shape[0], self.n_keys, v.shape[2])
+        ctx = mm(self.a.unsqueeze(1), v)  # (B, 1, c)
+        return ctx.expand(ctx.shape[0], self.n, ctx.shape[2])
+
+    def dense(self) -> torch.Tensor:
+        return self.a[:, None, :].expand(self.a.shape[0], self.n, self.n_keys).clone()
+
+
+class SumGraph(Graph):
+    """``A = Σ_i A_i`` (DNL: ``A = A_pairwise + 1·aᵀ``). Each product is the sum of the terms' products, so every
+    term keeps its own backend (fused attention for the pairwise term, rank 1 for the unary one)."""
+
+    def __init__(self, graphs: list[Graph]):  # built by Affinity from one input: the terms share (N, N')
+        self.graphs = list(graphs)
+        self.n, self.n_keys = graphs[0].n, graphs[0].n_keys
+        self.backend = "+".join(g.backend for g in graphs)
+
+    def matmul(self, v: torch.Tensor) -> torch.Tensor:
+        out = None
+        for g in self.graphs:
+            y = g.matmul(v)
+            out = y if out is None else out + y
+        return out
+
+    def dense(self) -> torch.Tensor:
+        return sum(g.dense() for g in self.graphs)
+
+
 # --------------------------------------------------------------------------------------- dispatch
 def chunk_rows(batch: int, n_keys: int, element_size: int, budget_bytes: int, temporaries: int = 3) -> int:
     """Query rows per chunk so that ``temporaries`` tensors of ``(batch, rows, n_keys)`` fit the budget."""
@@ -460,6 +533,8 @@ def choose_backend(kernel: str, normalization: str, batch: int, n: int, n_keys: 
     """
     fits = batch * n * n_keys * element_size * 3 <= budget_bytes
     k = KERNELS[kernel]
+    if k.unary:  # rank 1: never worth forming
+        return "lowrank"
     if k.factorizable:
         return "dense" if fits and n_keys < rank else "lowrank"
     if k.exp and normalization in ("softmax", "row"):
@@ -469,13 +544,23 @@ def choose_backend(kernel: str, normalization: str, batch: int, n: int, n_keys: 
 
 def build_graph(kernel: str, normalization: str, backend: str, *, q: torch.Tensor | None, k: torch.Tensor | None,
                 scale: float = 1.0, budget_bytes: int = 256 * MiB,
-                concat: tuple[torch.Tensor, torch.Tensor] | None = None) -> Graph:
+                concat: tuple[torch.Tensor, torch.Tensor] | None = None,
+                unary: torch.Tensor | None = None) -> Graph:
     """The affinity operator for projected queries ``q (B, N, c)`` and keys ``k (B, N', c)``.
 
     ``relu_dot`` expects ``q``, ``k`` already rectified; ``double_attention`` expects them already
     softmaxed (channels for ``q``, positions for ``k``). ``concat`` carries ``(a, b)`` of the
-    concatenation kernel instead.
+    concatenation kernel instead, ``unary`` the logits ``(B, N')`` of the unary kernel (``N = N'``).
     """
+    if kernel == "unary":
+        if normalization != "softmax":
+            raise ValueError(f"normalization: the unary kernel takes 'softmax', got {normalization!r}")
+        n = unary.shape[1]
+        if backend in ("auto", "lowrank"):
+            return UnaryGraph(unary, n)
+        chunk = None if backend == "dense" else chunk_rows(unary.shape[0], n, max(unary.element_size(), 4),
+                                                           budget_bytes)
+        return PairwiseGraph(UnaryKernel(unary, n), "softmax", chunk=chunk)
     if kernel == "concatenation":
         a, b = concat
         batch, n, n_keys, el = a.shape[0], a.shape[1], b.shape[1], a.element_size()

@@ -102,23 +102,28 @@ class Affinity(nn.Module):
 
     def __init__(self, in_channels: int, key_channels: int, *, dim: int, kernel: str, normalization: str,
                  scale: bool | float, bias: bool, sub_sample: bool, backend: str, memory_budget: float,
-                 mode: str = "positions", groups: int = 1, order: int = 0, rbf_gamma: float = 1e-4):
+                 mode: str = "positions", groups: int = 1, order: int = 0, rbf_gamma: float = 1e-4,
+                 whiten: bool = False, unary: bool = False, temperature: float = 1.0, rbf_prefactor: str = "exact"):
         super().__init__()
         self.kernel, self.normalization, self.backend, self.mode = kernel, normalization, backend, mode
         self.sub_sample, self.dim, self.groups, self.order, self.rbf_gamma = sub_sample, dim, groups, order, rbf_gamma
+        self.whiten, self.unary, self.temperature, self.rbf_prefactor = whiten, unary, temperature, rbf_prefactor
         self.memory_budget = memory_budget  # MiB
-        uses_projection = not (kernel == "gaussian" and mode != "channels")
+        uses_projection = not (kernel == "gaussian" and mode != "channels") and kernel != "unary"
         feat = key_channels if uses_projection else in_channels
         if isinstance(scale, bool):
             self.scale_value = 1.0 / math.sqrt(feat) if scale else 1.0
         else:
             self.scale_value = float(scale)
+        self.scale_value /= temperature  # DNL's temperature: logits / (sqrt(C_s)·τ)
         self.scale = scale
         if uses_projection:
             self.theta = conv1x1(dim, in_channels, key_channels, bias)
             self.phi = conv1x1(dim, in_channels, key_channels, bias)
         if kernel == "concatenation":
             self.concat = conv1x1(dim, 2 * key_channels, 1, bias=False)
+        if kernel == "unary" or unary:  # the unary logits m_j = w_m·x_j + b_m (GC's / DNL's conv_mask)
+            self.mask = conv1x1(dim, in_channels, 1, bias=True)
 
     def queries_keys(self, x: torch.Tensor, spatial: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(θ(X), φ(X))`` as tokens, keys sub-sampled when asked (the raw ``X`` for ``gaussian``)."""
@@ -128,11 +133,30 @@ class Affinity(nn.Module):
             q = k = x
         if self.sub_sample:
             k = aff.pool_tokens(k, spatial)
+        if self.whiten:  # DNL's whitened pairwise term: queries and keys minus their means over positions
+            q, k = q - q.mean(1, keepdim=True), k - k.mean(1, keepdim=True)
         return q, k
 
+    def unary_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``m_j = w_m·x_j + b_m`` ``(B, N)``: the logits of the unary term (GC, DNL)."""
+        return project(self.mask, x).squeeze(-1)
+
     def forward(self, x: torch.Tensor, spatial: tuple[int, ...]) -> aff.Graph:
-        q, k = self.queries_keys(x, spatial)
         budget = int(self.memory_budget * aff.MiB)
+        if self.kernel == "unary":  # GC: A = 1·aᵀ alone
+            return aff.build_graph("unary", self.normalization, self.backend, q=None, k=None, budget_bytes=budget,
+                                   unary=self.unary_logits(x))
+        graph = self.pairwise(x, spatial, budget)
+        if not self.unary:
+            return graph
+        # DNL: A = A_pairwise + 1·aᵀ; the unary term is rank 1 (formed only for backend="dense")
+        unary = aff.build_graph("unary", "softmax", "dense" if self.backend == "dense" else "lowrank", q=None,
+                                k=None, budget_bytes=budget, unary=self.unary_logits(x))
+        return aff.SumGraph([graph, unary])
+
+    def pairwise(self, x: torch.Tensor, spatial: tuple[int, ...], budget: int) -> aff.Graph:
+        """The pairwise term of the graph (every kernel but ``unary``)."""
+        q, k = self.queries_keys(x, spatial)
         if self.mode == "crisscross":
             if self.backend == "dense":
                 return aff.PairwiseGraph(_CrissCrossDense(q, k, spatial, self.scale_value), "none")
@@ -140,7 +164,7 @@ class Affinity(nn.Module):
         if self.mode == "channels":
             cls = aff.DenseChannelGraph if self.backend == "dense" else aff.ChannelGraph
             return cls(q, k, self.groups, self.kernel, self.order, self.rbf_gamma, self.normalization,
-                       bool(self.scale))
+                       self.scale, self.rbf_prefactor)
         if self.kernel == "relu_dot":
             q, k = F.relu(q), F.relu(k)
         elif self.kernel == "double_attention":  # A²: distribute (softmax over n), gather (softmax over N')
@@ -166,47 +190,118 @@ class _CrissCrossDense(aff.PairwiseKernel):
         return self._a[:, i0:i1]
 
 
-class NonlocalUnit(nn.Module):
-    """One unit: ``Y = X + out( Σ_t B_t(A) Z W_t )`` with ``Z = g(X)`` (filters.py for ``B_t``).
+OUT_MAPS = ("linear", "bottleneck")
+FUSIONS = ("add", "mul", "add_mul")
 
-    Parameters: ``g`` (1×1 conv ``C → C_v``), ``w`` (one 1×1 conv ``C_v → C`` per filter term; empty
-    when ``out_proj=False``, as in CC where ``F = A Z``), ``norm`` (:class:`OutNorm`).
+
+class Bottleneck(nn.Module):
+    """GCNet's transform as a per-term output map (Cao et al., ICCVW 2019, arXiv 1904.11492, Eq. 4):
+    ``conv2(relu(LayerNorm(conv1(t))))``, 1×1 convs ``C_v → C_b → C``, LayerNorm over the ``C_b`` channels of
+    each position. Everything is per position, so it commutes with broadcasting over positions."""
+
+    def __init__(self, dim: int, cin: int, hidden: int, cout: int, bias: bool):
+        super().__init__()
+        self.conv1 = conv1x1(dim, cin, hidden, bias)
+        self.norm = nn.LayerNorm(hidden)
+        self.conv2 = conv1x1(dim, hidden, cout, bias)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return project(self.conv2, F.relu(self.norm(project(self.conv1, t))))
+
+
+def _broadcast(t: torch.Tensor) -> bool:
+    """``t`` ``(B, N, c)`` is one row expanded over the positions (a rank-1 graph's product, e.g. GC's context)."""
+    return t.dim() == 3 and t.shape[1] > 1 and t.stride(1) == 0
+
+
+class NonlocalUnit(nn.Module):
+    """One unit: ``Y = X + out( Σ_t map_t(B_t(A) Z) )`` with ``Z = g(X)`` (filters.py for ``B_t``).
+
+    The per-term output map ``map_t`` is ``out_map="linear"``: a 1×1 conv ``W_t`` (``C_v → C``; every block of the
+    papers but GC), or ``"bottleneck"``: GCNet's ``conv → LayerNorm → ReLU → conv`` (:class:`Bottleneck`).
+    ``fusion`` says how the filtered features meet the input (GCNet §4): ``add`` (the residual above), ``mul``
+    (``Y = X ⊙ σ(Σ_t map'_t(B_t(A) Z))``, a sigmoid gate with its own maps ``map'_t``) or ``add_mul``
+    (``Y = X ⊙ σ(F_mul) + out(F_add)``, as mmcv's ContextBlock applies them: gate first, then add).
+
+    Parameters: ``g`` (1×1 conv ``C → C_v``; absent with ``value_proj=False``, where ``Z = X`` as in GC),
+    ``w`` (one map per filter term, additive branch; empty when ``out_proj=False``, as in CC where ``F = A Z``),
+    ``w_mul`` (one map per term, multiplicative branch), ``norm`` (:class:`OutNorm`, on the additive branch).
+    ``zero_init`` with ``out_norm="none"`` zeroes the last layer of every map (GCNet's init: the additive branch
+    starts at 0, the gate at σ(0) = 1/2).
     """
 
     def __init__(self, in_channels: int, value_channels: int, coef: torch.Tensor, *, dim: int, bias: bool,
                  out_norm: str, zero_init: bool, norm_groups: int = 1, out_proj: bool = True,
-                 proj_groups: int = 1, sub_sample: bool = False):
+                 proj_groups: int = 1, sub_sample: bool = False, value_proj: bool = True, out_map: str = "linear",
+                 bottleneck_channels: int = 1, fusion: str = "add"):
         super().__init__()
-        self.sub_sample = sub_sample
-        self.g = conv1x1(dim, in_channels, value_channels, bias)
-        self.w = nn.ModuleList(
-            [conv1x1(dim, value_channels, in_channels, bias, groups=proj_groups) for _ in range(len(coef))]
-            if out_proj else []
-        )
+        self.sub_sample, self.fusion, self.out_map = sub_sample, fusion, out_map
+        if value_proj:
+            self.g = conv1x1(dim, in_channels, value_channels, bias)
+
+        def maps() -> nn.ModuleList:
+            if not out_proj:
+                return nn.ModuleList()
+            if out_map == "bottleneck":
+                return nn.ModuleList([Bottleneck(dim, value_channels, bottleneck_channels, in_channels, bias)
+                                      for _ in range(len(coef))])
+            return nn.ModuleList([conv1x1(dim, value_channels, in_channels, bias, groups=proj_groups)
+                                  for _ in range(len(coef))])
+
+        self.w = maps() if "add" in fusion else nn.ModuleList()
+        if "mul" in fusion:
+            self.w_mul = maps()
         self.norm = OutNorm(out_norm, in_channels, zero_init, norm_groups)
+        if zero_init and out_norm == "none":
+            for m in [*self.w, *getattr(self, "w_mul", [])]:
+                last = m.conv2 if isinstance(m, Bottleneck) else m
+                nn.init.zeros_(last.weight)
+                if last.bias is not None:
+                    nn.init.zeros_(last.bias)
         self.register_buffer("coef", coef.clone(), persistent=False)
         self.coef_rows = tuple(tuple(float(c) for c in row) for row in coef.tolist())  # static for compile
 
+    def values(self, x: torch.Tensor) -> torch.Tensor:
+        """``Z = g(X)`` (``X`` itself with ``value_proj=False``)."""
+        return project(self.g, x) if hasattr(self, "g") else x
+
     def filter_terms(self, x: torch.Tensor, graph: aff.Graph, spatial: tuple[int, ...]) -> list[torch.Tensor]:
-        z = project(self.g, x)
+        z = self.values(x)
         z_keys = aff.pool_tokens(z, spatial) if self.sub_sample else None
         return apply_filter(graph.matmul, z, self.coef_rows, z_keys)
 
-    def response(self, x: torch.Tensor, graph: aff.Graph, spatial: tuple[int, ...]) -> torch.Tensor:
-        """``F(A, Z)`` before the output norm."""
-        terms = self.filter_terms(x, graph, spatial)
-        if not len(self.w):
+    @staticmethod
+    def apply_maps(maps: nn.ModuleList, terms: list[torch.Tensor]) -> torch.Tensor:
+        """``Σ_t map_t(term_t)``; terms that are one row broadcast over positions are mapped once per batch item."""
+        if not len(maps):
             return terms[0]
-        if len(self.w) == 1 or self.w[0].groups != 1:
-            return sum(project(w, t) for w, t in zip(self.w, terms))
+        if all(_broadcast(t) for t in terms):  # e.g. GC: the context (B, 1, C), not N copies of it
+            b, n = terms[0].shape[:2]
+            f = NonlocalUnit.apply_maps(maps, [t[:, :1] for t in terms])
+            return f.expand(b, n, f.shape[-1])
+        if isinstance(maps[0], Bottleneck) or len(maps) == 1 or maps[0].groups != 1:
+            return sum(m(t) if isinstance(m, Bottleneck) else project(m, t) for m, t in zip(maps, terms))
         # one GEMM over the concatenated terms: [T_0 Z, ..., T_K Z] [W_0; ...; W_K]
-        weight = torch.cat([w.weight.flatten(1) for w in self.w], 1)
-        bias = sum(w.bias for w in self.w) if self.w[0].bias is not None else None
+        weight = torch.cat([w.weight.flatten(1) for w in maps], 1)
+        bias = sum(w.bias for w in maps) if maps[0].bias is not None else None
         return F.linear(torch.cat(terms, -1), weight, bias)
 
+    def response(self, x: torch.Tensor, graph: aff.Graph, spatial: tuple[int, ...]) -> torch.Tensor:
+        """``F(A, Z)`` of the additive branch before the output norm (of the gate with ``fusion="mul"``)."""
+        terms = self.filter_terms(x, graph, spatial)
+        return self.apply_maps(self.w if "add" in self.fusion else self.w_mul, terms)
+
     def forward(self, x: torch.Tensor, graph: aff.Graph, spatial: tuple[int, ...]) -> torch.Tensor:
-        f = self.response(x, graph, spatial)
-        return x + self.norm(f).to(x.dtype)
+        terms = self.filter_terms(x, graph, spatial)
+        y = x
+        if "mul" in self.fusion:
+            y = y * torch.sigmoid(self.apply_maps(self.w_mul, terms)).to(x.dtype)
+        if "add" in self.fusion:
+            f = self.apply_maps(self.w, terms)
+            if self.norm.kind in ("bn", "bn_relu", "gn") and _broadcast(f):
+                f = f.contiguous()  # statistics over the positions: the N copies count
+            y = y + self.norm(f).to(x.dtype)
+        return y
 
 
 def to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -249,6 +344,11 @@ class NonlocalBlock(nn.Module):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
+        param = next(self.parameters(), None)
+        if param is not None and x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x: dtype {x.dtype} does not match the block's parameters ({param.dtype}); convert "
+                            f"one to the other (block.to({x.dtype}) or x.to({param.dtype})), or run under "
+                            "torch.autocast for mixed precision")
         if x.dim() != 2 + self.dim:
             layout = {1: "(B, C, L)", 2: "(B, C, H, W)", 3: "(B, C, T, H, W)"}[self.dim]
             raise ValueError(f"x: expected a {2 + self.dim}-D tensor {layout} for a dim={self.dim} block, "
@@ -259,6 +359,10 @@ class NonlocalBlock(nn.Module):
         spatial = tuple(int(s) for s in x.shape[2:])
         if x.shape[0] == 0 or any(s == 0 for s in spatial):
             raise ValueError(f"x: batch and spatial sizes must be positive, got shape {tuple(x.shape)}")
+        if self.training and math.prod((x.shape[0], *spatial)) == 1 and \
+                any(getattr(u.norm, "kind", None) in ("bn", "bn_relu") for u in self.units):
+            raise ValueError(f"x: shape {tuple(x.shape)} gives BatchNorm a single value per channel (batch x positions "
+                             "= 1), which has no batch statistics in training mode; use a larger batch or block.eval()")
         if self.edges.sub_sample:
             pooled = aff.pooled_shape(spatial)
             if any(p == 0 for p in pooled):

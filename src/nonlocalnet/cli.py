@@ -27,9 +27,19 @@ from nonlocalnet.analysis import (
 from nonlocalnet.analysis.attention import parse_query
 from nonlocalnet.analysis.output import default_out
 from nonlocalnet.apps.demo import DEFAULT_RUNS, run_demo
+from nonlocalnet.apps.summary import summarize
+from nonlocalnet.apps.sweep import run_sweep
 from nonlocalnet.bench import run as run_bench
 from nonlocalnet.presets import PRESETS
-from nonlocalnet.runs import CheckpointError, ConfigError, dump_config, load_config, load_config_only, load_run
+from nonlocalnet.runs import (
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    dump_config,
+    load_config,
+    load_config_only,
+    load_run,
+)
 from nonlocalnet.train import NonFiniteLossError, TrainingError, evaluate_checkpoint, train
 
 __all__ = ["build_parser", "main"]
@@ -107,6 +117,22 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     run_demo(args.out, args.configs, args.runs, args.set, not args.no_analysis)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    seeds = args.seed_list or list(range(args.seeds))
+    dirs = run_sweep(args.configs, seeds, args.out, args.set)
+    for d in dirs:
+        print(d)
+    return 0
+
+
+def cmd_summarize(args: argparse.Namespace) -> int:
+    summarize(args.runs, args.out, reach=args.reach)
+    print((Path(args.out) / "summary.md").read_text(), end="")
+    print(Path(args.out) / "summary.json")
+    print(Path(args.out) / "curves.png")
     return 0
 
 
@@ -275,6 +301,28 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="train several configs over several seeds, one after another (resumable)",
+                       description="Train every CONFIG with every seed, one run after another, into "
+                                   "OUT/<config name>/seed<k>. Finished runs are skipped and interrupted ones "
+                                   "resumed, so the same command continues a killed sweep.")
+    p.add_argument("configs", nargs="+", help="YAML config files")
+    p.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..N-1 (default 3)")
+    p.add_argument("--seed-list", type=int, nargs="+", default=None, help="explicit seeds instead of --seeds")
+    p.add_argument("--out", default="runs/sweep", help="root of the run directories (default runs/sweep)")
+    _set_option(p, "every config")
+    p.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("summarize", help="table (markdown, JSON) and curves over runs, mean ± std over seeds",
+                       description="Group runs by config (seeds together) and write summary.md, summary.json and "
+                                   "curves.png: final/best top-1, epochs to reach an accuracy, time per epoch, "
+                                   "parameters, FLOPs, and the paper's number where the config has one.")
+    s.add_argument("runs", nargs="+", help="run directories (e.g. runs/sweep/*/seed*)")
+    s.add_argument("--out", default="runs/summary", help="output directory (default runs/summary)")
+    s.add_argument("--reach", type=float, default=90.0, help="accuracy (%%) whose first epoch is reported (90)")
+    s.set_defaults(func=cmd_summarize)
+
+
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="time and peak memory of every backend against dense, side by side",
                        description="Benchmarks: every preset and backend against the dense path, side by side in "
@@ -311,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_analyze(sub)
     _add_demo(sub)
+    _add_sweep(sub)
     _add_bench(sub)
     return parser
 
@@ -326,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         _error(str(e))
         return EXIT_NONFINITE
-    except (ConfigError, CheckpointError, TrainingError, AnalysisError, FileNotFoundError, UserError) as e:
+    except (ConfigError, CheckpointError, DatasetError, TrainingError, AnalysisError, FileNotFoundError,
+            UserError) as e:
         _error(str(e))
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -3,7 +3,10 @@
 - :func:`from_official_snl` — the SNL authors' ``Stage`` (classification part of the SNL_ICCV2021 code of
   L. Zhu et al., "Unifying Nonlocal Blocks for Neural Networks", ICCV 2021, arXiv:2108.02451): a shared
   affinity from ``t``/``p`` and ``n`` SNL, NS or NL units ``stages.{i}.*``.
-- :func:`from_mmcv` — OpenMMLab's ``NonLocal1d/2d/3d`` in its four modes.
+- :func:`from_mmcv` — OpenMMLab's ``NonLocal1d/2d/3d`` in its four modes, ``CrissCrossAttention`` (CCNet) and
+  ``ContextBlock`` (GCNet), as mmsegmentation / mmdetection checkpoints hold them.
+- :func:`from_cgnl` — the CGNL authors' ``SpatialCGNL`` (dot product) and ``SpatialCGNLx`` (Gaussian RBF, Taylor).
+- :func:`from_timm` — timm's ``NonLocalAttn``.
 
 Each returns a block built with :func:`nonlocalnet.build_block` whose output equals the original module's,
 in eval and in train mode (BatchNorm batch statistics and running-stat updates included). Only the
@@ -26,10 +29,13 @@ import torch.nn as nn
 
 from .presets import build_block
 
-__all__ = ["from_official_snl", "from_mmcv", "OFFICIAL_UNITS", "MMCV_MODES"]
+__all__ = ["from_official_snl", "from_mmcv", "from_cgnl", "from_timm", "OFFICIAL_UNITS", "MMCV_MODES",
+           "MMCV_MODULES", "CGNL_KERNELS"]
 
 OFFICIAL_UNITS = ("snl", "ns", "nl")
 MMCV_MODES = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
+MMCV_MODULES = ("NonLocal", "CrissCrossAttention", "ContextBlock")
+CGNL_KERNELS = ("dot_product", "gaussian")
 
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var")
 _BN_OPTIONAL = ("num_batches_tracked",)  # absent from very old checkpoints; the block then keeps 0
@@ -62,6 +68,10 @@ def _select(state_dict: Any, prefix: str, what: str) -> dict[str, torch.Tensor]:
     not_tensors = [prefix + k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise ValueError(f"{what}: expected tensors, got other values for keys {_fmt_keys(not_tensors)}")
+    nonfinite = [prefix + k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise ValueError(f"{what}: the state dict holds NaN or inf values in {_fmt_keys(nonfinite)}; a block "
+                         "converted from it would output NaN (was the checkpoint saved after training diverged?)")
     return sd
 
 
@@ -251,10 +261,12 @@ def from_official_snl(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, uni
 
 
 # --------------------------------------------------------------------------------------- mmcv
-def from_mmcv(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, mode: str, dim: int = 2,
+def from_mmcv(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, mode: str | None = None, dim: int = 2,
               sub_sample: bool = False, use_scale: bool = True, gn_groups: int | None = None,
-              prefix: str = "") -> nn.Module:
-    """A block equal to mmcv's ``NonLocal{dim}d(mode=mode, sub_sample=..., use_scale=...)``.
+              prefix: str = "", module: str = "NonLocal", recurrence: int = 1) -> nn.Module:
+    """A block equal to mmcv's ``NonLocal{dim}d(mode=mode, sub_sample=..., use_scale=...)``, or with
+    ``module="CrissCrossAttention"`` / ``module="ContextBlock"`` to those modules (see :func:`_mmcv_criss_cross`,
+    :func:`_mmcv_context_block`; ``mode``, ``sub_sample``, ``use_scale``, ``gn_groups`` are NonLocal's only).
 
     Keys (framework.md): ``g.conv.{weight,bias}``, ``theta.conv.*`` and ``phi.conv.*`` (not in
     ``gaussian`` mode), ``conv_out.conv.weight`` (+ ``conv_out.conv.bias`` without a norm), the norm after
@@ -268,6 +280,17 @@ def from_mmcv(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, mode: str, 
     normalization ``softmax`` (``embedded_gaussian`` scaled by ``1/sqrt(C_s)`` when ``use_scale``;
     ``gaussian`` never scaled, as in mmcv) or ``count`` (``dot_product``, ``concatenation``: ``/N'``).
     """
+    if module not in MMCV_MODULES:
+        raise ValueError(f"module: expected one of {', '.join(map(repr, MMCV_MODULES))} (mmcv's class), "
+                         f"got {module!r}")
+    if module != "NonLocal":
+        if mode is not None:
+            raise ValueError(f"mode: applies to module='NonLocal' (NonLocal1d/2d/3d), not module={module!r}")
+        if module == "CrissCrossAttention":
+            return _mmcv_criss_cross(state_dict, prefix, recurrence)
+        return _mmcv_context_block(state_dict, prefix)
+    if recurrence != 1:
+        raise ValueError("recurrence: applies to module='CrissCrossAttention' (mmseg's CCHead), not NonLocal")
     if mode not in MMCV_MODES:
         raise ValueError(f"mode: expected one of {', '.join(map(repr, MMCV_MODES))}, got {mode!r}")
     if isinstance(dim, bool) or dim not in (1, 2, 3):
@@ -365,3 +388,173 @@ def from_mmcv(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, mode: str, 
         ours.update({"units.0.norm.gn.weight": sd["conv_out.gn.weight"],
                      "units.0.norm.gn.bias": sd["conv_out.gn.bias"]})
     return _load(block, ours, sd[f"{g}.weight"])
+
+
+def _shape_context(sd: Mapping[str, torch.Tensor], key: str, prefix: str, **inferred: int) -> str:
+    values = ", ".join(f"{k} = {v}" for k, v in inferred.items())
+    return f"inferred from {prefix}{key} {tuple(sd[key].shape)}: {values}"
+
+
+# --------------------------------------------------------------------------------------- mmcv CC and GC
+def _mmcv_criss_cross(state_dict: Any, prefix: str, recurrence: int) -> nn.Module:
+    """mmcv's ``CrissCrossAttention`` (Huang et al., "CCNet: Criss-Cross Attention for Semantic Segmentation",
+    ICCV 2019, arXiv 1811.11721): ``Y = X + γ·F``, ``F = A·value_conv(X)``, ``A`` the softmax of
+    ``query·key`` over the pixel's row and column (itself counted once), no scaling.
+
+    Keys: ``query_conv.{weight,bias}``, ``key_conv.*`` (``C_s×C×1×1``), ``value_conv.*`` (``C×C×1×1``),
+    ``gamma.scale`` (mmcv's ``Scale``: a 0-d tensor; ``(1,)`` accepted). mmseg's ``CCHead`` applies the module
+    ``recurrence`` times with shared weights (2 in its configs): pass ``recurrence=2`` for that.
+    """
+    if isinstance(recurrence, bool) or not isinstance(recurrence, int) or recurrence < 1:
+        raise ValueError(f"recurrence: expected an int >= 1, got {recurrence!r}")
+    what = "from_mmcv(module='CrissCrossAttention')"
+    sd = _select(state_dict, prefix, what)
+    required = [f"{m}.{p}" for m in ("query_conv", "key_conv", "value_conv") for p in ("weight", "bias")]
+    required.append("gamma.scale")
+    hints = ["A 'gamma' without '.scale' is an older layout (nn.Parameter): rename it 'gamma.scale'."] \
+        if "gamma" in sd else []
+    _check_keys(sd, required, [], what, prefix, hints)
+    cs, c, dim = _conv1x1(sd, "query_conv.weight", what, prefix)
+    ones = (1,) * dim
+    _check_shapes(sd, {"query_conv.bias": (cs,), "key_conv.weight": (cs, c, *ones), "key_conv.bias": (cs,),
+                       "value_conv.weight": (c, c, *ones), "value_conv.bias": (c,), "gamma.scale": [(), (1,)]},
+                  what, prefix, _shape_context(sd, "query_conv.weight", prefix, C=c, C_s=cs, dim=dim))
+    block = build_block("cc", c, dim=dim, key_channels=cs, recurrence=recurrence, bias=True, scale=False,
+                        zero_init=False)
+    ours = {"edges.theta.weight": sd["query_conv.weight"], "edges.theta.bias": sd["query_conv.bias"],
+            "edges.phi.weight": sd["key_conv.weight"], "edges.phi.bias": sd["key_conv.bias"],
+            "units.0.g.weight": sd["value_conv.weight"], "units.0.g.bias": sd["value_conv.bias"],
+            "units.0.norm.gamma": sd["gamma.scale"].reshape(1)}
+    return _load(block, ours, sd["query_conv.weight"])
+
+
+_GC_BRANCHES = {"channel_add": "w", "channel_mul": "w_mul"}
+
+
+def _mmcv_context_block(state_dict: Any, prefix: str) -> nn.Module:
+    """mmcv's ``ContextBlock`` (Cao et al., "GCNet: Non-local Networks Meet Squeeze-Excitation Networks and
+    Beyond", ICCVW 2019, arXiv 1904.11492) with ``pooling_type="att"``: our ``gc`` preset.
+
+    Keys: ``conv_mask.{weight,bias}`` (``1×C×1×1``) and, per fusion type present (detected from the keys),
+    ``channel_add_conv.{0,1,3}.{weight,bias}`` / ``channel_mul_conv.*``: conv ``C→P``, ``LayerNorm([P, 1, 1])``,
+    ReLU, conv ``P→C``. ``P`` (``int(C·ratio)``) comes from the shapes.
+    """
+    what = "from_mmcv(module='ContextBlock')"
+    sd = _select(state_dict, prefix, what)
+    present = [f for f in _GC_BRANCHES if any(k.startswith(f + "_conv.") for k in sd)]
+    if not present:
+        raise ValueError(f"{what}: no fusion branch: expected keys 'channel_add_conv.*' and/or 'channel_mul_conv.*'; "
+                         f"got keys {_fmt_keys(prefix + k for k in sd)}")
+    if "conv_mask.weight" not in sd and "conv_mask.bias" not in sd:
+        raise NotImplementedError(
+            f"{what}: no 'conv_mask.*' keys: this is pooling_type='avg' (context = mean over positions, A = 11ᵀ/N), "
+            "which nonlocalnet's gc preset does not express; only pooling_type='att' (GCNet's default) converts")
+    required = ["conv_mask.weight", "conv_mask.bias"] + [f"{f}_conv.{i}.{p}" for f in present for i in (0, 1, 3)
+                                                          for p in ("weight", "bias")]
+    _check_keys(sd, required, [], what, prefix, [])
+    one, c, dim = _conv1x1(sd, "conv_mask.weight", what, prefix)
+    if one != 1:
+        raise ValueError(f"{what}: {prefix}conv_mask.weight has shape {tuple(sd['conv_mask.weight'].shape)}, "
+                         f"expected (1, C, 1, 1) (one attention logit per position)")
+    first = f"{present[0]}_conv.0.weight"
+    planes = _conv1x1(sd, first, what, prefix)[0]
+    ones = (1,) * dim
+    shapes: dict[str, Any] = {"conv_mask.bias": (1,)}
+    for f in present:
+        shapes.update({f"{f}_conv.0.weight": (planes, c, *ones), f"{f}_conv.0.bias": (planes,),
+                       f"{f}_conv.1.weight": [(planes, *ones), (planes,)], f"{f}_conv.1.bias": [(planes, *ones),
+                                                                                               (planes,)],
+                       f"{f}_conv.3.weight": (c, planes, *ones), f"{f}_conv.3.bias": (c,)})
+    _check_shapes(sd, shapes, what, prefix, _shape_context(sd, "conv_mask.weight", prefix, C=c, dim=dim) +
+                  f"; from {prefix}{first}: planes = {planes}")
+    fusion = "add_mul" if len(present) == 2 else present[0].split("_")[1]
+    block = build_block("gc", c, dim=dim, fusion=fusion, bottleneck_channels=planes, bias=True, zero_init=False)
+    ours = {"edges.mask.weight": sd["conv_mask.weight"], "edges.mask.bias": sd["conv_mask.bias"]}
+    for f in present:
+        dst = f"units.0.{_GC_BRANCHES[f]}.0"
+        ours.update({f"{dst}.conv1.weight": sd[f"{f}_conv.0.weight"], f"{dst}.conv1.bias": sd[f"{f}_conv.0.bias"],
+                     f"{dst}.norm.weight": sd[f"{f}_conv.1.weight"].reshape(planes),
+                     f"{dst}.norm.bias": sd[f"{f}_conv.1.bias"].reshape(planes),
+                     f"{dst}.conv2.weight": sd[f"{f}_conv.3.weight"], f"{dst}.conv2.bias": sd[f"{f}_conv.3.bias"]})
+    return _load(block, ours, sd["conv_mask.weight"])
+
+
+# --------------------------------------------------------------------------------------- CGNL authors
+def from_cgnl(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, kernel: str = "dot_product", order: int = 2,
+              use_scale: bool = False, gamma: float = 1e-4, prefix: str = "") -> nn.Module:
+    """A block equal to the CGNL authors' ``SpatialCGNL`` (``kernel="dot_product"``) or ``SpatialCGNLx``
+    (``kernel="gaussian"``, Taylor ``order``, their default 2; their ResNets use 3) — Yue et al., "Compact
+    Generalized Non-local Network", NeurIPS 2018 (arXiv 1810.13125).
+
+    Keys: ``t.weight``, ``p.weight``, ``g.weight`` (``C_s×C×1×1``, no bias), ``z.weight`` (``C×C_s/G×1×1``,
+    grouped), ``gn.{weight,bias}`` (GroupNorm with ``G`` groups). ``C``, ``C_s``, ``G`` come from the shapes
+    (``G = C_s / z.weight.shape[1]``). ``use_scale`` (not in a state dict) divides by ``sqrt(N·C_g)``.
+
+    ``SpatialCGNLx`` replaces the RBF's per-node prefactors ``exp(-γt²)exp(-γp²)`` by the constant ``exp(-2γ)``
+    (``γ`` = ``gamma``, ``1e-4`` in their code): the block is built with ``rbf_prefactor="constant"``.
+    """
+    if kernel not in CGNL_KERNELS:
+        raise ValueError(f"kernel: expected 'dot_product' (SpatialCGNL) or 'gaussian' (SpatialCGNLx), got {kernel!r}")
+    if isinstance(order, bool) or not isinstance(order, int) or order < 0:
+        raise ValueError(f"order: expected an int >= 0 (the Taylor order of SpatialCGNLx), got {order!r}")
+    _bool("use_scale", use_scale)
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
+        raise ValueError(f"gamma: expected a positive number, got {gamma!r}")
+    what = f"from_cgnl(kernel={kernel!r})"
+    sd = _select(state_dict, prefix, what)
+    required = ["t.weight", "p.weight", "g.weight", "z.weight", "gn.weight", "gn.bias"]
+    hints = ["SpatialCGNL has no conv biases and a GroupNorm 'gn'; a 'bn' is SpatialNL (use from_timm or "
+             "build_block('nl'))."] if any(k.startswith("bn.") for k in sd) else []
+    _check_keys(sd, required, [], what, prefix, hints)
+    cs, c, dim = _conv1x1(sd, "t.weight", what, prefix)
+    cout, per_group, _ = _conv1x1(sd, "z.weight", what, prefix)
+    if cout != c or per_group < 1 or cs % per_group:
+        raise ValueError(f"{what}: {prefix}z.weight has shape {tuple(sd['z.weight'].shape)}, expected (C, C_s/G, "
+                         f"1, 1) with C = {c} and G dividing C_s = {cs} (from {prefix}t.weight)")
+    groups = cs // per_group
+    if c % groups:
+        raise ValueError(f"{what}: {groups} groups (from {prefix}z.weight) do not divide C = {c} (GroupNorm)")
+    ones = (1,) * dim
+    _check_shapes(sd, {"p.weight": (cs, c, *ones), "g.weight": (cs, c, *ones), "gn.weight": (c,), "gn.bias": (c,)},
+                  what, prefix, _shape_context(sd, "t.weight", prefix, C=c, C_s=cs, dim=dim, G=groups))
+    block = build_block("cgnl", c, dim=dim, key_channels=cs, groups=groups, kernel=kernel, taylor_order=order,
+                        rbf_gamma=float(gamma), rbf_prefactor="constant", scale=use_scale, bias=False,
+                        normalization="none", out_norm="gn", norm_groups=groups, zero_init=False)
+    ours = {"edges.theta.weight": sd["t.weight"], "edges.phi.weight": sd["p.weight"],
+            "units.0.g.weight": sd["g.weight"], "units.0.w.0.weight": sd["z.weight"],
+            "units.0.norm.gn.weight": sd["gn.weight"], "units.0.norm.gn.bias": sd["gn.bias"]}
+    return _load(block, ours, sd["t.weight"])
+
+
+# --------------------------------------------------------------------------------------- timm
+def from_timm(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, use_scale: bool = True,
+              prefix: str = "") -> nn.Module:
+    """A block equal to timm's ``NonLocalAttn`` (Wang et al.'s NL as timm ships it).
+
+    Keys: ``t``, ``p``, ``g`` (``C_r×C×1×1`` convs with bias), ``z`` (``C×C_r×1×1`` with bias),
+    ``norm.{weight,bias,running_mean,running_var[,num_batches_tracked]}`` (BatchNorm2d). ``C_r`` is timm's
+    ``make_divisible(C·rd_ratio, 8)`` (``C = 72 → 16``), often not ``C // reduction``: the block is built with
+    ``key_channels=C_r``. timm scales the logits by ``C**-0.5`` — the *input* width, not ``C_r`` — when
+    ``use_scale`` (its default; not in a state dict): here ``scale=C**-0.5``.
+    """
+    _bool("use_scale", use_scale)
+    what = "from_timm(NonLocalAttn)"
+    sd = _select(state_dict, prefix, what)
+    required = [f"{m}.{p}" for m in ("t", "p", "g", "z") for p in ("weight", "bias")] + \
+        [f"norm.{n}" for n in _BN_KEYS]
+    _check_keys(sd, required, [f"norm.{n}" for n in _BN_OPTIONAL], what, prefix, [])
+    cr, c, dim = _conv1x1(sd, "t.weight", what, prefix)
+    ones = (1,) * dim
+    shapes: dict[str, Any] = {"t.bias": (cr,), "p.weight": (cr, c, *ones), "p.bias": (cr,),
+                              "g.weight": (cr, c, *ones), "g.bias": (cr,), "z.weight": (c, cr, *ones), "z.bias": (c,),
+                              "norm.num_batches_tracked": ()}
+    shapes.update({f"norm.{n}": (c,) for n in _BN_KEYS})
+    _check_shapes(sd, shapes, what, prefix, _shape_context(sd, "t.weight", prefix, C=c, C_r=cr, dim=dim))
+    block = build_block("nl", c, dim=dim, key_channels=cr, kernel="embedded_gaussian", normalization="softmax",
+                        scale=c ** -0.5 if use_scale else False, bias=True, out_norm="bn", zero_init=False)
+    ours = {"edges.theta.weight": sd["t.weight"], "edges.theta.bias": sd["t.bias"],
+            "edges.phi.weight": sd["p.weight"], "edges.phi.bias": sd["p.bias"],
+            "units.0.g.weight": sd["g.weight"], "units.0.g.bias": sd["g.bias"],
+            "units.0.w.0.weight": sd["z.weight"], "units.0.w.0.bias": sd["z.bias"]}
+    ours.update(_bn(sd, "norm", "units.0.norm.bn"))
+    return _load(block, ours, sd["t.weight"])

@@ -26,7 +26,10 @@ class Kernel:
     ``relu``, ``softmax`` (A²: queries over channels, keys over positions), ``concat`` (a learned
     ``w·[θ_i; φ_j]``)). ``exp``: the kernel is ``exp`` of a bilinear form (log-domain evaluation,
     softmax, fused attention). ``factorizable``: ``M = P Qᵀ`` with thin factors (the ``lowrank`` path).
-    ``projected``: ``θ``, ``φ`` are learned 1×1 projections (``gaussian`` uses ``X`` itself).
+    ``projected``: ``θ``, ``φ`` are learned 1×1 projections (``gaussian`` uses ``X`` itself). ``unary``: the
+    kernel depends on the key alone, ``M_ij = exp(m_j)``, ``m_j = w_m·x_j + b_m`` (GC's attention pooling, Cao et
+    al., "GCNet: Non-local Networks Meet Squeeze-Excitation Networks and Beyond", ICCVW 2019, Eq. 2–3): with its
+    one normalization, softmax, ``A = 1·aᵀ`` (rank 1).
     """
 
     name: str
@@ -36,10 +39,14 @@ class Kernel:
     factorizable: bool = False
     projected: bool = True
     natural_normalization: str = "count"
+    unary: bool = False
 
     @property
     def normalizations(self) -> tuple[str, ...]:
-        """``softmax`` is the row normalization of the exp kernels; every other one applies to all."""
+        """``softmax`` is the row normalization of the exp kernels; every other one applies to all. The unary
+        kernel takes softmax only."""
+        if self.unary:
+            return ("softmax",)
         return NORMALIZATIONS if self.exp else tuple(n for n in NORMALIZATIONS if n != "softmax")
 
 
@@ -54,6 +61,8 @@ KERNELS: dict[str, Kernel] = {
         Kernel("concatenation", "relu(w·[θ_i; φ_j])", pretransform="concat", natural_normalization="count"),
         Kernel("double_attention", "softmax_C(θ)_i·softmax_N(φ)_j", pretransform="softmax", factorizable=True,
                natural_normalization="none"),
+        Kernel("unary", "exp(w_m·x_j + b_m)", factorizable=True, projected=False, natural_normalization="softmax",
+               unary=True),
     ]
 }
 EXP_KERNELS = tuple(n for n, k in KERNELS.items() if k.exp)
@@ -82,7 +91,7 @@ def valid_backends(kernel: str, normalization: str, mode: str = "positions") -> 
     """
     if mode in _MODE_BACKENDS:
         return _MODE_BACKENDS[mode]
-    k = KERNELS[kernel]
+    k = KERNELS[kernel]  # unary: rank 1 (lowrank, the auto path), or formed (dense/chunked); no fused attention
     out = ["auto", "dense", "chunked"]
     if k.factorizable:
         out.append("lowrank")

@@ -13,13 +13,14 @@ submission (OpenReview rkgb9kSKwS). Wang et al. is arXiv:1711.07971, Tao et al. 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch.nn as nn
 
 from . import kernels as K
-from .blocks import OUT_NORMS, Affinity, NonlocalBlock, NonlocalUnit
+from .blocks import FUSIONS, OUT_MAPS, OUT_NORMS, Affinity, NonlocalBlock, NonlocalUnit
 from .filters import FILTERS, filter_coefficients, highest_order
 
 
@@ -35,8 +36,11 @@ COMMON = dict(
     reduction=2, kernel="embedded_gaussian", normalization="softmax", scale=False, bias=True, sub_sample=False,
     units=1, recurrence=1, filter="nl", order=None, out_norm="bn", zero_init=True, backend="auto",
     memory_budget=256, value_channels=None, out_proj=True, norm_groups=None,
+    key_channels=None, whiten=False, unary=False, temperature=1.0, value_proj=True, out_map="linear",
+    bottleneck_channels=None, fusion="add",
 )
-CGNL_ONLY = dict(groups=1, taylor_order=3, rbf_gamma=1e-4)
+CGNL_ONLY = dict(groups=1, taylor_order=3, rbf_gamma=1e-4, rbf_prefactor="exact")
+RBF_PREFACTORS = ("exact", "constant")
 
 _SNL = dict(kernel="relu_dot", normalization="symmetric", out_norm="bn_relu", zero_init=False, bias=False)
 
@@ -74,6 +78,14 @@ PRESETS: dict[str, Preset] = {
                      '"Unifying Nonlocal Blocks", ICCV 2021, §2.2 (5), §B.5)',
                dict(reduction=8, filter="nl", out_norm="gamma", zero_init=True, out_proj=False, recurrence=2),
                mode="crisscross"),
+        Preset("gc", 'Cao et al., "GCNet: Non-local Networks Meet Squeeze-Excitation Networks and Beyond", ICCVW '
+                     '2019 (arXiv 1904.11492), Eq. 4: global context, A = 1·aᵀ, a = softmax(w_m X) (rank 1), Z = X, '
+                     'bottleneck transform conv-LayerNorm-ReLU-conv, fusion by addition',
+               dict(kernel="unary", normalization="softmax", filter="nl", value_proj=False, out_map="bottleneck",
+                    fusion="add", out_norm="none", zero_init=True)),
+        Preset("dnl", 'Yin et al., "Disentangled Non-Local Neural Networks", ECCV 2020 (arXiv 2006.06668), Eq. 12: '
+                      'A = softmax((θ-μ_θ)(φ-μ_φ)ᵀ/(√C_s·τ)) + 1·softmax(w_m X)ᵀ, F = A Z W',
+               dict(filter="nl", whiten=True, unary=True, temperature=0.05, scale=True)),
     ]
 }
 
@@ -88,6 +100,14 @@ def list_blocks() -> list[str]:
 def _choice(arg: str, value: Any, valid: tuple[str, ...] | list[str], what: str = "") -> None:
     if value not in valid:
         raise ValueError(f"{arg}: unknown {what or arg} {value!r}; valid: {', '.join(map(str, valid))}")
+
+
+def _positive_number(arg: str, value: Any, expected: str) -> None:
+    """A finite number > 0 (not a bool): else TypeError (not a number) or ValueError (NaN, inf, <= 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{arg}: expected {expected}, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{arg}: expected {expected}, got {value!r}")
 
 
 def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, Any]) -> dict[str, Any]:
@@ -120,7 +140,7 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
     r = o["reduction"]
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"reduction: expected a positive int (C_s = C // reduction), got {r!r}")
-    if in_channels < r:
+    if in_channels < r and o["key_channels"] is None:
         raise ValueError(f"in_channels ({in_channels}) must be >= reduction ({r}) so that "
                          f"C_s = in_channels // reduction >= 1")
     for key in ("units", "recurrence"):
@@ -129,23 +149,46 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
     for key in ("bias", "sub_sample", "zero_init", "out_proj"):
         if not isinstance(o[key], bool):
             raise TypeError(f"{key}: expected a bool, got {o[key]!r}")
-    if not (isinstance(o["scale"], bool) or (isinstance(o["scale"], (int, float)) and o["scale"] > 0)):
-        raise TypeError(f"scale: expected a bool (1/sqrt(C_s)) or a positive float, got {o['scale']!r}")
-    if not isinstance(o["memory_budget"], (int, float)) or isinstance(o["memory_budget"], bool) \
-            or o["memory_budget"] <= 0:
-        raise ValueError(f"memory_budget: expected a positive number of MiB, got {o['memory_budget']!r}")
+    if not isinstance(o["scale"], bool):
+        _positive_number("scale", o["scale"], "a bool (True: 1/sqrt(C_s)) or a positive finite multiplier")
+    _positive_number("memory_budget", o["memory_budget"], "a positive finite number of MiB")
+    if o["norm_groups"] is not None and (isinstance(o["norm_groups"], bool) or not isinstance(o["norm_groups"], int)
+                                         or o["norm_groups"] < 1):
+        raise ValueError(f"norm_groups: expected a positive int (or None), got {o['norm_groups']!r}")
+    if preset.mode == "channels":
+        _positive_number("rbf_gamma", o["rbf_gamma"], "a positive finite number (the RBF exp(-γ(t-p)²))")
+
+    for key in ("whiten", "unary", "value_proj"):
+        if not isinstance(o[key], bool):
+            raise TypeError(f"{key}: expected a bool, got {o[key]!r}")
+    t = o["temperature"]
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):
+        raise ValueError(f"temperature: expected a positive finite number (logits / temperature), got {t!r}")
+    _choice("out_map", o["out_map"], OUT_MAPS)
+    _choice("fusion", o["fusion"], FUSIONS)
 
     kern, norm, backend, mode = o["kernel"], o["normalization"], o["backend"], preset.mode
     _choice("out_norm", o["out_norm"], OUT_NORMS)
     _choice("backend", backend, K.BACKENDS)
     _choice("filter", o["filter"], FILTERS)
     _choice("normalization", norm, K.NORMALIZATIONS)
+    if mode != "positions":
+        for key, default in (("whiten", False), ("unary", False)):
+            if o[key] != default:
+                raise ValueError(f"{key}: applies to the position graphs (nl, ns, snl, gsnl, cheby, a2, gc, dnl), "
+                                 f"not to {name!r}")
+    if mode == "channels":
+        _choice("rbf_prefactor", o["rbf_prefactor"], RBF_PREFACTORS)
     _choice("kernel", kern, K.mode_kernels(mode))
+    unary_kernel = K.KERNELS[kern].unary
     if norm not in K.valid_normalizations(kern, mode):
         if mode == "crisscross":
             raise ValueError(f"normalization: cc uses the masked softmax ('softmax'), got {norm!r}")
         if mode == "channels":
             raise ValueError(f"normalization: cgnl supports 'none' or 'count', got {norm!r}")
+        if unary_kernel:
+            raise ValueError(f"normalization: the unary kernel (GC's attention pooling, A = 1·aᵀ) takes 'softmax', "
+                             f"got {norm!r}")
         raise ValueError(f"normalization='softmax' is the row normalization of the exp kernels "
                          f"({', '.join(K.EXP_KERNELS)}); kernel {kern!r} takes "
                          f"{', '.join(map(repr, K.valid_normalizations(kern)))}")
@@ -161,6 +204,16 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
     if mode == "crisscross" and o["sub_sample"]:
         raise ValueError("sub_sample: criss-cross attention does not go with sub-sampling (keys must stay "
                          "on the query's row and column)")
+    if unary_kernel and o["unary"]:
+        raise ValueError("unary=True adds a unary term to a pairwise graph; kernel='unary' already is one")
+    if unary_kernel and o["whiten"]:
+        raise ValueError("whiten: whitens the queries and keys of a pairwise kernel; kernel='unary' has none")
+    exp_logits = K.KERNELS[kern].exp and mode != "channels"
+    if "temperature" in options and o["temperature"] != 1.0 and not exp_logits:
+        raise ValueError(f"temperature: divides the logits of the exp kernels ({', '.join(K.EXP_KERNELS)}), "
+                         f"not kernel={kern!r}")
+    if (unary_kernel or o["unary"]) and o["sub_sample"]:
+        raise ValueError("sub_sample: the unary term (gc, dnl) pools over every position; use sub_sample=False")
     if norm == "symmetric" and o["sub_sample"]:
         raise ValueError("normalization='symmetric' needs a square affinity (N' = N) and does not go with "
                          "sub_sample=True; use normalization='row' or sub_sample=False")
@@ -176,15 +229,40 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
         raise ValueError(f"out_proj=False (F = A Z without W) needs a one-term filter, filter={o['filter']!r} "
                          f"has {len(coef)} terms")
 
-    key_channels = in_channels // r
+    key_channels = o["key_channels"]
+    if key_channels is None:
+        key_channels = in_channels // r
+    elif isinstance(key_channels, bool) or not isinstance(key_channels, int) or key_channels < 1:
+        raise ValueError(f"key_channels: expected a positive int (C_s, given directly), got {key_channels!r}")
+    elif "reduction" in options:
+        raise ValueError(f"key_channels ({key_channels}) and reduction ({options['reduction']}) both set C_s; "
+                         f"give one")
     vc = o["value_channels"]
     if vc is None:
-        vc = in_channels if not o["out_proj"] else key_channels
+        vc = in_channels if not (o["out_proj"] and o["value_proj"]) else key_channels
     if isinstance(vc, bool) or not isinstance(vc, int) or vc < 1:
         raise ValueError(f"value_channels: expected a positive int, got {vc!r}")
     if not o["out_proj"] and vc != in_channels:
         raise ValueError(f"value_channels: out_proj=False needs value_channels == in_channels ({in_channels}), "
                          f"got {vc}")
+    if not o["value_proj"] and vc != in_channels:
+        raise ValueError(f"value_channels: value_proj=False (Z = X) needs value_channels == in_channels "
+                         f"({in_channels}), got {vc}")
+    bc = o["bottleneck_channels"]
+    if o["out_map"] == "bottleneck":
+        if bc is None:
+            bc = max(1, in_channels // 16)  # GCNet's ratio 1/16
+        if isinstance(bc, bool) or not isinstance(bc, int) or bc < 1:
+            raise ValueError(f"bottleneck_channels: expected a positive int (C_b of the bottleneck), got {bc!r}")
+        if not o["out_proj"]:
+            raise ValueError("out_map='bottleneck' is an output map: it does not go with out_proj=False")
+        if preset.mode == "channels":
+            raise ValueError("out_map='bottleneck' does not apply to cgnl (its output map is a grouped conv)")
+    elif bc is not None:
+        raise ValueError(f"bottleneck_channels: applies to out_map='bottleneck', not out_map={o['out_map']!r}")
+    if o["fusion"] == "mul" and o["out_norm"] != "none":
+        raise ValueError(f"out_norm: fusion='mul' (Y = X * sigmoid(F)) has no additive branch to normalize; use "
+                         f"out_norm='none', got {o['out_norm']!r}")
     if preset.mode == "channels":
         g = o["groups"]
         if isinstance(g, bool) or not isinstance(g, int) or g < 1:
@@ -202,7 +280,7 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
     if o["out_norm"] == "bn_relu" and o["zero_init"]:
         raise ValueError("zero_init=True does not go with out_norm='bn_relu': relu(BN(F)) with a zero BN scale "
                          "outputs 0 with zero gradient, so the block would never train")
-    o.update(key_channels=key_channels, value_channels=vc, norm_groups=ng, coef=coef)
+    o.update(key_channels=key_channels, value_channels=vc, norm_groups=ng, coef=coef, bottleneck_channels=bc)
     return o
 
 
@@ -212,8 +290,10 @@ def build_block(name: str, in_channels: int, *, dim: int = 2, **options: Any) ->
     ``name`` is one of :func:`list_blocks`. Options (see README for the table): ``reduction``,
     ``kernel``, ``normalization``, ``scale``, ``bias``, ``sub_sample``, ``units``, ``order``,
     ``recurrence``, ``filter``, ``out_norm``, ``zero_init``, ``backend``, ``memory_budget`` (MiB),
-    ``value_channels``, ``out_proj``, ``norm_groups``; cgnl also ``groups``, ``taylor_order``,
-    ``rbf_gamma``.
+    ``value_channels``, ``out_proj``, ``norm_groups``, ``key_channels`` (C_s directly, instead of
+    ``reduction``), ``whiten``, ``unary``, ``temperature``, ``value_proj``, ``out_map``,
+    ``bottleneck_channels``, ``fusion``; cgnl also ``groups``, ``taylor_order``, ``rbf_gamma``,
+    ``rbf_prefactor``.
     """
     o = resolve_options(name, in_channels, dim, options)
     preset = PRESETS[name]
@@ -221,12 +301,14 @@ def build_block(name: str, in_channels: int, *, dim: int = 2, **options: Any) ->
         in_channels, o["key_channels"], dim=dim, kernel=o["kernel"], normalization=o["normalization"],
         scale=o["scale"], bias=o["bias"], sub_sample=o["sub_sample"], backend=o["backend"],
         memory_budget=o["memory_budget"], mode=preset.mode, groups=o.get("groups", 1),
-        order=o.get("taylor_order", 0), rbf_gamma=o.get("rbf_gamma", 1e-4),
+        order=o.get("taylor_order", 0), rbf_gamma=o.get("rbf_gamma", 1e-4), whiten=o["whiten"], unary=o["unary"],
+        temperature=o["temperature"], rbf_prefactor=o.get("rbf_prefactor", "exact"),
     )
     units = [
         NonlocalUnit(in_channels, o["value_channels"], o["coef"], dim=dim, bias=o["bias"], out_norm=o["out_norm"],
                      zero_init=o["zero_init"], norm_groups=o["norm_groups"], out_proj=o["out_proj"],
-                     proj_groups=o.get("groups", 1), sub_sample=o["sub_sample"])
+                     proj_groups=o.get("groups", 1), sub_sample=o["sub_sample"], value_proj=o["value_proj"],
+                     out_map=o["out_map"], bottleneck_channels=o["bottleneck_channels"] or 1, fusion=o["fusion"])
         for _ in range(o["units"])
     ]
     shown = {k: v for k, v in o.items() if k in options}

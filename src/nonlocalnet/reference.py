@@ -23,6 +23,11 @@ Equations (framework.md and these papers):
 - stage: ``Zⁿ⁺¹ = Zⁿ + out_n(F_n(A, g_n(Zⁿ)))``, ``A`` from the stage input (Tao et al. 2018, Eq. 8)
 - CC: softmax over the positions in the same row/column (mask ``C``, Zhu et al. 2021 (ICCV), §B.5)
 - CGNL: graph over (position, channel) nodes (Zhu et al. 2021 (ICCV), §B.4)
+- GC (Cao et al., "GCNet: Non-local Networks Meet Squeeze-Excitation Networks and Beyond", ICCVW 2019,
+  arXiv 1904.11492, Eq. 4): ``A = 1·aᵀ``, ``a = softmax(w_m X)``, the bottleneck ``conv → LayerNorm → ReLU →
+  conv``, fusion ``X ⊙ σ(F_mul) + F_add``
+- DNL (Yin et al., "Disentangled Non-Local Neural Networks", ECCV 2020, arXiv 2006.06668, Eq. 12):
+  ``softmax((θ−μ_θ)(φ−μ_φ)ᵀ/(√C_s τ)) + 1·softmax(w_m X)ᵀ``
 """
 
 from __future__ import annotations
@@ -109,7 +114,17 @@ def affinity_tokens(graph, x: torch.Tensor, spatial: tuple[int, ...]) -> torch.T
         q, k = x, x
     if graph.sub_sample:
         k = pool(k, spatial)
+    if getattr(graph, "whiten", False):
+        q = q - q.sum(1, keepdim=True) / q.shape[1]
+        k = k - k.sum(1, keepdim=True) / k.shape[1]
     s = graph.scale_value
+    unary = None
+    if hasattr(graph, "mask"):  # the unary term: M_ij = exp(m_j), the same row for every query
+        logits = _lin(graph.mask, x)[..., 0]  # (B, N)
+        unary = torch.exp(logits)[:, None, :] * torch.ones(x.shape[0], x.shape[1], 1, dtype=x.dtype)
+    if kernel == "unary":
+        return normalize(unary, "row")
+    a_unary = 0 if unary is None else normalize(unary, "row")
     if graph.mode == "crisscross":
         logits = s * q @ k.transpose(1, 2)
         m = torch.exp(logits) * crisscross_mask(spatial).to(logits.dtype)
@@ -132,7 +147,7 @@ def affinity_tokens(graph, x: torch.Tensor, spatial: tuple[int, ...]) -> torch.T
         m = torch.softmax(q, dim=-1) @ torch.softmax(k, dim=1).transpose(1, 2)
     else:
         raise ValueError(kernel)
-    return normalize(m, norm)
+    return normalize(m, norm) + a_unary
 
 
 def chebyshev_matrices(a: torch.Tensor, order: int) -> list[torch.Tensor]:
@@ -175,7 +190,9 @@ def cgnl_channel_affinity(graph, x: torch.Tensor) -> torch.Tensor:
     (Zhu et al. 2021 (ICCV), §B.4).
 
     Node ``(i, c)`` of group ``g`` is position ``i``, channel ``c``; ``M = k(θ_ic, φ_jc')`` with
-    ``k(t, p) = t·p`` (dot) or ``exp(-γt²) exp(-γp²) Σ_{k≤P} (2γ)^k/k! (tp)^k`` (Gaussian RBF, Taylor P).
+    ``k(t, p) = t·p`` (dot) or ``exp(-γt²) exp(-γp²) Σ_{k≤P} (2γ)^k/k! (tp)^k`` (Gaussian RBF, Taylor P;
+    ``exp(-2γ) Σ ...`` with ``rbf_prefactor="constant"``). ``scale``: True divides by ``sqrt(N'·C_g)``, a float
+    multiplies.
     """
     t, p = _lin(graph.theta, x), _lin(graph.phi, x)
     b, n, c = t.shape
@@ -189,12 +206,17 @@ def cgnl_channel_affinity(graph, x: torch.Tensor) -> torch.Tensor:
     else:
         gam = graph.rbf_gamma
         series = sum((2 * gam) ** k / math.factorial(k) * (tt * pp) ** k for k in range(graph.order + 1))
-        m = torch.exp(-gam * tt**2) * torch.exp(-gam * pp**2) * series
+        if graph.rbf_prefactor == "exact":
+            m = torch.exp(-gam * tt**2) * torch.exp(-gam * pp**2) * series
+        else:  # the CGNL authors' code: the constant exp(-2γ)
+            m = math.exp(-2 * gam) * series
     nodes = pg.shape[-1]
     if graph.normalization == "count":
         m = m / nodes
-    if graph.scale:
+    if graph.scale is True:
         m = m / math.sqrt(nodes)
+    elif graph.scale is not False:
+        m = m * float(graph.scale)
     return m
 
 
@@ -207,6 +229,20 @@ def _cgnl_apply(graph, x_tok: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return y.reshape(b, n, c)
 
 
+def layer_norm(ln, t: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the last axis, literally."""
+    mean = t.sum(-1, keepdim=True) / t.shape[-1]
+    var = ((t - mean) ** 2).sum(-1, keepdim=True) / t.shape[-1]
+    return (t - mean) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+
+
+def out_map(m, t: torch.Tensor) -> torch.Tensor:
+    """A per-term output map: a 1×1 conv, or GCNet's ``conv2(relu(LN(conv1(t))))``."""
+    if hasattr(m, "conv1"):
+        return _lin(m.conv2, torch.clamp(layer_norm(m.norm, _lin(m.conv1, t)), min=0))
+    return _lin(m, t)
+
+
 def forward(block, x: torch.Tensor) -> torch.Tensor:
     """A :class:`~nonlocalnet.blocks.NonlocalBlock`'s output, recomputed densely from its parameters."""
     b, c = x.shape[:2]
@@ -217,7 +253,7 @@ def forward(block, x: torch.Tensor) -> torch.Tensor:
         a = None if graph.mode == "channels" else affinity_tokens(graph, h, spatial)
         stage_input = h
         for unit in block.units:
-            z = _lin(unit.g, h)
+            z = _lin(unit.g, h) if hasattr(unit, "g") else h
             coef = unit.coef.to(h.dtype)
             order = int((coef != 0).any(0).nonzero().max())
             if graph.mode == "channels":
@@ -229,11 +265,14 @@ def forward(block, x: torch.Tensor) -> torch.Tensor:
             else:
                 basis = [t @ z for t in chebyshev_matrices(a, order)]
             terms = [sum(coef[t, k] * basis[k] for k in range(order + 1)) for t in range(coef.shape[0])]
-            if len(unit.w):
-                f = sum(_lin(w, term) for w, term in zip(unit.w, terms))
-            else:
-                f = terms[0]
-            h = h + out_norm(unit.norm, f)
+            y = h
+            if "mul" in unit.fusion:
+                gate = sum(out_map(w, term) for w, term in zip(unit.w_mul, terms)) if len(unit.w_mul) else terms[0]
+                y = y * (1 / (1 + torch.exp(-gate)))
+            if "add" in unit.fusion:
+                f = sum(out_map(w, term) for w, term in zip(unit.w, terms)) if len(unit.w) else terms[0]
+                y = y + out_norm(unit.norm, f)
+            h = y
     return h.reshape(b, *spatial, c).movedim(-1, 1)
 
 

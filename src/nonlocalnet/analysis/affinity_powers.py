@@ -27,7 +27,7 @@ from nonlocalnet.runs import Loaded
 
 from .capture import capture_blocks, dense_affinity, load_batch
 from .errors import require_blocks
-from .matrices import is_channel_graph
+from .matrices import graph_notes, is_channel_graph
 from .output import new_figure, safe_name, save_figure, write_result
 
 __all__ = ["affinity_powers", "power_statistics", "run_affinity"]
@@ -124,6 +124,8 @@ def run_affinity(loaded: Loaded, out: Path, *, data_root: str | None = None, spl
             continue
         a = dense_affinity(block, io[name][0])
         rec.update(n=int(a.shape[1]), n_keys=int(a.shape[2]))
+        if graph_notes(block):
+            rec["notes"] = graph_notes(block)
         mats = list(a)
         sym = float(max(np.abs(m - m.T).max() / max(np.abs(m).max(), 1e-300) for m in mats)) \
             if a.shape[1] == a.shape[2] else None

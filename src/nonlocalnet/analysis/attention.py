@@ -10,7 +10,9 @@ feature maps before and after the block as the channel norm ``‖X_i‖``, ``‖
 (Fig. 3A).
 
 3-D blocks (clips) use the query's frame: the key map of that frame, on the middle frame of the clip. 1-D
-blocks and CGNL (no position graph) get the feature maps only.
+blocks and CGNL (no position graph) get the feature maps only. GC's unary graph has one row for every query
+(``A = 1·aᵀ``: the map is GCNet's context attention ``a``); DNL's rows are those of the sum of its pairwise and
+unary terms (each sums to 2); the JSON says so per block (``notes``).
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from nonlocalnet.affinity import pooled_shape
 from nonlocalnet.runs import Loaded
 
 from .capture import capture_batch, dense_affinity
-from .errors import require_blocks
-from .matrices import is_channel_graph
+from .errors import AnalysisError, require_blocks
+from .matrices import graph_notes, is_channel_graph
 from .output import new_figure, safe_name, save_figure, write_result
 
 __all__ = ["parse_query", "run_attention", "salient_positions"]
@@ -97,6 +99,10 @@ def run_attention(loaded: Loaded, out: Path, *, data_root: str | None = None, sp
     batch, io = capture_batch(loaded, batch, images=images, split=split, data_root=data_root,
                               what="`analyze attention`")
     img_hw = _image_hw(batch.images[0])
+    bad = [(y, x) for y, x in (queries or []) if not (0 <= y < img_hw[0] and 0 <= x < img_hw[1])]
+    if bad:
+        raise AnalysisError(f"--query {bad[0][0]},{bad[0][1]} is outside the image: y must be in [0, {img_hw[0] - 1}] "
+                            f"and x in [0, {img_hw[1] - 1}] (image pixels of the {img_hw[0]}x{img_hw[1]} input)")
     records, figures = [], []
     for name, block in loaded.blocks.items():
         xin, yout = io[name]
@@ -108,6 +114,8 @@ def run_attention(loaded: Loaded, out: Path, *, data_root: str | None = None, sp
         if not has_graph:
             rec["note"] = ("cgnl: no N x N' position graph (its graph is over positions x channels); feature maps "
                            "only" if is_channel_graph(block) else "1-D block: feature maps only")
+        if graph_notes(block):
+            rec["notes"] = list(graph_notes(block))
         a = None
         if has_graph:
             a = dense_affinity(block, xin)

@@ -16,7 +16,9 @@ analysis). Blocks without output projection (CC) use ``W_t = I``. The output nor
 
 Underneath, the histogram of the eigenvalues λ of the real inputs' ``A``: ``eigh`` when ``A`` is symmetric
 (SNL's symmetric normalization); otherwise the real parts of the (complex) eigenvalues of ``A``, and the
-JSON says so. Non-square ``A`` (sub-sampling) and CGNL have no such spectrum.
+JSON says so. Non-square ``A`` (sub-sampling) and CGNL have no such spectrum. DNL's ``A`` is a sum (pairwise +
+unary, row sums 2): its λ reach 2. GC's output maps are nonlinear (GCNet's bottleneck): no gain curve, the
+block's record says so (``applies: false``, ``note``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from nonlocalnet.runs import Loaded
 
 from .capture import capture_batch, dense_affinity
 from .errors import require_blocks
-from .matrices import block_matrices, is_channel_graph, poly_label
+from .matrices import block_matrices, graph_notes, is_channel_graph, nonlinear_reason, poly_label
 from .output import new_figure, safe_name, save_figure, write_result
 
 __all__ = ["affinity_eigenvalues", "filter_response", "run_filter"]
@@ -118,6 +120,14 @@ def run_filter(loaded: Loaded, out: Path, *, data_root: str | None = None, split
     records, figures = [], []
     for name, block in loaded.blocks.items():
         rec: dict[str, Any] = {"block": name, "preset": block.name}
+        reason = nonlinear_reason(block)
+        if reason is not None:
+            rec.update(applies=False, note=reason, notes=graph_notes(block))
+            records.append(rec)
+            continue
+        rec["applies"] = True
+        if graph_notes(block):
+            rec["notes"] = graph_notes(block)
         lams_data = None
         if io is None:
             rec["lambda_note"] = "no data: λ histogram not computed (--no-data)"

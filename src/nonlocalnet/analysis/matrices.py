@@ -14,12 +14,49 @@ from nonlocalnet.reference import conv_matrix
 
 from .errors import AnalysisError
 
-__all__ = ["block_matrices", "is_channel_graph", "poly_label", "sorted_by_magnitude", "symmetric_eigenvalues"]
+__all__ = ["block_matrices", "graph_notes", "is_channel_graph", "nonlinear_reason", "poly_label", "sorted_by_magnitude",
+           "symmetric_eigenvalues"]
 
 
 def is_channel_graph(block: NonlocalBlock) -> bool:
     """CGNL: a graph over positions × channels, no ``N × N'`` position affinity."""
     return block.edges.mode == "channels"
+
+
+def nonlinear_reason(block: NonlocalBlock) -> str | None:
+    """Why the analyses of the linear maps ``W_t W_g`` (spectrum, filter gains) do not apply to ``block``, or
+    ``None`` when they do."""
+    unit = block.units[0]
+    if unit.out_map != "linear":
+        return (f"{block.name}: each output map is GCNet's bottleneck conv -> LayerNorm -> ReLU -> conv (Cao et al., "
+                '"GCNet: Non-local Networks Meet Squeeze-Excitation Networks and Beyond", ICCVW 2019, Eq. 4), not '
+                "a linear W_t: there is no C x C matrix W_t W_g, so its eigenvalues (spectrum) and the filter gain "
+                "||Σ_t B_t(λ) W_t|| are not defined; not analyzed")
+    if "add" not in unit.fusion:
+        return f"{block.name}: fusion='mul' gates X by sigmoid(F) and has no additive W_t W_g; not analyzed"
+    return None
+
+
+def graph_notes(block: NonlocalBlock) -> list[str]:
+    """What the block's graph is, where it differs from one pairwise affinity (GC's unary graph, DNL's sum)."""
+    e = block.edges
+    notes = []
+    if e.kernel == "unary":
+        notes.append("unary graph (GC): A = 1·aᵀ with a = softmax(w_m X): every row of A is the same a "
+                     "(query-independent attention), rank 1, A^k = A; its eigenvalues are 1 (once, eigenvector 1) "
+                     "and 0 (N - 1 times)")
+    elif e.unary:
+        notes.append('sum graph (DNL; Yin et al., "Disentangled Non-Local Neural Networks", ECCV 2020, Eq. 12): '
+                     "A = softmax of the whitened pairwise term + 1·aᵀ (the unary term); each row sums to 2 "
+                     "(A 1 = 2·1), A is not symmetric; rows, powers and eigenvalues shown are those of the sum")
+    if e.whiten and not e.unary:
+        notes.append("whitened pairwise term: queries and keys minus their means over positions")
+    unit = block.units[0]
+    if not hasattr(unit, "g"):
+        notes.append("value_proj=False: Z = X (no W_g; W_g = I in the matrices)")
+    if unit.fusion == "add_mul":
+        notes.append("fusion='add_mul': Y = X ⊙ sigmoid(F_mul) + F_add; only the additive branch (w.*) is analyzed")
+    return notes
 
 
 def poly_label(coef_row: Sequence[float]) -> str:
@@ -48,16 +85,25 @@ def block_matrices(name: str, block: NonlocalBlock, state: dict[str, torch.Tenso
     """For each unit ``i`` and filter term ``t``: the keys and matrices of ``W_t`` (``C × C_v``) and ``W_g``
     (``C_v × C``), read from ``state`` (default: the block's own weights) by state-dict key.
 
-    ``out_proj=False`` (CC): no ``W_t``; the entry has ``w_key=None`` and ``w=None``.
+    ``out_proj=False`` (CC): no ``W_t``; the entry has ``w_key=None`` and ``w=None``. ``value_proj=False``: no
+    ``W_g``; ``g_key=None`` and ``W_g = I``. Nonlinear output maps (GC): :class:`AnalysisError` (see
+    :func:`nonlinear_reason`).
     """
     own = {f"{name}.{k}": v for k, v in block.state_dict().items()}
     state = own if state is None else state
+    reason = nonlinear_reason(block)
+    if reason is not None:
+        raise AnalysisError(reason)
     out = []
     for i, unit in enumerate(block.units):
         g_key = f"{name}.units.{i}.g.weight"
-        if g_key not in state:
+        if not hasattr(unit, "g"):  # value_proj=False: Z = X
+            g_key = None
+            wg = torch.eye(block.in_channels, dtype=torch.float64)
+        elif g_key not in state:
             raise AnalysisError(f"state dict has no {g_key}")
-        wg = state[g_key].detach().cpu().double().reshape(state[g_key].shape[0], -1)  # C_v × C
+        else:
+            wg = state[g_key].detach().cpu().double().reshape(state[g_key].shape[0], -1)  # C_v × C
         coef = unit.coef.tolist()
         if not len(unit.w):
             out.append({"unit": i, "term": 0, "coef": coef[0], "poly": poly_label(coef[0]), "g_key": g_key,

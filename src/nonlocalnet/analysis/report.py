@@ -52,6 +52,8 @@ def _spectrum_section(d: dict[str, Any]) -> list[str]:
                 "possible blow-up when stacking.")]
     rows = []
     for b in d["blocks"]:
+        if not b.get("applies", True):
+            parts.append(para(b["note"], "note"))
         for m in b["matrices"]:
             ev = m["eigenvalues"]
             rows.append([b["block"], m["unit"], f"sym({m['product']}) [{m['filter_term']}]",
@@ -176,6 +178,7 @@ def write_report(run_dir: str | Path | Loaded, out_dir: str | Path, data_root: s
     filt_parts = [para("Spectral response of each unit's graph filter: gain ‖Σ_t B_t(λ) W_t‖₂ (spectral norm of "
                      "the summed C×C_v matrices), ‖G(λ)‖₂ with G = Σ_t B_t(λ) W_t W_g, and the eigenvalue range "
                      "of sym G(λ); below, the eigenvalues λ of A on real inputs.")] + _figures(filt)
+    filt_parts += [para(b["note"], "note") for b in filt["blocks"] if not b.get("applies", True)]
     if batch is None:
         filt_parts.insert(0, para(f"λ histograms skipped: {data_error}", "note"))
     sections.append(("filter", "Graph filter in the spectral domain", filt_parts))

@@ -5,7 +5,10 @@ Networks, Nonlocal Diffusion and Nonlocal Modeling", NeurIPS 2018,
 For unit ``i`` of a block and filter term ``t``: ``W_g`` is g's weight (``C_v × C``), ``W_t`` the term's output
 projection (``C × C_v``, block-diagonal for grouped convs, e.g. CGNL), ``W = W_t W_g`` (``C × C``, rank ≤ C_v)
 and ``W̃ = (W + Wᵀ)/2``. The eigenvalues of ``W̃`` are sorted by magnitude and the top ``k`` (32) reported.
-Blocks without output projection (``out_proj=False``, CC) use ``W = W_g`` (``C × C``) and say so.
+Blocks without output projection (``out_proj=False``, CC) use ``W = W_g`` (``C × C``) and say so; blocks
+without value projection (``value_proj=False``) use ``W_g = I``. DNL is analyzed as NL (one ``W_g``, one ``W_z``
+shared by its pairwise and unary terms). GC's output maps are GCNet's nonlinear bottleneck: no ``W_t``, so its
+record says the analysis does not apply (``applies: false``, ``note``) and has no figure.
 
 The output norm is not part of ``W`` (as in the papers); ``folded`` additionally gives the eigenvalues with
 the norm's per-channel scale ``s`` folded in, ``sym(diag(s) W)``, where the norm is affine at inference
@@ -26,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from nonlocalnet.runs import CheckpointError, Loaded
 
 from .errors import require_blocks
-from .matrices import block_matrices, symmetric_eigenvalues
+from .matrices import block_matrices, graph_notes, nonlinear_reason, symmetric_eigenvalues
 from .output import new_figure, safe_name, save_figure, write_json
 
 __all__ = ["norm_scale", "read_tensors", "run_spectrum", "spectrum_of_state"]
@@ -49,15 +52,16 @@ def read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
 def norm_scale(unit: torch.nn.Module) -> tuple[np.ndarray | None, str]:
     """The per-channel scale of the unit's output norm at inference, or ``None`` when it is not affine."""
     norm = unit.norm
+    channels = unit.g.weight.shape[1] if hasattr(unit, "g") else unit.w[0].weight.shape[0]
     if norm.kind in ("bn", "bn_relu"):
         bn = norm.bn
         s = (bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)).cpu().numpy()
         return s, "BatchNorm scale gamma/sqrt(running_var+eps)" + (" (before the ReLU)" if norm.kind == "bn_relu"
                                                                    else "")
     if norm.kind == "gamma":
-        return np.full(unit.g.weight.shape[1], float(norm.gamma.detach())), "CC scale gamma"
+        return np.full(channels, float(norm.gamma.detach())), "CC scale gamma"
     if norm.kind == "none":
-        return np.ones(unit.g.weight.shape[1]), "no output norm"
+        return np.ones(channels), "no output norm"
     return None, f"output norm {norm.kind!r} depends on the input: not folded"
 
 
@@ -174,12 +178,21 @@ def run_spectrum(loaded: Loaded, out: Path, *, top: int = 32, evolution: bool = 
     out = Path(out)
     blocks = []
     figures = []
+    analyzed = {}
     for name, block in loaded.blocks.items():
+        rec = {"block": name, "preset": block.name, "in_channels": block.in_channels, "units": len(block.units)}
+        reason = nonlinear_reason(block)
+        if reason is not None:
+            blocks.append({**rec, "applies": False, "note": reason, "matrices": []})
+            continue
         records = spectrum_of_state(name, block, loaded.state or None, top)
         _fold(block, records, name, loaded.state or None, top)
-        rec = {"block": name, "preset": block.name, "in_channels": block.in_channels, "units": len(block.units),
-               "matrices": records}
+        rec.update(applies=True, matrices=records)
+        notes = graph_notes(block)
+        if notes:
+            rec["notes"] = notes
         blocks.append(rec)
+        analyzed[name] = block
         figures.append(_plot_block(rec, out, top))
     data: dict[str, Any] = {
         "analysis": "spectrum", "run": loaded.describe(), "top": top,
@@ -188,12 +201,12 @@ def run_spectrum(loaded: Loaded, out: Path, *, top: int = 32, evolution: bool = 
         "blocks": blocks, "notes": list(loaded.notes)}
     if evolution and len(loaded.epochs) >= 2:
         epochs = [e for e, _ in loaded.epochs]
-        keys = sorted({k for name, block in loaded.blocks.items() for m in block_matrices(name, block)
+        keys = sorted({k for name, block in analyzed.items() for m in block_matrices(name, block)
                        for k in (m["g_key"], m["w_key"]) if k is not None})
         series: dict[str, list[dict[str, Any]]] = {}
         for _, path in loaded.epochs:  # one file at a time, only the tensors needed
             st = read_tensors(path, keys)
-            for name, block in loaded.blocks.items():
+            for name, block in analyzed.items():
                 recs = spectrum_of_state(name, block, st, top)
                 if name not in series:
                     series[name] = [{"unit": r["unit"], "term": r["term"], "product": r["product"],
@@ -201,7 +214,7 @@ def run_spectrum(loaded: Loaded, out: Path, *, top: int = 32, evolution: bool = 
                 for s_, r in zip(series[name], recs):
                     s_["eigenvalues"].append(r["eigenvalues"])
         per_block: dict[str, Any] = {}
-        for name in loaded.blocks:
+        for name in analyzed:
             per_block[name] = {"epochs": epochs, "series": series[name]}
             figures.append(_plot_evolution(name, per_block[name], out))
         data["evolution"] = {"epochs": epochs, "checkpoints": [str(p) for _, p in loaded.epochs],

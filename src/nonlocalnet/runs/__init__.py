@@ -7,6 +7,7 @@ Used alike by training, evaluation, the analyses and the apps (docs/design.md ha
 """
 
 from .build import (
+    DatasetError,
     batch_transform,
     build_datasets,
     build_model_from_config,
@@ -34,7 +35,8 @@ from .layout import checkpoint_config, epoch_checkpoints, read_metrics, resolve_
 from .load import Loaded, find_blocks, load_config_only, load_run
 
 __all__ = [
-    "BlockPlacement", "CheckpointError", "Config", "ConfigError", "DataConfig", "Loaded", "ModelConfig", "RunConfig",
+    "BlockPlacement", "CheckpointError", "Config", "ConfigError", "DataConfig", "DatasetError", "Loaded",
+    "ModelConfig", "RunConfig",
     "TrainConfig", "apply_overrides", "batch_transform", "build_datasets", "build_model_from_config",
     "checkpoint_config", "config_from_dict", "config_to_dict", "dataset_kwargs", "dump_config", "epoch_checkpoints",
     "find_blocks", "input_shape_for", "load_config", "load_config_only", "load_pretrained", "load_run",

@@ -16,6 +16,7 @@ from nonlocalnet.data import (
     DATASETS,
     BatchTransform,
     FileDataset,
+    UnsafePickleError,
     build_dataset,
     dataset_options,
     expected_num_classes,
@@ -25,8 +26,13 @@ from nonlocalnet.models import build_model, default_input_shape, insert_blocks
 from .checkpoint import CheckpointError, load_weights
 from .config import Config, ConfigError
 
-__all__ = ["batch_transform", "build_datasets", "build_model_from_config", "dataset_kwargs", "input_shape_for",
-           "load_pretrained", "num_classes_for"]
+
+class DatasetError(RuntimeError):
+    """A dataset that cannot be read (missing, truncated or refused files); the message names the file."""
+
+
+__all__ = ["DatasetError", "batch_transform", "build_datasets", "build_model_from_config", "dataset_kwargs",
+           "input_shape_for", "load_pretrained", "num_classes_for"]
 
 _FILE_DATASETS = tuple(n for n, cls in DATASETS.items() if issubclass(cls, FileDataset))
 
@@ -56,6 +62,12 @@ def build_datasets(cfg: Config, splits: tuple[str, ...] = ("train", "test"), roo
                                    **dataset_kwargs(cfg))
         except TypeError as e:
             raise ConfigError(f"data.options/size/frames not accepted by dataset {cfg.data.name!r}: {e}") from e
+        except UnsafePickleError as e:
+            raise DatasetError(f"dataset {cfg.data.name!r}: {e}. The file was refused, not loaded: a pickle that "
+                               "calls anything beyond the numpy arrays of a CIFAR batch could run code") from None
+        except (ValueError, OSError) as e:
+            raise DatasetError(f"dataset {cfg.data.name!r} ({names[s]} split, data.root={cfg.data.root!r}) cannot be "
+                               f"read: {e}") from None
     return out
 
 
@@ -88,6 +100,9 @@ def load_pretrained(model: nn.Module, path: str | Path, log: Callable[[str], Non
         for key in ("state_dict", "model", "model_state"):
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"pretrained weights {p} hold a {type(state).__name__}, not a state dict (a mapping "
+                              "of parameter names to tensors, as saved by torch.save(model.state_dict()))")
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()
              if isinstance(v, torch.Tensor)}
     own = model.state_dict()

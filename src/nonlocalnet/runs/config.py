@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "ModelConfig",
+    "PaperResult",
     "RunConfig",
     "TrainConfig",
     "apply_overrides",
@@ -184,24 +186,35 @@ class TrainConfig:
     """Cap the number of training steps per epoch (smoke runs)."""
     max_eval_batches: int | None = None
     """Cap the number of test batches (smoke runs); None = the whole test set."""
-    nan_check_every: int = 20
-    """Check the loss for NaN/inf every this many steps (and at the end of each epoch)."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """A training step whose loss is NaN/inf: ``stop`` (raise before the optimizer step; the last epoch's
+    checkpoint stays the last good one) or ``skip`` the step. Either way BatchNorm running statistics are
+    restored to their values before the step, so no NaN reaches the model."""
+    max_skipped_steps: int = 10
+    """``nonfinite: skip``: stop anyway after this many skipped steps in one run."""
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError("train.epochs must be >= 1")
-        if self.batch_size < 1:
-            raise ConfigError("train.batch_size must be >= 1")
-        if self.lr <= 0:
-            raise ConfigError("train.lr must be > 0")
-        if self.warmup_epochs < 0:
-            raise ConfigError("train.warmup_epochs must be >= 0")
-        if sorted(self.milestones) != list(self.milestones):
-            raise ConfigError(f"train.milestones must be increasing, got {self.milestones}")
-        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
-            raise ConfigError("train.max_steps_per_epoch must be >= 1")
-        if self.nan_check_every < 1:
-            raise ConfigError("train.nan_check_every must be >= 1")
+        def need(ok: bool, key: str, expected: str) -> None:
+            if not ok:
+                raise ConfigError(f"train.{key} must be {expected}, got {getattr(self, key)!r}")
+
+        need(self.epochs >= 1, "epochs", ">= 1")
+        need(self.batch_size >= 1, "batch_size", ">= 1")
+        need(self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size", ">= 1 (or null)")
+        need(math.isfinite(self.lr) and self.lr > 0, "lr", "a finite number > 0")
+        need(math.isfinite(self.momentum) and 0 <= self.momentum < 1, "momentum", "in [0, 1)")
+        need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a finite number >= 0")
+        need(math.isfinite(self.gamma) and self.gamma > 0, "gamma", "a finite number > 0")
+        need(math.isfinite(self.min_lr) and 0 <= self.min_lr <= self.lr, "min_lr", f"in [0, lr = {self.lr}]")
+        need(math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0, "warmup_epochs", "a finite number >= 0")
+        need(self.clip_grad_norm is None or (math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0),
+             "clip_grad_norm", "a finite number > 0 (or null for no clipping)")
+        if sorted(self.milestones) != list(self.milestones) or any(m < 0 for m in self.milestones):
+            raise ConfigError(f"train.milestones must be increasing epochs >= 0, got {self.milestones}")
+        need(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, "max_steps_per_epoch", ">= 1")
+        need(self.max_eval_batches is None or self.max_eval_batches >= 1, "max_eval_batches", ">= 1")
+        need(self.max_skipped_steps >= 1, "max_skipped_steps", ">= 1")
+        need(self.nesterov is False or self.momentum > 0, "nesterov", "false when momentum is 0")
 
 
 @dataclass
@@ -213,12 +226,32 @@ class RunConfig:
     keep_epochs: bool = True
     """Also keep ``epoch_{k:04d}.safetensors`` for every epoch (the analysis reads the evolution)."""
     overwrite: bool = False
-    """Allow a fresh (non ``--resume``) run in a directory that already holds a run's checkpoints (its
-    checkpoints and metrics are removed first)."""
+    """Allow a fresh (non ``--resume``) run in a directory that already holds a run: the new run is written
+    beside it and replaces it only once it has saved its first epoch (a run that fails earlier leaves the
+    previous one as it was)."""
     progress: bool = True
     """tqdm bar per epoch (only on a TTY, only on rank 0)."""
+    log_every: float = 30.0
+    """Without a terminal (nohup, Slurm, CI): a progress line every this many seconds (and one per epoch)."""
     name: str | None = None
     """Free-form run name (recorded, not used)."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.log_every) and self.log_every > 0):
+            raise ConfigError(f"run.log_every must be a finite number of seconds > 0, got {self.log_every!r}")
+        if not self.out:
+            raise ConfigError("run.out must be a non-empty directory path")
+
+
+@dataclass
+class PaperResult:
+    """The number a paper reports for the row a config reproduces (shown beside ours by ``summarize``)."""
+
+    source: str
+    """The paper and table, e.g. "Tao et al. 2018, Table 1"."""
+    metric: Literal["top1", "error"] = "top1"
+    """``top1``: test top-1 accuracy (%); ``error``: test error (%) = 100 - top-1."""
+    value: float = 0.0
 
 
 @dataclass
@@ -229,6 +262,8 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     description: str | None = None
     """What this config reproduces (free text)."""
+    paper: PaperResult | None = None
+    """The paper's number for the row this config reproduces, if any (docs/configs.md)."""
 
     def __post_init__(self) -> None:
         t = self.train

@@ -28,6 +28,7 @@ LAST_WEIGHTS = "last.safetensors"
 NEXT_WEIGHTS = "last.next.safetensors"
 BEST_WEIGHTS = "best.safetensors"
 RUN_FILES = (LAST_WEIGHTS, "last.state.pt", NEXT_WEIGHTS, BEST_WEIGHTS, METRICS_FILE)
+TMP_GLOB = ".*.tmp"  # atomic writes' temporary files (runs/checkpoint.py), left behind only by a killed process
 EPOCH_RE = re.compile(r"^epoch_(\d+)\.safetensors$")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,15 @@ from nonlocalnet.runs import (
     save_weights,
 )
 from nonlocalnet.runs.checkpoint import atomic_write_bytes, capture_rng, load_state, restore_rng, save_state, state_path
-from nonlocalnet.runs.layout import LAST_WEIGHTS, METRICS_FILE, NEXT_WEIGHTS, RUN_FILES, epoch_file
+from nonlocalnet.runs.layout import (
+    CONFIG_FILE,
+    LAST_WEIGHTS,
+    METRICS_FILE,
+    NEXT_WEIGHTS,
+    RUN_FILES,
+    TMP_GLOB,
+    epoch_file,
+)
 
 from . import distributed as D
 from .batches import Batches
@@ -96,17 +105,42 @@ def _open_tensorboard(out: Path, purge_step: int | None):
     return _check_tensorboard()(log_dir=str(out / "tensorboard"), purge_step=purge_step)
 
 
-def _prepare_fresh_out(out: Path, overwrite: bool) -> None:
+def _clean_temporaries(out: Path) -> None:
+    """Remove the temporary files of checkpoint writes that a killed process left behind."""
+    if out.is_dir():
+        for p in out.glob(TMP_GLOB):
+            p.unlink(missing_ok=True)
+
+
+def _fresh_out(out: Path, overwrite: bool) -> Path | None:
+    """Where a fresh run writes until its first good checkpoint: ``None`` (``out`` itself) when ``out`` holds
+    no run; a staging directory beside ``out`` when it holds one and ``overwrite`` allows replacing it.
+
+    Nothing of the previous run is touched here: it is replaced by :func:`_replace_run` only after the new run
+    has validated everything and saved its first epoch."""
     old = [out / f for f in RUN_FILES if (out / f).exists()]
     old += sorted(out.glob("epoch_[0-9]*.safetensors")) if out.is_dir() else []
     if not old:
-        return
+        _clean_temporaries(out)
+        return None
     if not overwrite:
         raise TrainingError(f"{out} already holds a run ({', '.join(p.name for p in old[:4])}"
                             f"{', ...' if len(old) > 4 else ''}); continue it with --resume, choose another "
                             "run.out, or set run.overwrite=true to replace it")
-    for p in old:
-        p.unlink()
+    stage = out.parent / f".{out.name}.incoming"
+    if stage.exists():  # a replacement that was killed before its first checkpoint: nothing of value
+        shutil.rmtree(stage)
+    return stage
+
+
+def _replace_run(stage: Path, out: Path) -> None:
+    """Put the new run (``stage``, holding a good checkpoint) in place of the old one at ``out``."""
+    trash = out.parent / f".{out.name}.replaced"
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.rename(out, trash)
+    os.rename(stage, out)
+    shutil.rmtree(trash)
 
 
 def _write_metrics_file(path: Path, history: list[dict[str, Any]]) -> None:
@@ -207,8 +241,13 @@ def _train(cfg: Config, env: D.DistEnv, resume: bool) -> dict[str, Any]:
     _configure_determinism(cfg, device)
     if cfg.run.tensorboard and env.is_main:
         _check_tensorboard()
-    if not resume and env.is_main:
-        _prepare_fresh_out(out, cfg.run.overwrite)
+    stage = None
+    if env.is_main:
+        if resume:
+            _clean_temporaries(out)
+        else:
+            stage = _fresh_out(out, cfg.run.overwrite)
+    run_dir = stage or out  # rank 0 writes here; `out` itself once the new run has a good checkpoint
     seed_everything(t.seed)
 
     # --- data
@@ -296,20 +335,24 @@ def _train(cfg: Config, env: D.DistEnv, resume: bool) -> dict[str, Any]:
         train_model = torch.compile(train_model)
 
     # --- outputs
-    metrics_path = out / METRICS_FILE
     tb = None
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "config.yaml", dump_config(cfg).encode())
-        _write_metrics_file(metrics_path, history)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run_dir / CONFIG_FILE, dump_config(cfg).encode())
+        _write_metrics_file(run_dir / METRICS_FILE, history)
         if cfg.run.tensorboard:
-            tb = _open_tensorboard(out, step if start_epoch else None)
+            tb = _open_tensorboard(run_dir, step if start_epoch else None)
     _log(env, f"training {cfg.model.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.3f} M params, "
               f"{len(cfg.model.blocks)} placement(s)) on {cfg.data.name}: {len(train_ds)} train / "
               f"{len(test_ds)} test samples, {steps_per_epoch} steps/epoch, device {device}, "
-              f"world size {env.world_size}, out {out}")
+              f"world size {env.world_size}, out {out}"
+              + (f" (written to {run_dir} until the first checkpoint replaces the previous run)" if stage else ""))
 
     show_bar = cfg.run.progress and env.is_main and sys.stderr.isatty()
+    bn_buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                  for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    skipped = 0
+    last_log = time.perf_counter()
     last: dict[str, Any] = history[-1] if history else {}
     try:
         for epoch in range(start_epoch, t.epochs):
@@ -318,7 +361,6 @@ def _train(cfg: Config, env: D.DistEnv, resume: bool) -> dict[str, Any]:
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             correct = torch.zeros((), dtype=torch.float64, device=device)
             seen = 0
-            bad_step = torch.full((), -1, dtype=torch.long, device=device)
             lr_used = optimizer.param_groups[0]["lr"]
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not show_bar,
                        leave=False, dynamic_ncols=True, file=sys.stderr)
@@ -327,10 +369,30 @@ def _train(cfg: Config, env: D.DistEnv, resume: bool) -> dict[str, Any]:
                 if use_cl:
                     x = x.contiguous(memory_format=memory_format(x))
                 lr_used = optimizer.param_groups[0]["lr"]
+                saved_bn = [b.clone() for b in bn_buffers]  # the forward pass updates the running statistics
                 with autocast(device, t.amp):
                     logits = train_model(x)
                     loss = F.cross_entropy(logits.float(), y)
                 optimizer.zero_grad(set_to_none=True)
+                if not _all_finite(env, loss.detach()):
+                    with torch.no_grad():
+                        for b, v in zip(bn_buffers, saved_bn):
+                            b.copy_(v)
+                    skipped += 1
+                    where = f"epoch {epoch + 1}, step {i + 1} of {steps_per_epoch}"
+                    if t.nonfinite == "stop" or skipped > t.max_skipped_steps:
+                        why = ("train.nonfinite=stop" if t.nonfinite == "stop"
+                               else f"more than train.max_skipped_steps={t.max_skipped_steps} skipped steps")
+                        raise NonFiniteLossError(
+                            f"non-finite loss (NaN or inf) at {where}; training stopped ({why}) before the "
+                            f"optimizer step, BatchNorm statistics restored. The checkpoints on disk are from "
+                            f"the last completed epoch ({epoch}). Lower train.lr, add train.warmup_epochs or "
+                            "train.clip_grad_norm, or set train.nonfinite=skip.")
+                    _log(env, f"warning: non-finite loss at {where}: step skipped ({skipped} so far)")
+                    scheduler.step()
+                    step += 1
+                    bar.update(1)
+                    continue
                 if scaler is not None:
                     scaler.scale(loss).backward()
                     if t.clip_grad_norm:
@@ -346,17 +408,20 @@ def _train(cfg: Config, env: D.DistEnv, resume: bool) -> dict[str, Any]:
                 scheduler.step()
                 step += 1
                 ld = loss.detach()
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(ld), i + 1, bad_step)
                 loss_sum += ld.double() * y.numel()
                 correct += (logits.detach().argmax(1) == y).sum().double()
                 seen += y.numel()
-                if (i + 1) % t.nan_check_every == 0 or i + 1 == steps_per_epoch:
-                    _check_finite(env, bad_step, epoch, steps_per_epoch)
-                    if show_bar:
-                        bar.set_postfix(loss=f"{ld.item():.4f}", lr=f"{lr_used:.4g}")
                 bar.update(1)
+                if show_bar and (i + 1) % 20 == 0:
+                    bar.set_postfix(loss=f"{ld.item():.4f}", lr=f"{lr_used:.4g}")
+                elif not show_bar and env.is_main and time.perf_counter() - last_log >= cfg.run.log_every:
+                    # no terminal (nohup, Slurm, CI): a plain progress line at a fixed interval
+                    last_log = time.perf_counter()
+                    _log(env, f"epoch {epoch + 1}/{t.epochs} step {i + 1}/{steps_per_epoch}  loss {ld.item():.4f}"
+                              f"  lr {lr_used:.4g}  {seen * env.world_size / (last_log - t0):.1f} samples/s")
             bar.close()
-            _check_finite(env, bad_step, epoch, steps_per_epoch)
+            if seen == 0:
+                raise NonFiniteLossError(f"every step of epoch {epoch + 1} had a non-finite loss and was skipped")
             totals = torch.stack([loss_sum, correct,
                                   torch.tensor(float(seen), dtype=torch.float64, device=device)])
             D.all_reduce_sum(env, totals)
@@ -377,8 +442,11 @@ def _train(cfg: Config, env: D.DistEnv, resume: bool) -> dict[str, Any]:
             last = record
             rngs = _gather_rng(env, gens)
             if env.is_main:
-                _save_epoch(cfg, out, model, optimizer, scheduler, scaler, rngs, record, history, is_best)
-                _append_metrics(metrics_path, record)
+                _save_epoch(cfg, run_dir, model, optimizer, scheduler, scaler, rngs, record, history, is_best)
+                _append_metrics(run_dir / METRICS_FILE, record)
+                if stage is not None:  # the new run has a good checkpoint: now it replaces the previous one
+                    _replace_run(stage, out)
+                    run_dir, stage = out, None
                 if tb is not None:
                     for key in ("train_loss", "train_top1", "test_loss", "top1", "top5", "lr"):
                         tb.add_scalar(key, record[key], k)
@@ -394,18 +462,12 @@ def _train(cfg: Config, env: D.DistEnv, resume: bool) -> dict[str, Any]:
             "last": last}
 
 
-def _check_finite(env: D.DistEnv, bad_step: torch.Tensor, epoch: int, steps: int) -> None:
-    flag = bad_step.clone()
+def _all_finite(env: D.DistEnv, loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every process (one small all-reduce per step in DDP)."""
+    ok = torch.isfinite(loss).to(torch.int32)
     if env.distributed:
-        flag = torch.where(flag < 0, torch.iinfo(torch.long).max, flag)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        flag = torch.where(flag == torch.iinfo(torch.long).max, -1, flag)
-    s = int(flag.item())
-    if s >= 0:
-        raise NonFiniteLossError(
-            f"non-finite loss (NaN or inf) at epoch {epoch + 1}, step {s} of {steps}; training stopped. "
-            f"The checkpoints on disk are from the last completed epoch ({epoch}). Lower train.lr, add "
-            "train.warmup_epochs or train.clip_grad_norm.")
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
 
 
 def _save_epoch(cfg: Config, out: Path, model: nn.Module, optimizer, scheduler, scaler, rngs, record,

@@ -1,0 +1,160 @@
+"""``nonlocalnet summarize``: a table and a plot over runs, grouped by config, with mean ± std over seeds.
+
+Runs whose configs differ only in ``train.seed`` (and ``run.*``) form one group — e.g. the seeds of one config
+of a ``nonlocalnet sweep``. Per group: the number of seeds; final and best test top-1 (mean ± sample std);
+how many runs reached ``reach`` % and the mean epoch at which they first did; seconds per epoch; parameters
+and FLOPs (counted on the model built from the config, one sample of the data's input shape); and, where the
+config reproduces a paper's row (its ``paper`` key, docs/configs.md), the paper's number beside ours.
+Writes ``summary.md``, ``summary.json`` and ``curves.png`` (test top-1 per epoch, mean with a ±1 std band).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nonlocalnet.analysis.output import new_figure, save_figure, write_json
+from nonlocalnet.profiling import count_flops
+from nonlocalnet.runs import (
+    ConfigError,
+    build_model_from_config,
+    config_to_dict,
+    input_shape_for,
+    load_config,
+    num_classes_for,
+    read_metrics,
+)
+from nonlocalnet.runs.layout import CONFIG_FILE
+
+__all__ = ["group_runs", "summarize"]
+
+
+def _identity(cfg) -> str:
+    d = config_to_dict(cfg)
+    d.pop("run", None)
+    d["train"].pop("seed", None)
+    return json.dumps(d, sort_keys=True)
+
+
+def group_runs(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """``[{"label", "config", "runs": [(seed, run_dir, metrics)]}]`` in order of first appearance."""
+    groups: dict[str, dict[str, Any]] = {}
+    for d in map(Path, run_dirs):
+        if not (d / CONFIG_FILE).is_file():
+            raise ConfigError(f"summarize: {d} is not a run directory (no {CONFIG_FILE}); pass directories "
+                              "written by `nonlocalnet train` or `nonlocalnet sweep`")
+        cfg = load_config(d / CONFIG_FILE)
+        metrics = read_metrics(d)
+        if not metrics:
+            raise ConfigError(f"summarize: {d} has no completed epoch (empty or missing metrics.jsonl)")
+        g = groups.setdefault(_identity(cfg), {"config": cfg, "runs": [], "parents": set()})
+        g["runs"].append((cfg.train.seed, d, metrics))
+        g["parents"].add(d.parent.name if d.name.startswith("seed") else d.name)
+    out = []
+    for g in groups.values():
+        label = next(iter(g["parents"])) if len(g["parents"]) == 1 else (g["config"].description or "run")
+        out.append({"label": label, "config": g["config"], "runs": sorted(g["runs"], key=lambda r: r[0])})
+    return out
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _cost(cfg) -> tuple[int, int]:
+    nc, _ = num_classes_for(cfg)
+    model = build_model_from_config(cfg, nc, load_pretrained_weights=False).eval()
+    x = torch.zeros((1, *input_shape_for(cfg, model)))
+    return sum(p.numel() for p in model.parameters()), count_flops(model, x)
+
+
+def _group_stats(g: dict[str, Any], reach: float) -> dict[str, Any]:
+    finals = [m[-1]["top1"] for _, _, m in g["runs"]]
+    bests = [max(r["top1"] for r in m) for _, _, m in g["runs"]]
+    reached = [next((r["epoch"] for r in m if r["top1"] >= reach), None) for _, _, m in g["runs"]]
+    epoch_times = [r["time_s"] for _, _, m in g["runs"] for r in m if "time_s" in r]
+    cfg = g["config"]
+    params, flops = _cost(cfg)
+    fm, fs = _mean_std(finals)
+    bm, bs = _mean_std(bests)
+    hit = [e for e in reached if e is not None]
+    paper = None
+    if cfg.paper is not None:
+        ours = fm if cfg.paper.metric == "top1" else 100.0 - fm
+        paper = {"source": cfg.paper.source, "metric": cfg.paper.metric, "paper": cfg.paper.value, "ours": ours}
+    return {
+        "label": g["label"], "description": cfg.description, "seeds": [s for s, _, _ in g["runs"]],
+        "runs": [str(d) for _, d, _ in g["runs"]], "epochs": [len(m) for _, _, m in g["runs"]],
+        "final_top1": finals, "final_top1_mean": fm, "final_top1_std": fs,
+        "best_top1": bests, "best_top1_mean": bm, "best_top1_std": bs,
+        "reach": reach, "epoch_reached": reached, "reached": len(hit),
+        "epoch_reached_mean": statistics.fmean(hit) if hit else None,
+        "time_per_epoch_s": statistics.fmean(epoch_times) if epoch_times else None,
+        "params": params, "flops": flops, "paper": paper,
+    }
+
+
+def _pm(m: float | None, s: float | None, spec: str = ".1f") -> str:
+    return "—" if m is None else f"{m:{spec}} ± {s:{spec}}"
+
+
+def format_markdown(rows: list[dict[str, Any]]) -> str:
+    reach = rows[0]["reach"] if rows else 0
+    lines = [f"| run | seeds | final top-1 % | best top-1 % | reached {reach:g} % (mean epoch) | s / epoch | "
+             "params (M) | MFLOPs | paper |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        p = r["paper"]
+        paper = "—" if p is None else (f"{p['source']}: {p['metric']} {p['paper']:g} (ours {p['ours']:.2f})")
+        ep = "—" if r["epoch_reached_mean"] is None else f"{r['epoch_reached_mean']:.1f}"
+        tpe = "—" if r["time_per_epoch_s"] is None else f"{r['time_per_epoch_s']:.1f}"
+        lines.append(f"| {r['label']} | {len(r['seeds'])} | {_pm(r['final_top1_mean'], r['final_top1_std'])} | "
+                     f"{_pm(r['best_top1_mean'], r['best_top1_std'])} | {r['reached']}/{len(r['seeds'])} ({ep}) | "
+                     f"{tpe} | {r['params'] / 1e6:.3f} | {r['flops'] / 1e6:.1f} | {paper} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(groups: list[dict[str, Any]], path: Path) -> Path:
+    fig = new_figure(7.5, 4.2)
+    ax = fig.subplots()
+    for g in groups:
+        n = min(len(m) for _, _, m in g["runs"])
+        acc = np.array([[r["top1"] for r in m[:n]] for _, _, m in g["runs"]])
+        ep = np.arange(1, n + 1)
+        mean = acc.mean(0)
+        line = ax.plot(ep, mean, label=f"{g['label']} (n={len(acc)})", lw=1.4)[0]
+        if len(acc) > 1:
+            std = acc.std(0, ddof=1)
+            ax.fill_between(ep, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
+    ax.set(xlabel="epoch", ylabel="test top-1 (%)", title="test accuracy, mean ± 1 std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return save_figure(fig, path, dpi=110)
+
+
+def summarize(run_dirs: Sequence[str | Path], out: str | Path, *, reach: float = 90.0) -> dict[str, Any]:
+    """Group, compute, write ``summary.md``, ``summary.json``, ``curves.png``; returns the JSON data."""
+    if not run_dirs:
+        raise ConfigError("summarize: no run directory given")
+    if not (isinstance(reach, int | float) and math.isfinite(reach) and 0 < reach <= 100):
+        raise ConfigError(f"summarize: --reach must be a percentage in (0, 100], got {reach!r}")
+    out = Path(out)
+    groups = group_runs(run_dirs)
+    rows = [_group_stats(g, reach) for g in groups]
+    figure = _plot(groups, out / "curves.png")
+    data = {"reach": reach, "groups": rows, "figures": [str(figure)],
+            "definition": {"final_top1": "test top-1 after the last epoch of each run",
+                           "std": "sample standard deviation over seeds (0 for one seed)",
+                           "flops": "torch.utils.flop_counter, one sample, 2 FLOPs per multiply-add"}}
+    write_json(out / "summary.json", data)
+    (out / "summary.md").write_text(format_markdown(rows))
+    return data

@@ -1,0 +1,89 @@
+"""`nonlocalnet sweep` and `nonlocalnet summarize` on tiny runs of the demo task."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nonlocalnet.apps.summary import summarize
+from nonlocalnet.apps.sweep import run_sweep
+from nonlocalnet.cli import main
+from nonlocalnet.runs import ConfigError, read_metrics
+
+TINY = {
+    "data": {"name": "demo", "size": 16, "options": {"train_size": 48, "test_size": 32}},
+    "model": {"arch": "preresnet20", "blocks": []},
+    "train": {"epochs": 2, "batch_size": 16, "lr": 0.05, "milestones": [1]},
+    "run": {"device": "cpu", "progress": False},
+}
+
+
+def _configs(tmp_path: Path) -> list[Path]:
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(TINY))
+    snl = dict(TINY, model={"arch": "preresnet20", "blocks": [{"stage": 1, "after_block": 2, "block": "snl"}]},
+               paper={"source": "a made-up table", "metric": "error", "value": 7.5})
+    (tmp_path / "snl.yaml").write_text(yaml.safe_dump(snl))
+    return [base, tmp_path / "snl.yaml"]
+
+
+def test_sweep_runs_resumes_and_skips(tmp_path, capsys):
+    configs = _configs(tmp_path)
+    out = tmp_path / "runs"
+    # an interrupted sweep: the first pass stops after one epoch of each run
+    run_sweep(configs, [0, 1], out, ["train.epochs=1"])
+    first = {p: read_metrics(p) for p in sorted(out.glob("*/seed*"))}
+    assert len(first) == 4 and all(len(m) == 1 for m in first.values())
+    dirs = run_sweep(configs, [0, 1], out)
+    assert [d.relative_to(out).as_posix() for d in dirs] == ["base/seed0", "base/seed1", "snl/seed0", "snl/seed1"]
+    for d in dirs:
+        m = read_metrics(d)
+        assert [r["epoch"] for r in m] == [1, 2]  # resumed, not restarted: epoch 1 is the one of the first pass
+        assert m[0]["train_loss"] == first[d][0]["train_loss"]
+        assert yaml.safe_load((d / "config.yaml").read_text())["train"]["seed"] == int(d.name[4:])
+    before = {d: (d / "metrics.jsonl").read_text() for d in dirs}
+    capsys.readouterr()
+    assert main(["sweep", *map(str, configs), "--seeds", "2", "--out", str(out)]) == 0
+    assert "skipped" in capsys.readouterr().err
+    assert all((d / "metrics.jsonl").read_text() == before[d] for d in dirs)  # finished runs untouched
+
+    # seeds differ: the two seeds of one config did not train identically
+    assert read_metrics(out / "base/seed0")[-1]["train_loss"] != read_metrics(out / "base/seed1")[-1]["train_loss"]
+
+    summary = tmp_path / "summary"
+    assert main(["summarize", *map(str, dirs), "--out", str(summary), "--reach", "50"]) == 0
+    data = json.loads((summary / "summary.json").read_text())
+    groups = {g["label"]: g for g in data["groups"]}
+    assert set(groups) == {"base", "snl"}
+    for label, g in groups.items():
+        runs = [read_metrics(out / label / f"seed{s}") for s in (0, 1)]
+        finals = [m[-1]["top1"] for m in runs]
+        assert g["seeds"] == [0, 1]
+        assert g["final_top1"] == finals
+        assert g["final_top1_mean"] == pytest.approx(statistics.fmean(finals))
+        assert g["final_top1_std"] == pytest.approx(statistics.stdev(finals))
+        assert g["best_top1"] == [max(r["top1"] for r in m) for m in runs]
+        assert g["epoch_reached"] == [next((r["epoch"] for r in m if r["top1"] >= 50), None) for m in runs]
+        assert g["time_per_epoch_s"] == pytest.approx(statistics.fmean(r["time_s"] for m in runs for r in m))
+        assert g["params"] > 0 and g["flops"] > 0
+    assert groups["snl"]["params"] > groups["base"]["params"]
+    paper = groups["snl"]["paper"]
+    assert paper["paper"] == 7.5 and paper["ours"] == pytest.approx(100 - groups["snl"]["final_top1_mean"])
+    assert groups["base"]["paper"] is None
+    md = (summary / "summary.md").read_text()
+    assert "| snl | 2 |" in md and "a made-up table: error 7.5" in md
+    assert (summary / "curves.png").stat().st_size > 1000
+
+
+def test_summarize_errors(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="not a run directory"):
+        summarize([tmp_path], tmp_path / "s")
+    assert main(["summarize", str(tmp_path / "nope"), "--out", str(tmp_path / "s")]) == 2
+    assert "nonlocalnet: error: summarize:" in capsys.readouterr().err
+    configs = _configs(tmp_path)
+    with pytest.raises(ConfigError, match="share the name"):
+        run_sweep([configs[0], configs[0]], [0], tmp_path / "r")
