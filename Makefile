@@ -34,7 +34,7 @@ $(VISION_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VISION_VENV)
 	$(VBIN)/pip install -q $(VISION_TORCH)
 	$(VBIN)/pip install -q timm
-	$(VBIN)/pip install -q -e ".[vision]" pytest
+	$(VBIN)/pip install -q -e ".[dev,vision]"
 	touch $@
 
 vision-venv: $(VISION_VENV)/.installed
