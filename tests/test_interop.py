@@ -271,3 +271,18 @@ def test_config_arch_errors(tmp_path, arch, options, match):
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith("nonlocalnet: error: model: ")
     assert __import__("re").search(match, lines[-1]), lines[-1]
+
+
+def test_swin_layout_per_target():
+    """One NHWC model, three targets: the patch projection's conv output is channels-first; a Swin block and a
+    stage (feature_info + output_fmt) are channels-last."""
+    m = build_model("timm:swin_tiny_patch4_window7_224", 10, img_size=64, window_size=2)
+    insert_blocks(m, [{"at": "patch_embed.proj", "block": "nl"}, {"at": "layers.2.blocks.1", "block": "nl"},
+                      {"res": 3, "block": "nl"}], input_shape=(3, 64, 64))
+    got = {p: (get_module(m, p).layout.kind, get_module(m, p).layout.channels, get_module(m, p).layout.spatial)
+           for p in ("patch_embed.proj", "layers.2.blocks.1", "layers.1")}
+    assert got == {"patch_embed.proj": ("channels_first", 96, (16, 16)),
+                   "layers.2.blocks.1": ("channels_last", 384, (4, 4)),
+                   "layers.1": ("channels_last", 192, (8, 8))}
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(m.eval()(x), strip_blocks(m).eval()(x))  # nl: zero-initialized identity in every layout

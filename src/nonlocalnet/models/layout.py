@@ -9,14 +9,14 @@ A nonlocal block works on channels-first features ``(B, C, *S)``. Models also ha
 :func:`feature_layout` decides the layout of one recorded tensor shape, from (first match wins)
 
 1. the placement's ``layout`` key (with ``grid`` / ``prefix_tokens`` for tokens);
-2. what the model says: timm's ``feature_info`` (``num_chs`` of the module), its ``output_fmt``, a patch
-   embedding with a ``grid_size`` and ``num_prefix_tokens`` (timm ViTs), torchvision's ``VisionTransformer``
-   (``image_size`` / ``patch_size``, one class token) and known channels-last module types (Swin blocks and
-   patch merging);
+2. what the model says: a patch embedding with a ``grid_size`` and ``num_prefix_tokens`` (timm ViTs),
+   torchvision's ``VisionTransformer`` (``image_size`` / ``patch_size``, one class token), timm's
+   ``feature_info`` (``num_chs`` of the module; ``output_fmt`` breaks a tie), and known channels-last module
+   types inside the target (Swin blocks and stages, patch merging);
 3. the channel counts of the model's layers: a 4-D/5-D tensor is channels-first when its dim 1, and not its
    last dim, is a channel count of a convolution or batch norm; channels-last when its last dim, and not dim 1,
-   is a width of a linear layer or layer norm. A 3-D tensor is tokens by the same rule (then the grid must be
-   known), or 1-D channels-first features.
+   is a width of a linear layer or layer norm (when both fit, timm's ``output_fmt == "NHWC"`` decides). A 3-D
+   tensor is tokens by the same rule (then the grid must be known), or 1-D channels-first features.
 
 Anything else is ambiguous: a ValueError that names the shape and the ``layout`` key, never a guess.
 :class:`Layout` converts to channels-first and back (prefix tokens are split off and passed through unchanged).
@@ -100,12 +100,11 @@ def _token_grid(model: nn.Module) -> tuple[tuple[int, ...], int, str] | None:
     return None
 
 
-def _channels_last_hint(model: nn.Module, target: nn.Module) -> str | None:
-    if getattr(model, "output_fmt", None) == "NHWC":
-        return "the model's output_fmt 'NHWC' (timm)"
+def _channels_last_type(target: nn.Module) -> str | None:
+    """The name of a module type known to give channels-last features, inside ``target`` (or None)."""
     for m in target.modules():
         if type(m).__name__ in CHANNELS_LAST_TYPES:
-            return f"the module type {type(m).__name__} (channels-last features)"
+            return type(m).__name__
     return None
 
 
@@ -178,21 +177,26 @@ def feature_layout(model: nn.Module, target: nn.Module, path: str, shape: Sequen
 
     # what the model says
     info = {d["module"]: d for d in model_feature_info(model)}
-    chs = info.get(path.replace(".module", ""), {}).get("num_chs") if where == "after" else None
+    original = ".".join(p for p in path.split(".") if p != "module")  # feature_info names predate the wrappers
+    chs = info.get(original, {}).get("num_chs") if where == "after" else None
     if model_grid is not None and len(shape) == 3:
         return _tokens(at, shape, None, prefix, model_grid, model_grid[2])
-    hint = _channels_last_hint(model, target)
-    if hint is not None and len(shape) in (4, 5) and (chs is None or chs == shape[-1]):
-        return Layout("channels_last", shape[-1], shape[1:-1], 0, hint)
+    model_nhwc = getattr(model, "output_fmt", None) == "NHWC"
     if chs is not None and len(shape) in (4, 5):
-        if chs == shape[1] and chs != shape[-1]:
+        if chs == shape[1] and (chs != shape[-1] or not model_nhwc):
             return Layout("channels_first", shape[1], shape[2:], 0, "the model's feature_info (timm)")
-        if chs == shape[-1] and chs != shape[1]:
-            return Layout("channels_last", shape[-1], shape[1:-1], 0, "the model's feature_info (timm)")
+        if chs == shape[-1]:
+            return Layout("channels_last", shape[-1], shape[1:-1], 0, "the model's feature_info (timm)"
+                          + (" and output_fmt 'NHWC'" if model_nhwc else ""))
+    known = _channels_last_type(target)
+    if known is not None and len(shape) in (4, 5):
+        return Layout("channels_last", shape[-1], shape[1:-1], 0, f"the module type {known} (channels-last features)")
 
     # the channel counts of the model's layers
     cf_widths, cl_widths = _widths(model)
     first, last = shape[1] in cf_widths, shape[-1] in cl_widths
+    if first and last and model_nhwc and len(shape) in (4, 5):
+        return Layout("channels_last", shape[-1], shape[1:-1], 0, "the model's output_fmt 'NHWC' (timm)")
     if len(shape) == 3:
         if first and not last:
             return Layout("channels_first", shape[1], shape[2:], 0, "the channel counts of the model's layers")
