@@ -425,6 +425,8 @@ def test_register_model_and_factory_specs():
         build_model("builtins:dict", 10)
     with pytest.raises(ValueError, match=r"unknown arch 'resnet51'.*timm:NAME"):
         build_model("resnet51", 10)
+    with pytest.raises(ValueError, match=r"unknown arch 'torchvision.resnet50' \(did you mean 'torchvision:resnet50'"):
+        build_model("torchvision.resnet50", 10)
 
 
 @pytest.mark.parametrize("lib", ["torchvision", "timm"])

@@ -184,7 +184,9 @@ def build_model(arch: str, num_classes: int, **options) -> nn.Module:
     else:
         key = _key(arch)
         if key not in _ARCHS:
-            raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(_ARCHS)}, or torchvision:NAME, "
+            lib, dot, name = arch.partition(".")
+            hint = f" (did you mean '{lib}:{name}'?)" if dot and lib in PREFIXES and name else ""
+            raise ValueError(f"unknown arch {arch!r}{hint}; valid archs: {', '.join(_ARCHS)}, or torchvision:NAME, "
                              "timm:NAME, package.module:callable")
         factory = _ARCHS[key]
         model = factory(num_classes=num_classes, **options) if _takes(factory, "num_classes") \
