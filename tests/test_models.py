@@ -562,3 +562,17 @@ def test_fx_symbolic_trace_keeps_the_block_a_leaf():
     gt = torch.fx.symbolic_trace(tok)
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(gt(x), tok(x))
+
+
+def test_config_placement_is_the_one_schema():
+    import dataclasses
+
+    from nonlocalnet.runs import BlockPlacement, ConfigError, config_from_dict
+
+    assert {f.name for f in dataclasses.fields(BlockPlacement)} == set(PLACEMENT_KEYS)
+    cfg = config_from_dict({"model": {"arch": "timm:vit_tiny_patch16_224", "blocks": [
+        {"at": "blocks.5", "block": "nl", "layout": "tokens", "grid": [14, 14], "prefix_tokens": 1}]}})
+    assert cfg.model.blocks[0].to_dict() == {"at": "blocks.5", "block": "nl", "units": 1, "count": 1, "options": {},
+                                             "layout": "tokens", "grid": [14, 14], "prefix_tokens": 1}
+    with pytest.raises(ConfigError, match="'grid' is for layout 'tokens', not 'channels_last'"):
+        config_from_dict({"model": {"blocks": [{"at": "x", "layout": "channels_last", "grid": [2, 2]}]}})
