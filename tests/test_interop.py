@@ -286,3 +286,31 @@ def test_swin_layout_per_target():
                    "layers.1": ("channels_last", 192, (8, 8))}
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(m.eval()(x), strip_blocks(m).eval()(x))  # nl: zero-initialized identity in every layout
+
+
+@pytest.mark.parametrize("arch,opts,at,kind", [
+    ("timm:vit_tiny_patch16_224", {"img_size": 64, "depth": 2, "reg_tokens": 2}, "blocks.0", "tokens"),
+    ("timm:swin_tiny_patch4_window7_224", {"img_size": 64, "window_size": 2}, "layers.1", "channels_last"),
+], ids=["vit-tokens", "swin-channels-last"])
+def test_every_preset_in_tokens_and_channels_last(arch, opts, at, kind):
+    """Every preset at one place (nested, one model): the block sees channels-first features, gradients reach
+    each one, the prefix tokens pass through all of them unchanged (the ViT's head reads the class token, so the
+    blocks go before its last transformer block: a gradient reaches them only through its attention)."""
+    m = build_model(arch, 10, **opts)
+    insert_blocks(m, [{"at": at, "block": name} for name in list_blocks()], input_shape=(3, 64, 64))
+    wrappers = [w for w in _blocks(m).values()]
+    assert len(wrappers) == len(list_blocks())
+    assert {w.layout.kind for w in wrappers} == {kind}
+    assert [w.nonlocal_block.name for w in wrappers] == list(reversed(list_blocks()))  # the later wraps the earlier
+    seen = {}
+    inner = wrappers[-1].module  # the original module
+    inner.register_forward_hook(lambda mod, a, out: seen.setdefault("in", out))
+    wrappers[0].register_forward_hook(lambda mod, a, out: seen.setdefault("out", out))
+    m.train()
+    m(torch.randn(2, 3, 64, 64)).square().mean().backward()
+    assert seen["out"].shape == seen["in"].shape
+    if kind == "tokens":
+        assert torch.equal(seen["out"][:, :3], seen["in"][:, :3])  # class + 2 register tokens, unchanged
+    for w in wrappers:
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in w.nonlocal_block.parameters()), \
+            w.nonlocal_block.name
