@@ -482,3 +482,56 @@ def test_report_renders_in_chromium(run_dir, tmp_path):
         assert im.size == (1200, 3000)
         a = np.asarray(im.convert("RGB"), dtype=float)
     assert a.std() > 10 and (a.reshape(-1, 3).std(0) > 1).any()  # not blank: text and figures rendered
+
+
+# ---------------------------------------------------------------------------------- a model given in Python
+
+
+def test_every_analysis_on_a_model_given_in_python(tmp_path):
+    """Loaded.from_model: no run dir, no config; cost's backbone is the model with its blocks taken out, the
+    data-based analyses take a batch given in Python and say so when they have none."""
+    from nonlocalnet.analysis import (
+        AnalysisError,
+        Batch,
+        DataError,
+        run_affinity,
+        run_attention,
+        run_cost,
+        run_dynamics,
+        run_filter,
+        run_spectrum,
+        write_report,
+    )
+    from nonlocalnet.models import build_model, insert_blocks
+    from nonlocalnet.runs import Loaded
+
+    net = build_model("preresnet20", 10)
+    insert_blocks(net, {"stage": 2, "after_block": 2, "block": "snl"}, input_shape=(3, 32, 32))
+    loaded = Loaded.from_model(net, input_shape=(3, 32, 32))
+    assert list(loaded.blocks) == ["stage2.1.nonlocal_block"] and loaded.cfg is None and not net.training
+    cost = run_cost(loaded, tmp_path / "cost", memory=False)
+    assert cost["backbone"]["params"] == 272_282  # PreResNet-20, 10 classes (docs/models.md)
+    block = loaded.blocks["stage2.1.nonlocal_block"]
+    assert cost["plus"]["params"] == sum(p.numel() for p in block.parameters())
+    assert cost["blocks"][0]["input_shape"] == [1, 32, 16, 16] and cost["run"]["arch"] == "PreResNet"
+    spec = run_spectrum(loaded, tmp_path / "spectrum")
+    assert spec["blocks"][0]["in_channels"] == 32 and spec["evolution"] is None
+    with pytest.raises(DataError, match="model given in Python without a config.*Batch.from_tensor"):
+        run_affinity(loaded, tmp_path / "aff")
+    batch = Batch.from_tensor(torch.randn(3, 3, 32, 32))
+    assert batch.images.dtype == torch.uint8 and batch.images.shape == (3, 3, 32, 32)
+    assert int(batch.images.min()) == 0 and int(batch.images.max()) == 255
+    aff = run_affinity(loaded, tmp_path / "aff", batch=batch)
+    assert aff["blocks"][0]["n"] == aff["blocks"][0]["n_keys"] == 256
+    run_attention(loaded, tmp_path / "att", batch=batch, images=2)
+    run_filter(loaded, tmp_path / "filt", batch=batch, images=2)
+    run_dynamics(loaded, tmp_path / "dyn", batch=batch, iterations=3)
+    page = write_report(loaded, tmp_path / "report", batch=batch, images=2, iterations=3, memory=False)
+    text = page.read_text()
+    assert "PreResNet" in text and "stage2.1.nonlocal_block (snl)" in text
+    # without an input shape, cost says how to give one (the model says nothing)
+    with pytest.raises(AnalysisError, match=r"input shape of PreResNet is unknown.*input_shape="):
+        bare = build_model("preresnet20", 10)
+        bare.dry_run_input_shape = None
+        insert_blocks(bare, {"stage": 1, "block": "nl"}, input_shape=(3, 32, 32))
+        run_cost(Loaded.from_model(bare), tmp_path / "c2", memory=False)

@@ -337,6 +337,9 @@ class NonlocalBlock(nn.Module):
 
     Maps ``(B, C, *S)`` to the same shape. ``block.affinity(x)`` returns the dense ``A``
     ``(B, N, N')`` computed from ``x`` (for analysis). Built by :func:`nonlocalnet.build_block`.
+
+    Under ``torch.fx`` symbolic tracing (torchvision's ``create_feature_extractor``, ...) the block is a leaf:
+    one ``call_module`` node, whatever the tracer's leaf rule (its forward depends on the input's sizes).
     """
 
     def __init__(self, name: str, in_channels: int, dim: int, edges: Affinity, units: list[NonlocalUnit],
@@ -385,6 +388,8 @@ class NonlocalBlock(nn.Module):
         return spatial
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):  # symbolic tracing: the block is one leaf node (shapes drive its code)
+            return x.tracer.create_proxy("call_module", x.tracer.path_of_module(self), (x,), {})
         spatial = self.check_input(x)
         h = to_tokens(x)
         for _ in range(self.recurrence):
