@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+# The second test environment: torchvision and timm (the `vision` extra) beside the torch they are built for.
+VISION_VENV ?= .venv-vision
+VISION_TORCH ?= torch==2.14.1 torchvision==0.29.1
+VBIN := $(VISION_VENV)/bin
 
-.PHONY: test lint venv demo bench clean
+.PHONY: test test-interop lint venv vision-venv demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +29,21 @@ test: venv
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
+# torch and torchvision are pinned together, first (pip only); then timm, then the package with its extra.
+$(VISION_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VISION_VENV)
+	$(VBIN)/pip install -q $(VISION_TORCH)
+	$(VBIN)/pip install -q timm
+	$(VBIN)/pip install -q -e ".[dev,vision]"
+	touch $@
+
+vision-venv: $(VISION_VENV)/.installed
+
+# The tests marked `interop` (torchvision / timm models through insert, train, eval, analyze); `make test`
+# deselects them.
+test-interop: vision-venv
+	$(VBIN)/pytest -m interop
+
 # The main job on the bundled default: baseline / +NL / +SNL on the generated task, then runs/demo/report.html.
 demo: venv
 	$(BIN)/nonlocalnet demo
@@ -33,4 +52,4 @@ bench: venv
 	$(BIN)/nonlocalnet bench --quick
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VISION_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -232,7 +232,8 @@ def test_filter_gain_against_weight_norms(loaded, tmp_path):
     (blk,) = data["blocks"]
     state = loaded.state
     hist = blk["lambda_histogram"]
-    assert hist["source"].startswith("eigh") and hist["count"] == 2 * 256
+    # the exact spectrum through the r x r core (factorizable SNL graph), equal to the dense eigh of A
+    assert hist["source"].startswith("r x r core") and hist["count"] == 2 * 256
     assert hist["max"] == pytest.approx(1.0, abs=1e-6)  # sym-normalized non-negative A: top eigenvalue 1
     lam = np.asarray(blk["lambda"])
     for u in blk["units"]:
@@ -250,6 +251,39 @@ def test_filter_gain_against_weight_norms(loaded, tmp_path):
         g = (w0 + lam[j] * w1) @ wg
         ev = np.linalg.eigvalsh((g + g.T) / 2)
         assert u["sym_max"][j] == pytest.approx(ev[-1], rel=1e-9) and u["sym_min"][j] == pytest.approx(ev[0], rel=1e-9)
+    _png_ok(data["figures"][0])
+
+
+@pytest.mark.parametrize("preset", ["cayley", "heat", "wavelet"])
+def test_filter_spectral_presets(preset, tmp_path):
+    """Rational and exponential filters: the responses are B_t(λ) at the checkpoint's learned scales, the gain is
+    ||Σ_t B_t(λ) W_t||₂, and the spectrum from the r x r core equals numpy's eigh of the dense A."""
+    raw = {"data": TINY["data"], "model": {"arch": "preresnet20", "blocks": [
+        {"stage": 1, "after_block": 2, "block": preset}]}}
+    run = _checkpoint(tmp_path / preset, raw)
+    loaded = load_run(run)
+    data = run_filter(loaded, tmp_path / "f", images=2)
+    (blk,) = data["blocks"]
+    (u,) = blk["units"]
+    state = loaded.state
+    lam = np.asarray(blk["lambda"])
+    scales = np.exp(state[f"{BLOCK}.units.0.spectral.log_scales"].double().numpy())
+    assert u["filter"] == preset and u["scales"] == pytest.approx(scales.tolist(), rel=1e-12)
+    lam_l = 1 - lam
+    resp = np.asarray(u["responses"])
+    if preset == "heat":
+        expected = [np.ones_like(lam)] + [np.exp(-t * lam_l) for t in scales]
+    elif preset == "cayley":
+        c = (scales[0] * lam_l - 1j) / (scales[0] * lam_l + 1j)
+        expected = [np.ones_like(lam)] + [f(c**j) for j in (1, 2) for f in (np.real, np.imag)]
+    else:
+        expected = [np.exp(-scales[0] * lam_l)] + [s * lam_l * np.exp(1 - s * lam_l) for s in scales[1:]]
+    np.testing.assert_allclose(resp, np.stack(expected), rtol=1e-10, atol=1e-12)
+    ws = [state[f"{BLOCK}.units.0.w.{t}.weight"].double().numpy().reshape(16, 8) for t in range(len(expected))]
+    j = int(np.argmin(np.abs(lam - 0.3)))
+    assert u["gain"][j] == pytest.approx(np.linalg.norm(sum(e[j] * w for e, w in zip(expected, ws)), 2), rel=1e-9)
+    hist = blk["lambda_histogram"]
+    assert hist["source"].startswith("r x r core") and hist["max"] == pytest.approx(1.0, abs=1e-6)
     _png_ok(data["figures"][0])
 
 
@@ -448,3 +482,56 @@ def test_report_renders_in_chromium(run_dir, tmp_path):
         assert im.size == (1200, 3000)
         a = np.asarray(im.convert("RGB"), dtype=float)
     assert a.std() > 10 and (a.reshape(-1, 3).std(0) > 1).any()  # not blank: text and figures rendered
+
+
+# ---------------------------------------------------------------------------------- a model given in Python
+
+
+def test_every_analysis_on_a_model_given_in_python(tmp_path):
+    """Loaded.from_model: no run dir, no config; cost's backbone is the model with its blocks taken out, the
+    data-based analyses take a batch given in Python and say so when they have none."""
+    from nonlocalnet.analysis import (
+        AnalysisError,
+        Batch,
+        DataError,
+        run_affinity,
+        run_attention,
+        run_cost,
+        run_dynamics,
+        run_filter,
+        run_spectrum,
+        write_report,
+    )
+    from nonlocalnet.models import build_model, insert_blocks
+    from nonlocalnet.runs import Loaded
+
+    net = build_model("preresnet20", 10)
+    insert_blocks(net, {"stage": 2, "after_block": 2, "block": "snl"}, input_shape=(3, 32, 32))
+    loaded = Loaded.from_model(net, input_shape=(3, 32, 32))
+    assert list(loaded.blocks) == ["stage2.1.nonlocal_block"] and loaded.cfg is None and not net.training
+    cost = run_cost(loaded, tmp_path / "cost", memory=False)
+    assert cost["backbone"]["params"] == 272_282  # PreResNet-20, 10 classes (docs/models.md)
+    block = loaded.blocks["stage2.1.nonlocal_block"]
+    assert cost["plus"]["params"] == sum(p.numel() for p in block.parameters())
+    assert cost["blocks"][0]["input_shape"] == [1, 32, 16, 16] and cost["run"]["arch"] == "PreResNet"
+    spec = run_spectrum(loaded, tmp_path / "spectrum")
+    assert spec["blocks"][0]["in_channels"] == 32 and spec["evolution"] is None
+    with pytest.raises(DataError, match="model given in Python without a config.*Batch.from_tensor"):
+        run_affinity(loaded, tmp_path / "aff")
+    batch = Batch.from_tensor(torch.randn(3, 3, 32, 32))
+    assert batch.images.dtype == torch.uint8 and batch.images.shape == (3, 3, 32, 32)
+    assert int(batch.images.min()) == 0 and int(batch.images.max()) == 255
+    aff = run_affinity(loaded, tmp_path / "aff", batch=batch)
+    assert aff["blocks"][0]["n"] == aff["blocks"][0]["n_keys"] == 256
+    run_attention(loaded, tmp_path / "att", batch=batch, images=2)
+    run_filter(loaded, tmp_path / "filt", batch=batch, images=2)
+    run_dynamics(loaded, tmp_path / "dyn", batch=batch, iterations=3)
+    page = write_report(loaded, tmp_path / "report", batch=batch, images=2, iterations=3, memory=False)
+    text = page.read_text()
+    assert "PreResNet" in text and "stage2.1.nonlocal_block (snl)" in text
+    # without an input shape, cost says how to give one (the model says nothing)
+    with pytest.raises(AnalysisError, match=r"input shape of PreResNet is unknown.*input_shape="):
+        bare = build_model("preresnet20", 10)
+        bare.dry_run_input_shape = None
+        insert_blocks(bare, {"stage": 1, "block": "nl"}, input_shape=(3, 32, 32))
+        run_cost(Loaded.from_model(bare), tmp_path / "c2", memory=False)

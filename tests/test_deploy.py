@@ -43,6 +43,8 @@ def test_torch_export(name):
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_onnx_export_matches_onnxruntime(name):
+    if name in ("cayley", "heat", "wavelet"):
+        pytest.skip("ONNX has no matrix exponential and no complex tensors (the exact r x r path uses both)")
     ort = pytest.importorskip("onnxruntime")
     block = _block(name)
     x = torch.randn(2, 8, 6, 5)

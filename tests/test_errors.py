@@ -50,7 +50,7 @@ def test_in_channels_smaller_than_reduction():
     (dict(backend="flash"), ["backend", "'flash'", "lowrank", "sdpa", "chunked"]),
     (dict(normalization="l2"), ["normalization", "symmetric", "count"]),
     (dict(out_norm="ln"), ["out_norm", "bn_relu", "gamma"]),
-    (dict(filter="wavelet"), ["filter", "gsnl", "cheby"]),
+    (dict(filter="bessel"), ["filter", "gsnl", "cheby", "cayley", "heat", "wavelet"]),
     (dict(colour=1), ["unknown option", "'colour'", "reduction", "backend"]),
     (dict(groups=2), ["'groups'", "only to cgnl"]),
 ])

@@ -1,8 +1,8 @@
 """The package's layers: imports point down only, and no module imports a project module inside a function.
 
-Layers, bottom to top (docs/design.md): core (kernels, affinity, filters, blocks, presets, reference, compat,
-profiling) < models, data < runs < train, analysis, bench < apps < cli. A module may import its own layer or
-a lower one; ``models`` and ``data`` do not import each other.
+Layers, bottom to top (docs/design.md): core (kernels, affinity, filters, spectral, spectral_filters, blocks,
+presets, reference, compat, profiling) < models, data < runs < train, analysis, bench < apps < cli. A module may
+import its own layer or a lower one; ``models`` and ``data`` do not import each other.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "nonlocalnet"
 
-CORE = {"kernels", "affinity", "filters", "blocks", "presets", "reference", "compat", "profiling", "__init__"}
+CORE = {"kernels", "affinity", "filters", "spectral", "spectral_filters", "blocks", "presets", "reference", "compat",
+        "profiling", "__init__"}
 LEVEL = {"models": 1, "data": 1, "runs": 2, "train": 3, "analysis": 3, "bench": 3, "apps": 4, "cli": 5, "__main__": 6}
 
 
@@ -70,6 +71,24 @@ def _imports(name: str, path: Path) -> list[tuple[str, int, bool]]:
 
 MODULES = _modules()
 
+# The one exception to "no import inside a function": an optional extra, imported lazily where it is used, with a
+# comment on the import line saying so. {module: extra}.
+OPTIONAL_EXTRAS = {"torchvision": "vision", "timm": "vision", "torch.utils.tensorboard": "tensorboard"}
+
+
+def _function_imports(path: Path) -> list[tuple[str, int, str]]:
+    """``(module, line, source line)`` of every import statement inside a function."""
+    lines = path.read_text().splitlines()
+    found = []
+    for fn in ast.walk(ast.parse(path.read_text())):
+        if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    found.extend((a.name, node.lineno, lines[node.lineno - 1]) for a in node.names)
+                elif isinstance(node, ast.ImportFrom):
+                    found.append(("." * node.level + (node.module or ""), node.lineno, lines[node.lineno - 1]))
+    return found
+
 
 @pytest.mark.parametrize("name,path", MODULES, ids=[m for m, _ in MODULES])
 def test_imports_point_down(name, path):
@@ -82,6 +101,17 @@ def test_imports_point_down(name, path):
         assert _level(there) < _level(here), (
             f"{name}:{line} imports {target}: layer {here!r} (level {_level(here)}) may not import "
             f"{there!r} (level {_level(there)})")
+
+
+@pytest.mark.parametrize("name,path", MODULES, ids=[m for m, _ in MODULES])
+def test_function_level_imports_are_optional_extras(name, path):
+    for module, line, source in _function_imports(path):
+        assert module in OPTIONAL_EXTRAS, (
+            f"{name}:{line} imports {module} inside a function; only the optional extras "
+            f"{sorted(OPTIONAL_EXTRAS)} may be imported lazily")
+        assert "optional" in source and OPTIONAL_EXTRAS[module] in source, (
+            f"{name}:{line}: a lazy import of {module} needs a comment naming the optional extra "
+            f"{OPTIONAL_EXTRAS[module]!r}: {source.strip()}")
 
 
 def test_every_layer_is_known():

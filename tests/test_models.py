@@ -392,3 +392,187 @@ def test_strip_blocks_gives_the_backbone_back():
     ref = build_model("preresnet20", num_classes=10)
     ref.load_state_dict(before)
     assert torch.allclose(bare.eval()(x), ref.eval()(x))
+
+
+# ------------------------------------------------------------------------------ any model: arch specs, layouts
+
+
+def test_register_model_and_factory_specs():
+    from nonlocalnet.models import register_model
+
+    def tiny(num_classes=10, width=4):
+        return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(width, num_classes))
+
+    register_model("tinynet_for_test", tiny)
+    assert "tinynet_for_test" in list_models()
+    m = build_model("tinynet_for_test", 7, width=6)
+    assert m[0].out_channels == 6 and m[-1].out_features == 7
+    with pytest.raises(ValueError, match="already registered.*overwrite=True"):
+        register_model("tinynet_for_test", lambda **k: tiny(**k))
+    with pytest.raises(ValueError, match="'resnet50' is a bundled model"):
+        register_model("resnet50", tiny)
+    with pytest.raises(ValueError, match="without ':'"):
+        register_model("a:b", tiny)
+    # package.module:callable, with num_classes passed when the signature takes it
+    m = build_model("nonlocalnet.models.preresnet:PreResNet", 5, depth=20)
+    assert isinstance(m, PreResNet) and m.head.out_features == 5
+    with pytest.raises(ValueError, match="cannot import module 'no_such_pkg_xyz.mod'"):
+        build_model("no_such_pkg_xyz.mod:f", 10)
+    with pytest.raises(ValueError, match="has no attribute 'nope'"):
+        build_model("nonlocalnet.models:nope", 10)
+    with pytest.raises(ValueError, match="not an nn.Module"):
+        build_model("builtins:dict", 10)
+    with pytest.raises(ValueError, match=r"unknown arch 'resnet51'.*timm:NAME"):
+        build_model("resnet51", 10)
+    with pytest.raises(ValueError, match=r"unknown arch 'torchvision.resnet50' \(did you mean 'torchvision:resnet50'"):
+        build_model("torchvision.resnet50", 10)
+
+
+@pytest.mark.parametrize("lib", ["torchvision", "timm"])
+def test_missing_extra_names_the_install(lib):
+    try:
+        __import__(lib)
+    except ImportError:
+        pass
+    else:
+        pytest.skip(f"{lib} is installed here")
+    with pytest.raises(ValueError, match=rf"needs {lib}, which is not installed.*pip install nonlocalnet\[vision\]"):
+        build_model(f"{lib}:resnet50", 10)
+
+
+class NHWC(nn.Module):
+    """Channels-last features (B, H, W, C) between LayerNorms and Linears, like a Swin stage."""
+
+    def __init__(self, c=12):
+        super().__init__()
+        self.embed = nn.Linear(3, c)
+        self.stage = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, c))
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x):  # x (B, 3, H, W)
+        return self.head(self.stage(self.embed(x.permute(0, 2, 3, 1))).mean((1, 2)))
+
+
+class Tokens(nn.Module):
+    """Tokens (B, 1 + h*w, C): a class token in front of patch tokens, like a ViT (but says nothing about it)."""
+
+    def __init__(self, c=12):
+        super().__init__()
+        self.patch = nn.Conv2d(3, c, 4, stride=4)
+        self.cls = nn.Parameter(torch.randn(1, 1, c))
+        self.blocks = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, c))
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        return self.blocks(torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1))[:, 0]
+
+
+def test_channels_last_features_from_layer_widths():
+    m = NHWC()
+    insert_blocks(m, {"at": "stage", "block": "snl"}, input_shape=(3, 5, 7))
+    w = m.stage
+    assert (w.layout.kind, w.layout.spatial, w.layout.channels) == ("channels_last", (5, 7), 12)
+    assert "widths of the model's linear" in w.layout.source
+    x = torch.randn(2, 3, 5, 7)
+    feats = m.stage.module(m.embed(x.permute(0, 2, 3, 1)))
+    ref = w.nonlocal_block(feats.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    assert torch.equal(w(m.embed(x.permute(0, 2, 3, 1))), ref)
+    # the same features declared channels-first are 5 channels at 7 positions... of a 1-D axis? no: (B, 5, 7, 12)
+    # is 4-D, so channels-first reads C=5 over a 7x12 grid; the key is obeyed, and in_channels catches a mistake
+    with pytest.raises(ValueError, match=r"in_channels=12 but the tensor has 5 \(channels_first features"):
+        insert_blocks(NHWC(), {"at": "stage", "block": "nl", "layout": "channels_first", "in_channels": 12},
+                      input_shape=(3, 5, 7))
+
+
+def test_tokens_need_their_grid_and_keep_prefix_tokens():
+    m = Tokens()
+    with pytest.raises(ValueError, match=r"tokens of shape \(2, 17, 12\).*need their grid.*'grid': \[h, w\]"):
+        insert_blocks(m, {"at": "blocks", "block": "nl"}, input_shape=(3, 16, 16))
+    insert_blocks(m, {"at": "blocks", "block": "snl", "grid": [4, 4]}, input_shape=(3, 16, 16))
+    w = m.blocks
+    assert (w.layout.kind, w.layout.spatial, w.layout.prefix) == ("tokens", (4, 4), 1)
+    assert w.placement["prefix_tokens"] == 1 and w.placement["layout"] == "tokens"
+    t = torch.randn(2, 17, 12)
+    out = w(t)
+    inner = w.module(t)
+    assert torch.equal(out[:, :1], inner[:, :1])  # the class token passes through unchanged
+    ref = w.nonlocal_block(inner[:, 1:].transpose(1, 2).reshape(2, 12, 4, 4)).reshape(2, 12, 16).transpose(1, 2)
+    assert torch.equal(out[:, 1:], ref)
+    with pytest.raises(ValueError, match=r"do not fit grid \[4, 4\] with 2 prefix token"):
+        insert_blocks(Tokens(), {"at": "blocks", "block": "nl", "grid": [4, 4], "prefix_tokens": 2},
+                      input_shape=(3, 16, 16))
+
+
+def test_ambiguous_layout_is_an_error():
+    # (B, 12, 4, 12): dim 1 is a conv's channel count and the last dim a linear layer's width
+    m = nn.Sequential(nn.Conv2d(3, 12, 1), nn.Flatten(0, 0), nn.Linear(12, 12))
+    with pytest.raises(ValueError, match=r"cannot tell the layout of features of shape \(2, 12, 4, 12\).*'layout'"):
+        insert_blocks(m, {"at": "0", "block": "nl"}, input_shape=(3, 4, 12))
+    insert_blocks(m, {"at": "0", "block": "nl", "layout": "channels_first"}, input_shape=(3, 4, 12))
+    assert (m[0].layout.kind, m[0].nonlocal_block.in_channels) == ("channels_first", 12)
+
+
+@pytest.mark.parametrize("spec,match", [
+    ({"layout": "nhwc"}, "'layout' must be one of channels_first, channels_last, tokens"),
+    ({"grid": [0, 4]}, "'grid' must be a list of 1 to 3 positive integers"),
+    ({"grid": "14x14"}, "'grid' must be a list"),
+    ({"layout": "channels_last", "grid": [4, 4]}, "'grid' is for layout 'tokens'"),
+    ({"prefix_tokens": -1}, "'prefix_tokens' must be an integer >= 0"),
+    ({"grid": [4, 4], "dim": 3}, r"dim=3 but grid \[4, 4\] has 2 axes"),
+])
+def test_layout_keys_are_checked(spec, match):
+    from nonlocalnet.models.placement import check_placement
+
+    with pytest.raises(ValueError, match=match):
+        check_placement({"at": "x", "block": "nl", **spec})
+
+
+def test_dry_run_error_names_the_shape_and_its_source():
+    class Fixed(nn.Module):  # runs on 3x32x32 only (a flattening head), and says nothing about it
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 32 * 32, 10)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).flatten(1))
+
+    with pytest.raises(ValueError, match=r"dry forward pass .* failed on an input of shape \(2, 3, 64, 64\) \(a guess "
+                                         r"from the model's first Conv2d .*\): RuntimeError.*input_shape="):
+        insert_blocks(Fixed(), {"at": "conv", "block": "nl"})
+    m = insert_blocks(Fixed(), {"at": "conv", "block": "nl"}, input_shape=(3, 32, 32))
+    assert m.conv.nonlocal_block.in_channels == 4
+    # what the model says comes first
+    said = Fixed()
+    said.pretrained_cfg = {"input_size": (3, 32, 32)}
+    assert insert_blocks(said, {"at": "conv", "block": "nl"}).conv.layout.spatial == (32, 32)
+
+
+def test_fx_symbolic_trace_keeps_the_block_a_leaf():
+    model = build_model("preresnet20", 10).eval()
+    insert_blocks(model, {"stage": 2, "after_block": 1, "block": "snl"})
+    gm = torch.fx.symbolic_trace(model)
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert "stage2.0.nonlocal_block" in calls
+    assert not any(c.startswith("stage2.0.nonlocal_block.") for c in calls)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(gm(x), model(x), atol=1e-6)
+    tok = Tokens()
+    insert_blocks(tok, {"at": "blocks", "block": "nl", "grid": [4, 4]}, input_shape=(3, 16, 16))
+    gt = torch.fx.symbolic_trace(tok)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(gt(x), tok(x))
+
+
+def test_config_placement_is_the_one_schema():
+    import dataclasses
+
+    from nonlocalnet.runs import BlockPlacement, ConfigError, config_from_dict
+
+    assert {f.name for f in dataclasses.fields(BlockPlacement)} == set(PLACEMENT_KEYS)
+    cfg = config_from_dict({"model": {"arch": "timm:vit_tiny_patch16_224", "blocks": [
+        {"at": "blocks.5", "block": "nl", "layout": "tokens", "grid": [14, 14], "prefix_tokens": 1}]}})
+    assert cfg.model.blocks[0].to_dict() == {"at": "blocks.5", "block": "nl", "units": 1, "count": 1, "options": {},
+                                             "layout": "tokens", "grid": [14, 14], "prefix_tokens": 1}
+    with pytest.raises(ConfigError, match="'grid' is for layout 'tokens', not 'channels_last'"):
+        config_from_dict({"model": {"blocks": [{"at": "x", "layout": "channels_last", "grid": [2, 2]}]}})

@@ -61,6 +61,9 @@ def test_naive_rejects_what_it_does_not_cover():
     block = nonlocalnet.build_block("cc", 16, dim=1, reduction=2)
     with pytest.raises(ValueError, match="2-D"):
         naive_forward(block, torch.randn(1, 16, 5))
+    for name in ("cayley", "heat", "wavelet"):
+        with pytest.raises(ValueError, match="spectral"):
+            naive_forward(nonlocalnet.build_block(name, 16, dim=2), torch.randn(1, 16, 4, 4))
 
 
 def test_bench_naive_smoke(tmp_path, capfd):

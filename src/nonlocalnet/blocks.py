@@ -37,7 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import affinity as aff
-from .filters import apply_filter
+from .filters import apply_filter, polynomial_responses
+from .spectral_filters import SpectralFilter
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -264,15 +265,17 @@ class NonlocalUnit(nn.Module):
     ``w`` (one map per filter term, additive branch; empty when ``out_proj=False``, as in CC where ``F = A Z``),
     ``w_mul`` (one map per term, multiplicative branch), ``norm`` (:class:`OutNorm`, on the additive branch).
     ``zero_init`` with ``out_norm="none"`` zeroes the last layer of every map (GCNet's init: the additive branch
-    starts at 0, the gate at σ(0) = 1/2).
+    starts at 0, the gate at σ(0) = 1/2). For the non-polynomial filters (Cayley, heat, wavelet), ``spectral``
+    (:class:`~nonlocalnet.spectral_filters.SpectralFilter`) computes the terms; ``coef`` only gives their number.
     """
 
     def __init__(self, in_channels: int, value_channels: int, coef: torch.Tensor, *, dim: int, bias: bool,
                  out_norm: str, zero_init: bool, norm_groups: int = 1, out_proj: bool = True,
                  proj_groups: int = 1, sub_sample: bool = False, value_proj: bool = True, out_map: str = "linear",
-                 bottleneck_channels: int = 1, fusion: str = "add"):
+                 bottleneck_channels: int = 1, fusion: str = "add", spectral: SpectralFilter | None = None):
         super().__init__()
         self.sub_sample, self.fusion, self.out_map = sub_sample, fusion, out_map
+        self.spectral = spectral
         if value_proj:
             self.g = conv1x1(dim, in_channels, value_channels, bias)
 
@@ -304,8 +307,20 @@ class NonlocalUnit(nn.Module):
 
     def filter_terms(self, x: torch.Tensor, graph: aff.Graph, spatial: tuple[int, ...]) -> list[torch.Tensor]:
         z = self.values(x)
+        if self.spectral is not None:
+            return self.spectral(graph, z)
         z_keys = aff.pool_tokens(z, spatial) if self.sub_sample else None
         return apply_filter(graph.matmul, z, self.coef_rows, z_keys)
+
+    def responses(self, lam: torch.Tensor) -> torch.Tensor:
+        """The frequency response of each term, ``B_t(λ)`` ``(T, len(λ))`` at eigenvalues ``λ`` of ``A``."""
+        if self.spectral is not None:
+            return self.spectral.responses(torch.as_tensor(lam, dtype=self.spectral.log_scales.dtype))
+        return polynomial_responses(self.coef.double(), torch.as_tensor(lam, dtype=torch.float64))
+
+    def term_labels(self) -> list[str] | None:
+        """Names of the terms of a spectral filter (``None`` for the polynomial ones: see ``coef``)."""
+        return None if self.spectral is None else self.spectral.labels()
 
     @staticmethod
     def apply_maps(maps: nn.ModuleList, terms: list[torch.Tensor]) -> torch.Tensor:
@@ -395,6 +410,9 @@ class NonlocalBlock(nn.Module):
 
     Maps ``(B, C, *S)`` to the same shape. ``block.affinity(x)`` returns the dense ``A``
     ``(B, N, N')`` computed from ``x`` (for analysis). Built by :func:`nonlocalnet.build_block`.
+
+    Under ``torch.fx`` symbolic tracing (torchvision's ``create_feature_extractor``, ...) the block is a leaf:
+    one ``call_module`` node, whatever the tracer's leaf rule (its forward depends on the input's sizes).
     """
 
     def __init__(self, name: str, in_channels: int, dim: int, edges: Affinity, units: list[NonlocalUnit],
@@ -443,6 +461,8 @@ class NonlocalBlock(nn.Module):
         return spatial
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):  # symbolic tracing: the block is one leaf node (shapes drive its code)
+            return x.tracer.create_proxy("call_module", x.tracer.path_of_module(self), (x,), {})
         spatial = self.check_input(x)
         # channels-first (B, C, N): a view of NCHW and of channels_last inputs alike (no tokens round trip)
         h = x.reshape(x.shape[0], x.shape[1], -1)

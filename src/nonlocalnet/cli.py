@@ -32,6 +32,7 @@ from nonlocalnet.apps.sweep import run_sweep
 from nonlocalnet.bench import run as run_bench
 from nonlocalnet.bench import run_naive, training_throughput
 from nonlocalnet.bench.naive import CASES as NAIVE_CASES
+from nonlocalnet.bench.spectral import run_spectral
 from nonlocalnet.presets import PRESETS
 from nonlocalnet.runs import (
     CheckpointError,
@@ -153,6 +154,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   modes=args.modes or ["fwd", "fwd+bwd"], threads=args.threads or [1, 2],
                   repeats=args.repeats or 5, dense_cap_gib=args.dense_cap_gib, channels_last=args.channels_last,
                   json_path=args.json)
+        return 0
+    if args.spectral:
+        run_spectral(sizes=args.sizes or (32, 64, 96), batch=args.batch or 1, channels=args.channels or 64,
+                     repeats=args.repeats or 5, eigh_max=args.eigh_max, json_path=args.json)
         return 0
     run_bench(quick=args.quick, blocks=["all"] if args.all_blocks else args.blocks, backends=args.backends,
               sizes=args.sizes, video=args.video, batch=args.batch, channels=args.channels, modes=args.modes,
@@ -379,6 +384,11 @@ def _add_bench(sub) -> None:
                         "128; --sizes: image side, default 32; --repeats: steps, default 3; --threads: first value)")
     p.add_argument("--channels-last", action="store_true",
                    help="with --baseline naive: give both a channels_last input")
+    p.add_argument("--spectral", action="store_true",
+                   help="instead: the spectral filters' exact r x r path vs Chebyshev orders 2/4/8, their Chebyshev "
+                        "approximation and dense eigh (B=1, C=64, sides 32 64 96 unless given; docs/spectral.md)")
+    p.add_argument("--eigh-max", type=_positive_int, default=96 * 96,
+                   help="--spectral: largest N for the dense eigh rows")
     p.set_defaults(func=cmd_bench)
 
 

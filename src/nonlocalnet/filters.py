@@ -35,6 +35,9 @@ Eq. 8 and Zhu et al. 2021 (ICCV), Eq. 5; ``gsnl`` Zhu et al., ICLR 2020 submissi
 Zhu et al. 2021 (ICCV), Eq. 3.
 
 Only products ``A @ (N × c)`` are needed, so every filter runs on any :class:`~nonlocalnet.affinity.Graph`.
+The non-polynomial filters (heat, Cayley, wavelets) are in :mod:`nonlocalnet.spectral_filters`; every filter
+has a frequency response, the gain ``B_t(λ)`` of each term on an eigenvector of ``A`` with eigenvalue ``λ``
+(:func:`polynomial_responses` here, :func:`~nonlocalnet.spectral_filters.responses` there).
 """
 
 from __future__ import annotations
@@ -107,3 +110,13 @@ def highest_order(coef: torch.Tensor | Sequence[Sequence[float]]) -> int:
     """
     rows = coef.tolist() if isinstance(coef, torch.Tensor) else coef
     return max([0] + [k for r in rows for k, c in enumerate(r) if c != 0])
+
+
+def polynomial_responses(coef: torch.Tensor | Sequence[Sequence[float]], lam: torch.Tensor) -> torch.Tensor:
+    """The frequency response ``B_t(λ) = Σ_k coef[t, k] T_k(λ)`` of each term, ``(T, len(λ))``."""
+    coef = torch.as_tensor(coef, dtype=torch.float64) if not isinstance(coef, torch.Tensor) else coef
+    lam = torch.as_tensor(lam, dtype=coef.dtype)
+    basis = [torch.ones_like(lam), lam]
+    for _ in range(2, coef.shape[1]):
+        basis.append(2 * lam * basis[-1] - basis[-2])
+    return coef @ torch.stack(basis[: coef.shape[1]])

@@ -17,11 +17,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from . import kernels as K
 from .blocks import FUSIONS, OUT_MAPS, OUT_NORMS, Affinity, NonlocalBlock, NonlocalUnit
 from .filters import FILTERS, filter_coefficients, highest_order
+from .spectral_filters import PATHS, SPECTRAL_FILTERS, SpectralFilter, check_order, n_terms
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ COMMON = dict(
     units=1, recurrence=1, filter="nl", order=None, out_norm="bn", zero_init=True, backend="auto",
     memory_budget=256, value_channels=None, out_proj=True, norm_groups=None,
     key_channels=None, whiten=False, unary=False, temperature=1.0, value_proj=True, out_map="linear",
-    bottleneck_channels=None, fusion="add",
+    bottleneck_channels=None, fusion="add", spectral_path=None, approx_order=None,
 )
 CGNL_ONLY = dict(groups=1, taylor_order=3, rbf_gamma=1e-4, rbf_prefactor="exact")
 RBF_PREFACTORS = ("exact", "constant")
@@ -63,6 +65,17 @@ PRESETS: dict[str, Preset] = {
         Preset("cheby", 'Zhu et al., "Unifying Nonlocal Blocks for Neural Networks", ICCV 2021, Eq. 3-4: '
                         'Chebyshev SNL of order K, F = Σ_k T_k(A) Z W_k (K=1 is Eq. 5)',
                dict(_SNL, filter="cheby", order=2)),
+        Preset("cayley", "Cayley filter of order R (Levie et al., CayleyNets, IEEE TSP 2018, Eq. 8) on the SNL graph: "
+                         "F = Z W_0 + Σ_j [Re C(hL)^j Z W_j' + Im C(hL)^j Z W_j''], C(x) = (x - i)/(x + i), "
+                         "L = I - A, learnable zoom h > 0 (Zhu et al., ICCV 2021, Remark 1)",
+               dict(_SNL, filter="cayley", order=2)),
+        Preset("heat", "Heat-diffusion filter on the SNL graph: F = Z W_0 + Σ_j exp(-t_j L) Z W_j, L = I - A, "
+                       "learnable t_j > 0 (Zhu et al., ICCV 2021, Remark 1)",
+               dict(_SNL, filter="heat", order=2)),
+        Preset("wavelet", "Spectral graph wavelets (Hammond et al., ACHA 2011) on the SNL graph: low-pass "
+                          "exp(-s_0 L) Z W_0 + Σ_j g(s_j L) Z W_j, g(x) = x e^(1-x), learnable s_j > 0 "
+                          "(Zhu et al., ICCV 2021, Remark 1)",
+               dict(_SNL, filter="wavelet", order=3)),
         Preset("a2", 'Chen et al., "A²-Nets: Double Attention Networks", NeurIPS 2018: double attention, '
                      'A = softmax_n(θ) softmax_N(φ)ᵀ, F = A Z W (as in Zhu et al., "Unifying Nonlocal Blocks", '
                      'ICCV 2021, §2.2 (3), §B.3)',
@@ -170,7 +183,7 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
     kern, norm, backend, mode = o["kernel"], o["normalization"], o["backend"], preset.mode
     _choice("out_norm", o["out_norm"], OUT_NORMS)
     _choice("backend", backend, K.BACKENDS)
-    _choice("filter", o["filter"], FILTERS)
+    _choice("filter", o["filter"], FILTERS + SPECTRAL_FILTERS)
     _choice("normalization", norm, K.NORMALIZATIONS)
     if mode != "positions":
         for key, default in (("whiten", False), ("unary", False)):
@@ -218,10 +231,41 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
         raise ValueError("normalization='symmetric' needs a square affinity (N' = N) and does not go with "
                          "sub_sample=True; use normalization='row' or sub_sample=False")
 
-    if o["order"] is not None and o["filter"] != "cheby":
-        raise ValueError(f"order: the Chebyshev order K applies to filter='cheby' (the 'cheby' block), "
-                         f"not to filter={o['filter']!r}")
-    coef = filter_coefficients(o["filter"], o["order"] if o["order"] is not None else 1)
+    spectral = o["filter"] in SPECTRAL_FILTERS
+    if o["order"] is not None and o["filter"] != "cheby" and not spectral:
+        raise ValueError(f"order: the Chebyshev order K applies to filter='cheby' (the 'cheby' block) and the order "
+                         f"of the spectral filters ({', '.join(SPECTRAL_FILTERS)}), not to filter={o['filter']!r}")
+    if not spectral:
+        for key in ("spectral_path", "approx_order"):
+            if o[key] is not None:
+                raise ValueError(f"{key}: applies to the spectral filters ({', '.join(SPECTRAL_FILTERS)}), "
+                                 f"not to filter={o['filter']!r}")
+        coef = filter_coefficients(o["filter"], o["order"] if o["order"] is not None else 1)
+    else:
+        o["order"] = check_order(o["filter"], o["order"])
+        o["spectral_path"] = "auto" if o["spectral_path"] is None else o["spectral_path"]
+        _choice("spectral_path", o["spectral_path"], PATHS)
+        k = 24 if o["approx_order"] is None else o["approx_order"]
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"approx_order: expected an int >= 0 (Chebyshev order K of the approximation), got {k!r}")
+        o["approx_order"] = k
+        if preset.mode == "channels":
+            raise ValueError(f"filter={o['filter']!r}: spectral filters act on the graph over positions; cgnl's graph "
+                             f"over positions x channels is not supported")
+        if o["sub_sample"]:
+            raise ValueError(f"sub_sample: filter={o['filter']!r} is a function of a square affinity; use "
+                             f"sub_sample=False")
+        if o["unary"]:
+            raise ValueError(f"unary: filter={o['filter']!r} on a pairwise + unary graph (DNL's sum, row sums 2, "
+                             f"eigenvalues up to 2) is not supported: the graph does not factor and its spectrum "
+                             f"leaves [-1, 1], where the Chebyshev approximation is fitted; use unary=False")
+        if o["spectral_path"] == "exact" and (kern not in K.LOWRANK_KERNELS or backend not in ("auto", "lowrank")
+                                              or preset.mode != "positions"):
+            raise ValueError(f"spectral_path='exact' needs a factorizable kernel ({', '.join(K.LOWRANK_KERNELS)}) "
+                             f"on the 'lowrank' or 'auto' backend, got kernel={kern!r}, backend={backend!r}")
+        coef = torch.zeros(n_terms(o["filter"], o["order"]), 1)  # the terms are computed by the SpectralFilter
+        if kern in K.LOWRANK_KERNELS and backend == "auto" and preset.mode == "positions":
+            o["backend"] = "lowrank"  # the exact r x r path, also where `auto` would form a small dense A
     if highest_order(coef) >= 2 and o["sub_sample"]:
         raise ValueError(f"sub_sample: powers of A (order {highest_order(coef)}) need a square affinity; "
                          f"use sub_sample=False with filter={o['filter']!r}")
@@ -292,7 +336,9 @@ def build_block(name: str, in_channels: int, *, dim: int = 2, **options: Any) ->
     ``recurrence``, ``filter``, ``out_norm``, ``zero_init``, ``backend``, ``memory_budget`` (MiB),
     ``value_channels``, ``out_proj``, ``norm_groups``, ``key_channels`` (C_s directly, instead of
     ``reduction``), ``whiten``, ``unary``, ``temperature``, ``value_proj``, ``out_map``,
-    ``bottleneck_channels``, ``fusion``; cgnl also ``groups``, ``taylor_order``, ``rbf_gamma``,
+    ``bottleneck_channels``, ``fusion``, ``spectral_path`` and ``approx_order`` (spectral filters:
+    ``auto``/``exact``/``chebyshev`` and the Chebyshev order K off factorizable graphs); cgnl also ``groups``,
+    ``taylor_order``, ``rbf_gamma``,
     ``rbf_prefactor``.
     """
     o = resolve_options(name, in_channels, dim, options)
@@ -308,7 +354,9 @@ def build_block(name: str, in_channels: int, *, dim: int = 2, **options: Any) ->
         NonlocalUnit(in_channels, o["value_channels"], o["coef"], dim=dim, bias=o["bias"], out_norm=o["out_norm"],
                      zero_init=o["zero_init"], norm_groups=o["norm_groups"], out_proj=o["out_proj"],
                      proj_groups=o.get("groups", 1), sub_sample=o["sub_sample"], value_proj=o["value_proj"],
-                     out_map=o["out_map"], bottleneck_channels=o["bottleneck_channels"] or 1, fusion=o["fusion"])
+                     out_map=o["out_map"], bottleneck_channels=o["bottleneck_channels"] or 1, fusion=o["fusion"],
+                     spectral=SpectralFilter(o["filter"], o["order"], o["spectral_path"], o["approx_order"])
+                     if o["filter"] in SPECTRAL_FILTERS else None)
         for _ in range(o["units"])
     ]
     shown = {k: v for k, v in o.items() if k in options}

@@ -23,6 +23,10 @@ Equations (framework.md and these papers):
 - stage: ``Zⁿ⁺¹ = Zⁿ + out_n(F_n(A, g_n(Zⁿ)))``, ``A`` from the stage input (Tao et al. 2018, Eq. 8)
 - CC: softmax over the positions in the same row/column (mask ``C``, Zhu et al. 2021 (ICCV), §B.5)
 - CGNL: graph over (position, channel) nodes (Zhu et al. 2021 (ICCV), §B.4)
+- spectral filters (docs/spectral.md), ``L = I − A``: heat ``exp(−tL)``, wavelet ``e·sL·exp(−sL)`` from
+  ``torch.linalg.eigh`` of the dense symmetric ``A`` (``matrix_exp`` when ``A`` is not symmetric); Cayley
+  ``C = (hL − iI)(hL + iI)⁻¹`` as a dense complex matrix, its powers by matmul (Levie et al., CayleyNets,
+  IEEE TSP 2018)
 - GC (Cao et al., "GCNet: Non-local Networks Meet Squeeze-Excitation Networks and Beyond", ICCVW 2019,
   arXiv 1904.11492, Eq. 4): ``A = 1·aᵀ``, ``a = softmax(w_m X)``, the bottleneck ``conv → LayerNorm → ReLU →
   conv``, fusion ``X ⊙ σ(F_mul) + F_add``
@@ -159,6 +163,43 @@ def chebyshev_matrices(a: torch.Tensor, order: int) -> list[torch.Tensor]:
     return t[: order + 1]
 
 
+def spectral_matrices(a: torch.Tensor, name: str, order: int, scales: torch.Tensor, method: str = "eigh"
+                      ) -> list[torch.Tensor]:
+    """The dense ``B_t(A)`` (B, N, N) of each term of a spectral filter (heat, cayley, wavelet).
+
+    ``method="eigh"``: ``f(A) = V f(Λ) Vᵀ`` from ``torch.linalg.eigh`` (needs a symmetric ``A``); ``"expm"``:
+    ``torch.linalg.matrix_exp`` (any square ``A``; its gradients stay finite where ``A`` has repeated
+    eigenvalues, e.g. the zeros of a low-rank ``A``). Cayley is always the dense complex transform.
+    """
+    n = a.shape[-1]
+    eye = torch.eye(n, dtype=a.dtype).expand_as(a)
+    lap = eye - a
+    if name == "cayley":
+        h = scales[0]
+        hl = (h * lap).to(torch.complex128)
+        ieye = 1j * eye.to(torch.complex128)
+        c = (hl - ieye) @ torch.linalg.inv(hl + ieye)
+        out, p = [eye], eye.to(torch.complex128)
+        for _ in range(order):
+            p = p @ c
+            out += [p.real, p.imag]
+        return out
+    if method == "eigh":
+        lam, vec = torch.linalg.eigh(a)
+
+        def heat(t):
+            return vec @ torch.diag_embed(torch.exp(-t * (1 - lam))) @ vec.transpose(1, 2)
+    else:
+        def heat(t):
+            return torch.linalg.matrix_exp(-t * lap)
+    if name == "heat":
+        return [eye] + [heat(scales[j]) for j in range(order)]
+    out = [heat(scales[0])]
+    for j in range(1, order + 1):
+        out.append(math.e * scales[j] * lap @ heat(scales[j]))
+    return out
+
+
 def out_norm(norm_module, f: torch.Tensor) -> torch.Tensor:
     """The output normalization, literally: BN with batch statistics in train mode (no buffer update)."""
     kind = norm_module.kind
@@ -243,8 +284,11 @@ def out_map(m, t: torch.Tensor) -> torch.Tensor:
     return _lin(m, t)
 
 
-def forward(block, x: torch.Tensor) -> torch.Tensor:
-    """A :class:`~nonlocalnet.blocks.NonlocalBlock`'s output, recomputed densely from its parameters."""
+def forward(block, x: torch.Tensor, spectral_method: str = "eigh") -> torch.Tensor:
+    """A :class:`~nonlocalnet.blocks.NonlocalBlock`'s output, recomputed densely from its parameters.
+
+    ``spectral_method``: how :func:`spectral_matrices` computes the spectral filters (``eigh`` or ``expm``).
+    """
     b, c = x.shape[:2]
     spatial = tuple(x.shape[2:])
     h = x.movedim(1, -1).reshape(b, -1, c)
@@ -254,17 +298,22 @@ def forward(block, x: torch.Tensor) -> torch.Tensor:
         stage_input = h
         for unit in block.units:
             z = _lin(unit.g, h) if hasattr(unit, "g") else h
-            coef = unit.coef.to(h.dtype)
-            order = int((coef != 0).any(0).nonzero().max())
-            if graph.mode == "channels":
-                zk = pool(z, spatial) if graph.sub_sample else z
-                basis = [z, _cgnl_apply(graph, stage_input, zk)]
-                assert order <= 1
-            elif graph.sub_sample:
-                basis = [z, a @ pool(z, spatial)]
+            spec = getattr(unit, "spectral", None)
+            if spec is not None:  # scales are exp(log_scales): positive by construction
+                mats = spectral_matrices(a, spec.name, spec.order, torch.exp(spec.log_scales), spectral_method)
+                terms = [m @ z for m in mats]
             else:
-                basis = [t @ z for t in chebyshev_matrices(a, order)]
-            terms = [sum(coef[t, k] * basis[k] for k in range(order + 1)) for t in range(coef.shape[0])]
+                coef = unit.coef.to(h.dtype)
+                order = int((coef != 0).any(0).nonzero().max())
+                if graph.mode == "channels":
+                    zk = pool(z, spatial) if graph.sub_sample else z
+                    basis = [z, _cgnl_apply(graph, stage_input, zk)]
+                    assert order <= 1
+                elif graph.sub_sample:
+                    basis = [z, a @ pool(z, spatial)]
+                else:
+                    basis = [t @ z for t in chebyshev_matrices(a, order)]
+                terms = [sum(coef[t, k] * basis[k] for k in range(order + 1)) for t in range(coef.shape[0])]
             y = h
             if "mul" in unit.fusion:
                 gate = sum(out_map(w, term) for w, term in zip(unit.w_mul, terms)) if len(unit.w_mul) else terms[0]

@@ -9,15 +9,16 @@
 - :func:`run_cost` — parameters, FLOPs, peak memory (Zhu et al. 2021 Table 6);
 - :func:`write_report` — all of them in one self-contained HTML page.
 
-Each ``run_*`` takes a :class:`Loaded` run (:func:`load_run`) and an output directory, writes PNGs and a JSON,
-and returns the JSON data.
+Each ``run_*`` takes a :class:`Loaded` run (:func:`load_run`) or a model given in Python
+(:meth:`Loaded.from_model`; the data-based ones then take ``batch=Batch.from_tensor(x)`` when there is no
+config) and an output directory, writes PNGs and a JSON, and returns the JSON data.
 """
 
 from nonlocalnet.runs import Loaded, load_config_only, load_run
 
 from .affinity_powers import run_affinity
 from .attention import run_attention
-from .capture import load_batch
+from .capture import Batch, load_batch
 from .cost import run_cost
 from .dynamics import run_dynamics
 from .errors import AnalysisError, DataError, NoBlockError
@@ -27,6 +28,7 @@ from .spectrum import run_spectrum
 
 __all__ = [
     "AnalysisError",
+    "Batch",
     "DataError",
     "Loaded",
     "NoBlockError",

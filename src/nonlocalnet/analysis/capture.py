@@ -27,6 +27,24 @@ class Batch:
     indices: list[int]
     info: dict[str, Any]
 
+    @classmethod
+    def from_tensor(cls, x: torch.Tensor, labels: torch.Tensor | None = None,
+                    images: torch.Tensor | None = None) -> Batch:
+        """A batch of model inputs ``x`` ``(B, C, *S)`` given in Python (for a model without a config):
+        ``images`` (uint8, for the figures) default to ``x`` rescaled to 0..255 per sample."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 3 or x.shape[0] < 1:
+            raise TypeError(f"Batch.from_tensor: x must be a floating-point tensor (B, C, *spatial) with B >= 1, got "
+                            f"{type(x).__name__} {tuple(x.shape) if isinstance(x, torch.Tensor) else ''}")
+        n = x.shape[0]
+        if images is None:
+            flat = x.detach().float().cpu().flatten(1)
+            lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+            images = ((flat - lo) / (hi - lo).clamp_min(1e-12) * 255).round().to(torch.uint8).reshape(x.shape)
+        labels = torch.zeros(n, dtype=torch.long) if labels is None else torch.as_tensor(labels)
+        info = {"dataset": None, "root": None, "split": None, "samples": n, "indices": list(range(n)),
+                "input_shape": list(x.shape[1:]), "needs": "a batch given in Python"}
+        return cls(x, images, labels, list(range(n)), info)
+
     def head(self, n: int) -> Batch:
         """The first ``n`` samples."""
         n = max(1, min(int(n), self.x.shape[0]))
@@ -48,6 +66,10 @@ def load_batch(cfg, *, count: int, split: str = "test", data_root: str | None = 
 
     Raises :class:`DataError` naming the dataset and root the run's config points to when they cannot be read.
     """
+    if cfg is None:
+        raise DataError(f"{what} looks at data, and a model given in Python without a config has none: pass "
+                        "batch=nonlocalnet.analysis.Batch.from_tensor(x), or a config with data "
+                        "(Loaded.from_model(model, cfg=...))")
     cfg = copy.deepcopy(cfg)
     if data_root is not None:
         cfg.data.root = str(data_root)

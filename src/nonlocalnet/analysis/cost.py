@@ -2,7 +2,9 @@
 Zhu et al., "Unifying Nonlocal Blocks for Neural Networks", ICCV 2021, Table 6).
 
 - Input: the model's real per-sample input shape (from the run's data config: CIFAR 3×32×32, ``data.size``,
-  ``data.frames``, or the dataset's defaults; ``--input-shape`` overrides), batch ``--batch`` (1).
+  ``data.frames``, or the dataset's defaults; for a model given in Python without a config, ``input_shape`` of
+  ``Loaded.from_model`` or what the model says, e.g. timm's ``pretrained_cfg``; ``--input-shape`` overrides),
+  batch ``--batch`` (1).
 - FLOPs are counted, not estimated: :class:`torch.utils.flop_counter.FlopCounterMode` on a forward pass, so
   they are those of the path actually taken (matmuls, convolutions, attention kernels; 1 multiply-add = 2
   FLOPs; element-wise ops, norms and softmax are not counted, as in the usual tables). ``GMACs = GFLOPs / 2``
@@ -29,10 +31,10 @@ from torch import nn
 from nonlocalnet.models import strip_blocks
 from nonlocalnet.presets import build_block
 from nonlocalnet.profiling import count_flops, peak_memory
-from nonlocalnet.runs import Loaded, find_blocks, input_shape_for
+from nonlocalnet.runs import Loaded, find_blocks
 
 from .capture import capture_blocks
-from .errors import require_blocks
+from .errors import AnalysisError, require_blocks
 from .output import write_json
 
 __all__ = ["dense_copy", "run_cost"]
@@ -142,7 +144,10 @@ def run_cost(loaded: Loaded, out: Path, *, input_shape: tuple[int, ...] | None =
     out = Path(out)
     dev = torch.device(device)
     model = loaded.model.to(dev).eval()
-    shape = tuple(input_shape) if input_shape else input_shape_for(loaded.cfg, model)
+    try:
+        shape = tuple(input_shape) if input_shape else loaded.model_input_shape()
+    except ValueError as e:
+        raise AnalysisError(str(e)) from None
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((batch, *shape), generator=gen).to(dev)
     notes = list(loaded.notes)

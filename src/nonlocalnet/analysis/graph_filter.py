@@ -2,7 +2,9 @@
 Networks", ICCV 2021,
 Eq. 3–4; "A Spectral Nonlocal Block for Neural Networks" (Zhu et al., ICLR 2020 submission), Eq. 7).
 
-A unit computes ``F(A, Z) = Σ_t B_t(A) Z W_t`` with ``B_t(λ) = Σ_k coef[t, k] T_k(λ)`` (``unit.coef``). On a
+A unit computes ``F(A, Z) = Σ_t B_t(A) Z W_t`` with the frequency response ``B_t(λ)`` of each term
+(``unit.responses``): ``Σ_k coef[t, k] T_k(λ)`` for the polynomial filters, the rational / exponential
+responses of the Cayley, heat and wavelet filters (docs/spectral.md), with the learned scales. On a
 graph signal along an eigenvector ``u`` of ``A`` (``A u = λ u``) with channel vector ``x`` (``X = u xᵀ``), the
 unit's response is ``u (G(λ) x)ᵀ`` where
 
@@ -14,11 +16,13 @@ Reported per λ: ``gain = ‖G_z(λ)‖₂`` (spectral norm, the largest singula
 residual ``X + F`` amplifies or damps along the most affected channel direction, as in the spectrum
 analysis). Blocks without output projection (CC) use ``W_t = I``. The output norm is not included.
 
-Underneath, the histogram of the eigenvalues λ of the real inputs' ``A``: ``eigh`` when ``A`` is symmetric
-(SNL's symmetric normalization); otherwise the real parts of the (complex) eigenvalues of ``A``, and the
-JSON says so. Non-square ``A`` (sub-sampling) and CGNL have no such spectrum. DNL's ``A`` is a sum (pairwise +
-unary, row sums 2): its λ reach 2. GC's output maps are nonlinear (GCNet's bottleneck): no gain curve, the
-block's record says so (``applies: false``, ``note``).
+Underneath, the histogram of the eigenvalues λ of the real inputs' ``A``. On a factorizable graph (``A = U Vᵀ``,
+rank r) they come exactly from the r × r core in ``O(N r²)`` (:func:`nonlocalnet.spectral.spectrum`; real for
+the symmetric normalization); otherwise from the dense ``A``: ``eigh`` when it is symmetric, else the real parts
+of its (complex) eigenvalues. The JSON says which. Non-square ``A`` (sub-sampling) and CGNL have no such
+spectrum. The responses are the eigenvector gains only where ``A`` is symmetric (the JSON notes it otherwise).
+DNL's ``A`` is a sum (pairwise + unary, row sums 2): its λ reach 2. GC's output maps are nonlinear (GCNet's
+bottleneck): no gain curve, the block's record says so (``applies: false``, ``note``).
 """
 
 from __future__ import annotations
@@ -27,31 +31,39 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from numpy.polynomial import chebyshev
 
+from nonlocalnet import spectral
+from nonlocalnet.affinity import LowRankGraph
 from nonlocalnet.runs import Loaded
+from nonlocalnet.spectral_filters import responses as spectral_responses
 
-from .capture import capture_batch, dense_affinity
+from .capture import capture_batch, dense_affinity, float64_block
 from .errors import require_blocks
 from .matrices import block_matrices, graph_notes, is_channel_graph, nonlinear_reason, poly_label
 from .output import new_figure, safe_name, save_figure, write_result
 
-__all__ = ["affinity_eigenvalues", "filter_response", "run_filter"]
+__all__ = ["affinity_eigenvalues", "affinity_spectrum", "filter_response", "run_filter", "term_responses"]
 
 
-def filter_response(coef: np.ndarray, ws: list[np.ndarray | None], wg: np.ndarray, lams: np.ndarray
-                    ) -> dict[str, np.ndarray]:
+def filter_response(coef: np.ndarray | None, ws: list[np.ndarray | None], wg: np.ndarray, lams: np.ndarray,
+                    gains: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """``gain``, ``gain_full``, ``sym_max``, ``sym_min`` at each λ (see module docstring).
 
-    ``coef``: terms × (K+1); ``ws``: the dense ``W_t`` (``C × C_v``) or ``None`` (no output projection: I).
+    ``coef``: terms × (K+1) (polynomial filters), or ``gains``: ``B_t(λ)``, terms × len(λ) (any filter);
+    ``ws``: the dense ``W_t`` (``C × C_v``) or ``None`` (no output projection: I).
     """
-    coef = np.asarray(coef, dtype=np.float64)
+    if gains is None:
+        coef = np.asarray(coef, dtype=np.float64)
+        gains = np.stack([chebyshev.chebval(np.asarray(lams, dtype=np.float64), row) for row in coef])
+    gains = np.asarray(gains, dtype=np.float64)
     c = wg.shape[1] if ws[0] is None else ws[0].shape[0]
     mats = [np.eye(c) if w is None else np.asarray(w, dtype=np.float64) for w in ws]
     wg = np.asarray(wg, dtype=np.float64)
     out = {k: np.empty(len(lams)) for k in ("gain", "gain_full", "sym_max", "sym_min")}
-    for i, lam in enumerate(lams):
-        b = [float(chebyshev.chebval(lam, coef[t])) for t in range(len(coef))]
+    for i in range(len(lams)):
+        b = [float(gains[t, i]) for t in range(len(gains))]
         gz = sum(bt * m for bt, m in zip(b, mats))
         g = gz @ wg
         out["gain"][i] = np.linalg.norm(gz, 2)
@@ -70,13 +82,53 @@ def affinity_eigenvalues(a: np.ndarray) -> tuple[np.ndarray, bool]:
     return np.concatenate([np.linalg.eigvals(m).real for m in a]), False
 
 
+def learned_scales(name: str, index: int, unit, state: dict[str, torch.Tensor] | None = None) -> torch.Tensor | None:
+    """A spectral unit's positive scales (``exp`` of ``{name}.units.{index}.spectral.log_scales``, read from ``state``
+    when it has the key, else from the unit), float64; ``None`` for a polynomial filter."""
+    spec = getattr(unit, "spectral", None)
+    if spec is None:
+        return None
+    key = f"{name}.units.{index}.spectral.log_scales"
+    raw = state[key] if state and key in state else spec.log_scales
+    return raw.detach().cpu().double().exp()
+
+
+def term_responses(name: str, index: int, unit, lams: np.ndarray, state: dict[str, torch.Tensor] | None = None
+                   ) -> np.ndarray:
+    """``B_t(λ)`` (terms × len(λ)) of unit ``index`` of block ``name``, with :func:`learned_scales`."""
+    lam = torch.as_tensor(np.asarray(lams, dtype=np.float64))
+    scales = learned_scales(name, index, unit, state)
+    with torch.no_grad():
+        if scales is not None:
+            return spectral_responses(unit.spectral.name, unit.spectral.order, scales, lam).numpy()
+        return unit.responses(lam).double().cpu().numpy()
+
+
+def affinity_spectrum(block, x: torch.Tensor) -> tuple[np.ndarray, bool, str] | str:
+    """All eigenvalues of the block's ``A`` on input ``x`` (concatenated over the batch), whether they are real,
+    and how they were computed; or a note why there is no spectrum (non-square ``A``)."""
+    with torch.no_grad():
+        graph = float64_block(block).build_graph(x.double())
+        if isinstance(graph, LowRankGraph) and graph.square:
+            lam, real = spectral.spectrum(graph)
+            lam = lam.numpy()
+            source = ("r x r core (exact, O(N r^2)): A symmetric" if real else
+                      "r x r core (exact, O(N r^2)): A not symmetric, real parts of its eigenvalues")
+            return (lam.reshape(-1) if real else lam.real.reshape(-1)), real, source
+    a = dense_affinity(block, x)
+    if a.shape[1] != a.shape[2]:
+        return f"A is {a.shape[1]} x {a.shape[2]} (sub-sampled keys): no eigenvalues"
+    lam, sym = affinity_eigenvalues(a)
+    return lam, sym, ("dense eigh: A symmetric" if sym else "dense: A not symmetric, real parts of its eigenvalues")
+
+
 def _plot(rec: dict[str, Any], out: Path) -> Path:
     units = rec["units"]
-    fig = new_figure(6.4, 3.9 * len(units) + 0.4)
-    gs = fig.add_gridspec(2 * len(units), 1, height_ratios=[2.2, 1] * len(units))
+    fig = new_figure(6.4, 5.6 * len(units) + 0.4)
+    gs = fig.add_gridspec(3 * len(units), 1, height_ratios=[2.2, 1.5, 1] * len(units))
     lam_hist = rec.get("lambda_histogram")
     for i, u in enumerate(units):
-        ax = fig.add_subplot(gs[2 * i])
+        ax = fig.add_subplot(gs[3 * i])
         lam = np.asarray(rec["lambda"])
         ax.plot(lam, u["gain"], color="#4c78a8", lw=1.8, label="gain ||Σ B_t(λ) W_t||₂")
         ax.plot(lam, u["gain_full"], color="#f58518", lw=1.4, ls="--", label="||G(λ)||₂, G = Σ B_t(λ) W_t W_g")
@@ -90,7 +142,16 @@ def _plot(rec: dict[str, Any], out: Path) -> Path:
         ax.set_ylabel("gain", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6.5, loc="best")
-        axh = fig.add_subplot(gs[2 * i + 1], sharex=ax)
+        axr = fig.add_subplot(gs[3 * i + 1], sharex=ax)
+        for t, (label, row) in enumerate(zip(u["terms"], u["responses"])):
+            axr.plot(lam, row, lw=1.2, label=f"B_{t}(λ) = {label}")
+        axr.axhline(0, color="k", lw=0.5)
+        scales = f" (learned scales {', '.join(f'{v:.3g}' for v in u['scales'])})" if u.get("scales") else ""
+        axr.set_title(f"response of each term{scales}", fontsize=7.5)
+        axr.set_ylabel("B_t(λ)", fontsize=8)
+        axr.tick_params(labelsize=7)
+        axr.legend(fontsize=6, loc="best", ncol=2)
+        axh = fig.add_subplot(gs[3 * i + 2], sharex=ax)
         if lam_hist is not None:
             e = np.asarray(lam_hist["bin_edges"])
             axh.bar(e[:-1], lam_hist["counts"], width=np.diff(e), align="edge", color="0.45")
@@ -134,13 +195,15 @@ def run_filter(loaded: Loaded, out: Path, *, data_root: str | None = None, split
         elif is_channel_graph(block):
             rec["lambda_note"] = "cgnl: the graph is over positions x channels; no N x N position spectrum"
         else:
-            a = dense_affinity(block, io[name][0])
-            if a.shape[1] != a.shape[2]:
-                rec["lambda_note"] = f"A is {a.shape[1]} x {a.shape[2]} (sub-sampled keys): no eigenvalues"
+            found = affinity_spectrum(block, io[name][0])
+            if isinstance(found, str):
+                rec["lambda_note"] = found
             else:
-                lams_data, sym = affinity_eigenvalues(a)
-                rec["images"] = int(a.shape[0])
-                source = "eigh: A symmetric" if sym else "A not symmetric: real parts of its eigenvalues"
+                lams_data, sym, source = found
+                rec["images"] = int(io[name][0].shape[0])
+                if not sym:
+                    rec["response_note"] = ("A is not symmetric: its eigenvalues are complex and B_t(λ) is the "
+                                            "filter's response on the real axis only")
                 lo_d, hi_d = float(lams_data.min()), float(lams_data.max())
                 edges = np.linspace(min(lo_d, -1.0), max(hi_d, 1.0), bins + 1)
                 rec["lambda_histogram"] = {"source": source, "bin_edges": edges.tolist(),
@@ -155,14 +218,20 @@ def run_filter(loaded: Loaded, out: Path, *, data_root: str | None = None, split
         units = []
         for i, unit in enumerate(block.units):
             ms = [m for m in mats if m["unit"] == i]
-            coef = np.asarray(unit.coef.tolist(), dtype=np.float64)
+            labels = unit.term_labels()
+            coef = None if labels is not None else np.asarray(unit.coef.tolist(), dtype=np.float64)
+            gains = term_responses(name, i, unit, lam, loaded.state or None)
             ws = [None if m["w"] is None else m["w"].numpy() for m in ms]
-            resp = filter_response(coef, ws, ms[0]["wg"].numpy(), lam)
+            resp = filter_response(None, ws, ms[0]["wg"].numpy(), lam, gains=gains)
             at = {}
             for v in (-1.0, 0.0, 1.0):
                 j = int(np.argmin(np.abs(lam - v)))
                 at[f"{v:g}"] = {k: float(resp[k][j]) for k in resp}
-            units.append({"unit": i, "coef": coef.tolist(), "terms": [poly_label(r) for r in coef],
+            scales = learned_scales(name, i, unit, loaded.state or None)
+            extra = {"filter": unit.spectral.name, "scales": scales.tolist()} if scales is not None else {}
+            units.append({"unit": i, "coef": None if coef is None else coef.tolist(),
+                          "terms": labels if labels is not None else [poly_label(r) for r in coef],
+                          "responses": gains.tolist(), **extra,
                           "g_key": ms[0]["g_key"], "w_keys": [m["w_key"] for m in ms],
                           **{k: v.tolist() for k, v in resp.items()}, "at": at})
         if not len(block.units[0].w):
@@ -173,7 +242,10 @@ def run_filter(loaded: Loaded, out: Path, *, data_root: str | None = None, split
     return write_result(
         out / "filter.json", loaded, "filter", data_info,
         definition={
-            "B_t": "B_t(λ) = Σ_k coef[t,k] T_k(λ) (Chebyshev T_k), coef = unit.coef",
+            "B_t": "B_t(λ): the response of term t (unit.responses): Σ_k coef[t,k] T_k(λ) (Chebyshev T_k, "
+                   "coef = unit.coef) for the polynomial filters; heat exp(-t(1-λ)), Cayley Re/Im ((h(1-λ)-i)/"
+                   "(h(1-λ)+i))^j, wavelet g(s(1-λ)) for the spectral ones (docs/spectral.md)",
+            "responses": "B_t(λ) per term at each λ",
             "gain": "||Σ_t B_t(λ) W_t||_2: spectral norm (largest singular value) of the summed C x C_v matrices",
             "gain_full": "||G(λ)||_2 with G(λ) = Σ_t B_t(λ) W_t W_g (C x C)",
             "sym_max/sym_min": "largest/smallest eigenvalue of (G(λ) + G(λ)^T)/2"},

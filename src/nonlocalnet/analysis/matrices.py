@@ -105,6 +105,9 @@ def block_matrices(name: str, block: NonlocalBlock, state: dict[str, torch.Tenso
         else:
             wg = state[g_key].detach().cpu().double().reshape(state[g_key].shape[0], -1)  # C_v × C
         coef = unit.coef.tolist()
+        labels = unit.term_labels() if hasattr(unit, "term_labels") else None  # spectral filters: named terms
+        if labels is not None:
+            coef = [None] * len(labels)
         if not len(unit.w):
             out.append({"unit": i, "term": 0, "coef": coef[0], "poly": poly_label(coef[0]), "g_key": g_key,
                         "w_key": None, "wg": wg, "w": None, "groups": 1})
@@ -114,7 +117,8 @@ def block_matrices(name: str, block: NonlocalBlock, state: dict[str, torch.Tenso
             if w_key not in state:
                 raise AnalysisError(f"state dict has no {w_key}")
             w = conv_matrix(state[w_key].detach().cpu().double(), wg.shape[0])  # C × C_v
-            out.append({"unit": i, "term": t, "coef": coef[t], "poly": poly_label(coef[t]), "g_key": g_key,
+            out.append({"unit": i, "term": t, "coef": coef[t],
+                        "poly": labels[t] if labels is not None else poly_label(coef[t]), "g_key": g_key,
                         "w_key": w_key, "wg": wg, "w": w, "groups": int(conv.groups)})
     return out
 

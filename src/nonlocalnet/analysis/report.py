@@ -19,7 +19,7 @@ from nonlocalnet.runs import Loaded, load_run, read_metrics
 
 from .affinity_powers import run_affinity
 from .attention import run_attention
-from .capture import load_batch
+from .capture import Batch, load_batch
 from .cost import run_cost
 from .dynamics import run_dynamics
 from .errors import AnalysisError, DataError, require_blocks
@@ -124,10 +124,12 @@ def _figures(d: dict[str, Any]) -> list[str]:
     return [img(f, Path(f).stem) for f in d["figures"]]
 
 
-def write_report(run_dir: str | Path, out_dir: str | Path, data_root: str | None = None, *,
+def write_report(run_dir: str | Path | Loaded, out_dir: str | Path, data_root: str | None = None, *,
                  overrides: Sequence[str] = (), images: int = 8, iterations: int = 50, top: int = 32,
-                 device: str = "cpu", memory: bool = True) -> Path:
-    """Run every analysis on ``run_dir`` (a run dir or a checkpoint) and write ``out_dir/report.html``.
+                 device: str = "cpu", memory: bool = True, batch: Batch | None = None) -> Path:
+    """Run every analysis on ``run_dir`` (a run dir or a checkpoint, or a model given in Python:
+    :meth:`~nonlocalnet.runs.Loaded.from_model`) and write ``out_dir/report.html``. ``batch``: the data the
+    data-based sections look at, instead of the run's (:meth:`~nonlocalnet.analysis.Batch.from_tensor`).
 
     Returns the path of the HTML file. Raises :class:`~nonlocalnet.analysis.common.NoBlockError` for a model
     without nonlocal blocks; a dataset that cannot be loaded only skips the data-based sections.
@@ -136,7 +138,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path, data_root: str | None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    loaded = load_run(run_dir, overrides, device=device)
+    loaded = run_dir if isinstance(run_dir, Loaded) else load_run(run_dir, overrides, device=device)
     require_blocks(loaded)
     log(f"report: {loaded.source} ({len(loaded.blocks)} block(s)) -> {out}")
     sections: list[tuple[str, str, list[str]]] = []
@@ -144,13 +146,15 @@ def write_report(run_dir: str | Path, out_dir: str | Path, data_root: str | None
     log("report: spectrum of the weights")
     sections.append(("spectrum", "Spectrum of the weights",
                      _spectrum_section(run_spectrum(loaded, out / "spectrum", top=top))))
-    batch = None
     data_error = None
-    try:
-        batch = load_batch(loaded.cfg, count=images, data_root=data_root, what="the report",
-                           device=device)
-    except DataError as e:
-        data_error = str(e)
+    if batch is not None:
+        batch = batch.head(images)
+    else:
+        try:
+            batch = load_batch(loaded.cfg, count=images, data_root=data_root, what="the report",
+                               device=device)
+        except DataError as e:
+            data_error = str(e)
 
     def data_section(key: str, title: str, fn, render) -> None:
         log(f"report: {title.lower()}")

@@ -269,6 +269,9 @@ def naive_forward(block, x: torch.Tensor) -> torch.Tensor:
     weights. Supports what the presets and :data:`CASES` use; anything else is a ``ValueError``."""
     name, e = block.name, block.edges
     unit = block.units[0]
+    if any(getattr(u, "spectral", None) is not None for u in block.units):
+        raise ValueError(f"{name!r}: no naive baseline for the spectral filters (Cayley, heat, wavelet); their "
+                         "dense formulation (eigh) is measured by `nonlocalnet bench --spectral`")
     if getattr(unit, "out_map", "linear") == "bottleneck" or e.kernel == "unary":
         if name != "gc" and e.kernel != "unary":
             raise ValueError("the naive baseline has GCNet's bottleneck only with its unary pooling (gc)")

@@ -1,4 +1,5 @@
-"""Backbones (PreResNet, ResNet-50, 3-D ResNet) and generic nonlocal-block insertion.
+"""Backbones (PreResNet, ResNet-50, 3-D ResNet; torchvision / timm / your own by ``build_model``) and generic
+nonlocal-block insertion (channels-first, channels-last and token features).
 
 See ``docs/models.md``.
 """
@@ -7,6 +8,7 @@ from .insert import (
     PLACEMENT_KEYS,
     BlockChain,
     Inserted,
+    default_input_shape,
     get_module,
     insert_blocks,
     inserted_blocks,
@@ -14,12 +16,15 @@ from .insert import (
     resolve_placement,
     strip_blocks,
 )
+from .layout import LAYOUTS, Layout, feature_layout
 from .preresnet import PreActBasicBlock, PreActBottleneck, PreResNet
-from .registry import build_model, list_models
+from .registry import build_model, list_models, register_model
 from .resnet import ResNet, resnet50, resnet50_cifar
 from .resnet3d import ResNet3D, resnet3d18, resnet3d50
 
 __all__ = [
+    "LAYOUTS",
+    "Layout",
     "PLACEMENT_KEYS",
     "BlockChain",
     "Inserted",
@@ -29,10 +34,13 @@ __all__ = [
     "ResNet",
     "ResNet3D",
     "build_model",
+    "default_input_shape",
+    "feature_layout",
     "get_module",
     "insert_blocks",
     "inserted_blocks",
     "list_models",
+    "register_model",
     "remap_state_dict",
     "resnet3d18",
     "resnet3d50",

@@ -4,8 +4,9 @@ Placements are plain dicts (YAML-friendly)::
 
     {"at": "layer3.5", "where": "before", "block": "nl", "units": 1, "count": 1, "dim": 2, "options": {}}
 
-The module at ``at`` is replaced by ``Inserted(module, nonlocal_block, where)``, which computes
-``nonlocal_block(module(x))`` ("after", the default) or ``module(nonlocal_block(x))`` ("before").
+The module at ``at`` is replaced by ``Inserted(module, nonlocal_block, where, layout=...)``, which computes
+``nonlocal_block(module(x))`` ("after", the default) or ``module(nonlocal_block(x))`` ("before"); channels-last
+features and tokens are turned channels-first for the block and back (``Inserted.layout``).
 
 State-dict paths (predictable by construction):
 
@@ -21,8 +22,11 @@ attributes and ``[i]`` to the wrapped module.
 Placement keys:
 
 ``at``           dotted module path (as in ``model.named_modules()``), or a named position:
-``stage: k``     the container ``stage{k}`` (PreResNet) or, if absent, ``layer{k}`` (ResNet);
-``res: r``       the container ``layer{r-1}`` (ResNet stage "res{r}", r = 2..5) or, if absent, ``stage{r-1}``;
+``stage: k``     the container ``stage{k}`` (PreResNet) or, if absent, ``layer{k}`` (ResNet), ``stages.{k-1}``
+                 (timm ConvNeXt, ...) or ``layers.{k-1}`` (timm Swin);
+``res: r``       the container ``layer{r-1}`` (ResNet stage "res{r}", r = 2..5) or, if absent, ``stage{r-1}``, or
+                 the module timm's ``feature_info`` lists at reduction ``2**r`` (res4 = reduction 16; an error
+                 when several modules share it, as in a ViT);
                  optionally refined by one of (1-based, counted over the container's children)
 ``after_block: j``   -> ``<container>.<j-th child>``, where "after"
 ``before_block: j``  -> ``<container>.<j-th child>``, where "before"
@@ -37,6 +41,11 @@ Placement keys:
                  given it must match.
 ``in_channels``  skip channel inference for this placement (no dry forward needed if ``dim`` is given too).
 ``options``      extra keyword arguments for the factory.
+``layout``       the features' layout at the target: ``channels_first`` (B, C, *S), ``channels_last``
+                 (B, *S, C) or ``tokens`` (B, L, C); taken from the model where it says
+                 (:mod:`nonlocalnet.models.layout`), an error when ambiguous.
+``grid``         tokens: the patch grid ``[h, w]`` (``[t, h, w]``); ``prefix_tokens``: class/register tokens in
+                 front (default ``L - prod(grid)``). They stay out of the graph and pass through unchanged.
 
 Examples (the placements of the papers):
 
@@ -68,10 +77,12 @@ __all__ = [
     "remap_state_dict",
     "get_module",
     "strip_blocks",
+    "default_input_shape",
 ]
 
 from nonlocalnet.presets import build_block
 
+from .layout import Layout, feature_layout, model_feature_info
 from .placement import PLACEMENT_KEYS, POSITION_KEYS, WHERE, check_placement, int_key
 
 
@@ -88,6 +99,7 @@ class Inserted(nn.Module):
             (keys ``<at>.nonlocal_block.*``).
         where: ``"after"`` or ``"before"``.
         placement: the resolved placement dict (plain attribute, not saved in the state dict).
+        layout: the :class:`~nonlocalnet.models.layout.Layout` of the features there (None: channels-first).
     """
 
     def __init__(
@@ -96,6 +108,7 @@ class Inserted(nn.Module):
         nonlocal_block: nn.Module,
         where: str = "after",
         placement: dict | None = None,
+        layout: Layout | None = None,
     ) -> None:
         super().__init__()
         if where not in WHERE:
@@ -104,13 +117,20 @@ class Inserted(nn.Module):
         self.nonlocal_block = nonlocal_block
         self.where = where
         self.placement = dict(placement or {})
+        self.layout = layout
+
+    def _block(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout is None or self.layout.kind == "channels_first":
+            return self.nonlocal_block(x)
+        y, prefix = self.layout.to_channels_first(x)
+        return self.layout.from_channels_first(self.nonlocal_block(y), prefix)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.where == "after":
-            return self.nonlocal_block(self.module(*args, **kwargs))
+            return self._block(self.module(*args, **kwargs))
         if not args:
             raise TypeError("Inserted(where='before') needs the input tensor as first positional argument")
-        return self.module(self.nonlocal_block(args[0]), *args[1:], **kwargs)
+        return self.module(self._block(args[0]), *args[1:], **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -125,7 +145,11 @@ class Inserted(nn.Module):
         return self.module[idx]
 
     def extra_repr(self) -> str:
-        return f"where={self.where!r}"
+        if self.layout is None or self.layout.kind == "channels_first":
+            return f"where={self.where!r}"
+        extra = f", grid={list(self.layout.spatial)}, prefix_tokens={self.layout.prefix}" \
+            if self.layout.kind == "tokens" else ""
+        return f"where={self.where!r}, layout={self.layout.kind!r}{extra}"
 
 
 # ----------------------------------------------------------------------------------------------- paths
@@ -185,19 +209,32 @@ def _canonical(model: nn.Module, path: str) -> str:
 
 
 def _container_path(model: nn.Module, spec: Mapping) -> str:
+    info = model_feature_info(model)
     if spec.get("stage") is not None:
         k = int_key(spec, "stage")
-        candidates = [f"stage{k}", f"layer{k}"]
+        candidates = [f"stage{k}", f"layer{k}", f"stages.{k - 1}", f"layers.{k - 1}"]
     else:
         r = int_key(spec, "res")
         candidates = [f"layer{r - 1}", f"stage{r - 1}"]
     for c in candidates:
         if _walk(model, c)[0] is not None:
             return c
+    if spec.get("res") is not None and info:
+        found = [d["module"] for d in info if d.get("reduction") == 2**r]
+        if len(found) == 1 and _walk(model, found[0])[0] is not None:
+            return found[0]
+        if len(found) > 1:
+            raise ValueError(
+                f"placement {dict(spec)}: res{r} is ambiguous in this model: its feature_info lists "
+                f"{len(found)} modules at reduction {2**r} ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''})"
+                "; give 'at' instead")
+        candidates.append(f"the feature_info module at reduction {2**r}")
     top = ", ".join(n for n, _ in model.named_children())
+    listed = ", ".join(f"{d['module']}: {d.get('reduction')}" for d in info)
+    stages = f"; the model's feature_info (module: reduction): {listed}" if info else ""
     raise ValueError(
         f"placement {dict(spec)} refers to {' or '.join(map(repr, candidates))}, which the model does "
-        f"not have; top-level modules: {top}"
+        f"not have; top-level modules: {top}{stages}"
     )
 
 
@@ -246,6 +283,9 @@ def resolve_placement(model: nn.Module, spec: Mapping[str, Any]) -> dict[str, An
         "dim": spec.get("dim"),
         "in_channels": spec.get("in_channels"),
         "options": dict(spec.get("options") or {}),
+        "layout": spec.get("layout"),
+        "grid": list(spec["grid"]) if spec.get("grid") is not None else None,
+        "prefix_tokens": spec.get("prefix_tokens"),
     }
 
 
@@ -259,19 +299,44 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.get_default_dtype()
 
 
-def _guess_input_shape(model: nn.Module) -> tuple[int, ...]:
+def default_input_shape(model: nn.Module) -> tuple[tuple[int, ...], str] | None:
+    """``(per-sample input shape, where it comes from)`` as the model says it, or None: its
+    ``dry_run_input_shape`` (the models of this package), a timm patch embedding's ``img_size``, timm's
+    ``pretrained_cfg["input_size"]``, torchvision's ``VisionTransformer.image_size``."""
     shape = getattr(model, "dry_run_input_shape", None)
     if shape is not None:
-        return tuple(shape)
+        return tuple(int(s) for s in shape), "model.dry_run_input_shape"
+    pe = getattr(model, "patch_embed", None)
+    img = getattr(pe, "img_size", None)
+    proj = getattr(pe, "proj", None)
+    if img is not None and isinstance(proj, nn.Conv2d):
+        return (proj.in_channels, *(int(s) for s in img)), "the model's patch_embed.img_size (timm)"
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, Mapping) and cfg.get("input_size"):
+        return tuple(int(s) for s in cfg["input_size"]), "the model's pretrained_cfg['input_size'] (timm)"
+    if type(model).__name__ == "VisionTransformer" and isinstance(getattr(model, "image_size", None), int):
+        return (3, model.image_size, model.image_size), "the model's image_size (torchvision VisionTransformer)"
+    return None
+
+
+def _guess_input_shape(model: nn.Module) -> tuple[tuple[int, ...], str]:
+    said = default_input_shape(model)
+    if said is not None:
+        return said
     for m in model.modules():
         if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
             nd = len(m.kernel_size)
             spatial = {1: (64,), 2: (64, 64), 3: (4, 32, 32)}[nd]
-            return (m.in_channels, *spatial)
+            return (m.in_channels, *spatial), f"a guess from the model's first {type(m).__name__} ({m.in_channels} " \
+                f"input channels; the spatial size {spatial} is a default)"
     raise ValueError(
         "cannot guess an input shape for the dry forward pass that infers channel counts: "
         "pass example_input=<tensor> or input_shape=(C, *spatial) to insert_blocks"
     )
+
+
+class _NotATensor(ValueError):
+    """A target's input/output is not a tensor (raised from a hook during the dry forward)."""
 
 
 def _record_shapes(
@@ -279,14 +344,14 @@ def _record_shapes(
     targets: Sequence[tuple[str, str]],
     example_input: Any,
     input_shape: Sequence[int] | None,
-) -> dict[tuple[str, str], tuple[int, int]]:
-    """Dry forward pass; ``{(path, where): (channels, spatial_rank)}`` seen at each target."""
+) -> dict[tuple[str, str], tuple[int, ...]]:
+    """Dry forward pass; ``{(path, where): shape}`` of the tensor seen at each target."""
     seen: dict[tuple[str, str], list[tuple[int, ...]]] = {t: [] for t in targets}
     handles = []
 
     def record(key, t):
         if not isinstance(t, torch.Tensor):
-            raise ValueError(
+            raise _NotATensor(
                 f"the {'output' if key[1] == 'after' else 'input'} of {key[0]!r} is a "
                 f"{type(t).__name__}, not a tensor; a nonlocal block cannot be placed {key[1]} it"
             )
@@ -303,8 +368,16 @@ def _record_shapes(
             )
     device, dtype = _model_device_dtype(model)
     if example_input is None:
-        shape = tuple(input_shape) if input_shape is not None else _guess_input_shape(model)
+        if input_shape is not None:
+            shape, source = tuple(input_shape), "input_shape"
+        else:
+            shape, source = _guess_input_shape(model)
         example_input = torch.zeros((2, *shape), device=device, dtype=dtype)
+        tried = f"an input of shape (2, {', '.join(map(str, shape))}) ({source})"
+    else:
+        shapes = [tuple(t.shape) for t in (example_input if isinstance(example_input, tuple | list)
+                                           else [example_input]) if isinstance(t, torch.Tensor)]
+        tried = f"example_input of shape {', '.join(map(str, shapes))}"
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
@@ -313,6 +386,10 @@ def _record_shapes(
                 model(*example_input)
             else:
                 model(example_input)
+    except _NotATensor:
+        raise
+    except (RuntimeError, ValueError, AssertionError, TypeError, IndexError) as e:
+        raise _dry_run_error(tried, e) from e
     finally:
         for h in handles:
             h.remove()
@@ -326,14 +403,20 @@ def _record_shapes(
             raise ValueError(
                 f"module {path!r} was not called during the dry forward pass; cannot place a block there"
             )
-        info = {(s[1], len(s) - 2) for s in shapes if len(s) >= 3}
-        if len(info) != 1 or any(len(s) < 3 for s in shapes):
+        if len(set(shapes)) != 1:
             raise ValueError(
                 f"module {path!r} sees tensors of shapes {sorted(set(shapes))} ({where} it) during the dry "
-                "forward pass; a nonlocal block needs one (B, C, *spatial) shape — choose another path"
+                "forward pass; a nonlocal block needs one shape there — choose another path"
             )
-        out[key] = info.pop()
+        out[key] = shapes[0]
     return out
+
+
+def _dry_run_error(tried: str, e: Exception) -> ValueError:
+    return ValueError(
+        f"the dry forward pass that infers the blocks' channels failed on {tried}: {type(e).__name__}: {e}. "
+        "Set the input shape with insert_blocks(..., input_shape=(C, *spatial)) or example_input=... (in a config "
+        "it is the data's shape: data.size, or the dataset's own)")
 
 
 # ------------------------------------------------------------------------------------------- insertion
@@ -364,8 +447,10 @@ def insert_blocks(
             default ``nonlocalnet.build_block``. ``units=n`` is added to the options when n > 1.
         example_input: input for the dry forward pass that infers channels (a tensor, or a tuple of
             positional arguments). Default: zeros of shape ``(2, *input_shape)``.
-        input_shape: per-sample input shape, e.g. ``(3, 32, 32)``; default ``model.dry_run_input_shape`` (set
-            by the models of this package) or a guess from the first convolution (``(C, 64, 64)`` for 2-D).
+        input_shape: per-sample input shape, e.g. ``(3, 32, 32)``; default: what the model says
+            (:func:`default_input_shape`: ``model.dry_run_input_shape`` of this package's models, timm's
+            ``pretrained_cfg["input_size"]``, ...), else a guess from the first convolution (``(C, 64, 64)`` for
+            2-D); when the dry forward fails, the error names the shape it tried and where it came from.
 
     All placements are validated, and all blocks built, before the model is modified. Several placements
     at the same path nest: the later one wraps the earlier one (``<at>.module.module.*``).
@@ -376,7 +461,7 @@ def insert_blocks(
     for p, raw in zip(resolved, placements):
         if p["block"] is None:
             raise ValueError(f"placement {dict(raw)} lacks the 'block' key (the block name)")
-    targets = [(p["at"], p["where"]) for p in resolved if p["in_channels"] is None or p["dim"] is None]
+    targets = [(p["at"], p["where"]) for p in resolved if _needs_dry_run(p)]
     shapes = _record_shapes(model, targets, example_input, input_shape) if targets else {}
     if factory is None:
         factory = build_block
@@ -384,17 +469,28 @@ def insert_blocks(
 
     wrappers = []
     for p in resolved:
-        channels, rank = shapes.get((p["at"], p["where"]), (p["in_channels"], p["dim"]))
+        key = (p["at"], p["where"])
+        if key in shapes:
+            layout = feature_layout(model, get_module(model, p["at"]), p["at"], shapes[key], p, p["where"])
+        elif p["layout"] == "tokens":
+            layout = Layout("tokens", p["in_channels"], tuple(p["grid"]), p["prefix_tokens"], "the placement")
+        else:
+            layout = Layout(p["layout"] or "channels_first", p["in_channels"], (1,) * p["dim"], 0, "the placement")
+        channels, rank = layout.channels, layout.dim
         if p["in_channels"] is not None and p["in_channels"] != channels:
             raise ValueError(
-                f"placement at {p['at']!r}: in_channels={p['in_channels']} but the tensor has {channels}"
+                f"placement at {p['at']!r}: in_channels={p['in_channels']} but the tensor has {channels} "
+                f"({layout.kind} features, shape {shapes.get(key)}, layout from {layout.source})"
             )
         if p["dim"] is not None and p["dim"] != rank:
             raise ValueError(
                 f"placement at {p['at']!r}: dim={p['dim']} but the tensor {p['where']} it has "
-                f"{rank} spatial dims"
+                f"{rank} spatial dims ({layout.kind} features, shape {shapes.get(key)}, layout from {layout.source})"
             )
-        p["in_channels"], p["dim"] = channels, rank
+        p["in_channels"], p["dim"], p["layout"] = channels, rank, layout.kind
+        if layout.kind == "tokens":
+            p["grid"], p["prefix_tokens"] = list(layout.spatial), layout.prefix
+        p["_layout"] = layout
         options = dict(p["options"])
         if p["units"] != 1:
             options["units"] = p["units"]
@@ -407,8 +503,15 @@ def insert_blocks(
 
     for p, block in wrappers:
         target = get_module(model, p["at"])
-        _set_child(model, p["at"], Inserted(target, block, p["where"], placement=p))
+        layout = p.pop("_layout")
+        _set_child(model, p["at"], Inserted(target, block, p["where"], placement=p, layout=layout))
     return model
+
+
+def _needs_dry_run(p: dict[str, Any]) -> bool:
+    if p["layout"] == "tokens":
+        return p["in_channels"] is None or p["grid"] is None or p["prefix_tokens"] is None
+    return p["in_channels"] is None or p["dim"] is None
 
 
 def strip_blocks(model: nn.Module) -> nn.Module:

@@ -7,7 +7,9 @@ One schema for the Python API (:func:`nonlocalnet.models.insert_blocks`) and the
 Keys (the module docstring of :mod:`nonlocalnet.models.insert` has the full story):
 ``at`` | ``stage`` | ``res`` (exactly one), optionally one of ``after_block``, ``before_block``,
 ``after_last``, ``before_last``; ``where`` (after/before), ``block``, ``units``, ``count``, ``dim``,
-``in_channels``, ``options``.
+``in_channels``, ``options``; the feature layout ``layout`` (channels_first / channels_last / tokens), with
+``grid`` and ``prefix_tokens`` for tokens (only needed where the model does not say; see
+:mod:`nonlocalnet.models.layout`).
 """
 
 from __future__ import annotations
@@ -15,15 +17,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["CONTAINER_KEYS", "PLACEMENT_KEYS", "POSITION_KEYS", "WHERE", "check_placement"]
+__all__ = ["CONTAINER_KEYS", "LAYOUTS", "PLACEMENT_KEYS", "POSITION_KEYS", "WHERE", "check_placement"]
 
 POSITION_KEYS = ("after_block", "before_block", "after_last", "before_last")
 CONTAINER_KEYS = ("stage", "res")
 WHERE = ("after", "before")
+LAYOUTS = ("channels_first", "channels_last", "tokens")
 PLACEMENT_KEYS: tuple[str, ...] = ("at", "where", "block", "units", "count", "dim", "in_channels", "options",
-                                   *CONTAINER_KEYS, *POSITION_KEYS)
+                                   *CONTAINER_KEYS, *POSITION_KEYS, "layout", "grid", "prefix_tokens")
 _MINIMUM = {"stage": 1, "res": 2, "after_block": 1, "before_block": 1, "units": 1, "count": 1, "dim": 1,
-            "in_channels": 1}
+            "in_channels": 1, "prefix_tokens": 0}
 
 
 def int_key(spec: Mapping, key: str, default: int | None = None) -> int | None:
@@ -70,6 +73,21 @@ def check_placement(spec: Mapping[str, Any]) -> dict[str, Any]:
         int_key(spec, key)
     if spec.get("dim") is not None and spec["dim"] > 3:
         raise ValueError(f"placement key 'dim' must be 1, 2 or 3, got {spec['dim']}")
+    layout = spec.get("layout")
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"placement key 'layout' must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    grid = spec.get("grid")
+    if grid is not None:
+        if (isinstance(grid, str | bytes) or not hasattr(grid, "__len__") or not 1 <= len(grid) <= 3
+                or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid)):
+            raise ValueError(f"placement key 'grid' must be a list of 1 to 3 positive integers (the token grid, "
+                             f"e.g. [14, 14]), got {grid!r}")
+        if layout not in (None, "tokens"):
+            raise ValueError(f"placement key 'grid' is for layout 'tokens', not {layout!r}")
+        if spec.get("dim") is not None and spec["dim"] != len(grid):
+            raise ValueError(f"placement {dict(spec)}: dim={spec['dim']} but grid {list(grid)} has {len(grid)} axes")
+    if spec.get("prefix_tokens") is not None and layout not in (None, "tokens"):
+        raise ValueError(f"placement key 'prefix_tokens' is for layout 'tokens', not {layout!r}")
     options = spec.get("options") or {}
     if not isinstance(options, Mapping):
         raise ValueError(f"placement key 'options' must be a dict, got {options!r}")

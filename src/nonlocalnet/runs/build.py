@@ -21,7 +21,7 @@ from nonlocalnet.data import (
     dataset_options,
     expected_num_classes,
 )
-from nonlocalnet.models import build_model, insert_blocks
+from nonlocalnet.models import build_model, default_input_shape, insert_blocks
 
 from .checkpoint import CheckpointError, load_weights
 from .config import Config, ConfigError
@@ -126,10 +126,12 @@ def build_model_from_config(cfg: Config, num_classes: int, *, load_pretrained_we
     if load_pretrained_weights and cfg.model.pretrained:
         load_pretrained(model, cfg.model.pretrained, log)
     if cfg.model.blocks:
+        shape = input_shape_for(cfg, model)  # the dry forward sees what the data will give the model
         try:
-            insert_blocks(model, [b.to_dict() for b in cfg.model.blocks])
+            insert_blocks(model, [b.to_dict() for b in cfg.model.blocks], input_shape=shape)
         except (TypeError, ValueError, KeyError) as e:
-            raise ConfigError(f"model.blocks: {e}") from e
+            raise ConfigError(f"model.blocks: {e} [input shape {shape}: from data.name {cfg.data.name!r} / "
+                              "data.size; model.options sets the model's own, e.g. img_size of a timm ViT]") from e
     return model
 
 
@@ -180,7 +182,8 @@ def input_shape_for(cfg: Config, model: nn.Module | None = None) -> tuple[int, .
     opts = dataset_options(name)
     size = cfg.data.size or cfg.data.options.get("size") or opts.get("size")
     if size is None:
-        return tuple(getattr(model, "dry_run_input_shape", (3, 224, 224)))
+        said = default_input_shape(model) if model is not None else None
+        return said[0] if said is not None else (3, 224, 224)
     if "frames" in opts:
         frames = cfg.data.frames or cfg.data.options.get("frames") or opts["frames"]
         return (3, int(frames), int(size), int(size))

@@ -112,6 +112,12 @@ class BlockPlacement:
     """None = inferred from a dry forward pass."""
     options: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for ``nonlocalnet.build_block`` (e.g. ``reduction``)."""
+    layout: Literal["channels_first", "channels_last", "tokens"] | None = None
+    """The features' layout there; None = what the model says (timm feature_info, ...), an error if ambiguous."""
+    grid: list[int] | None = None
+    """Tokens: the patch grid, e.g. ``[14, 14]`` (None = from the model)."""
+    prefix_tokens: int | None = None
+    """Tokens: class/register tokens in front, passed through unchanged (None = L - prod(grid))."""
 
     def __post_init__(self) -> None:
         try:
@@ -133,13 +139,14 @@ class BlockPlacement:
 @dataclass
 class ModelConfig:
     arch: str = "preresnet20"
-    """Backbone, see ``nonlocalnet.models.build_model``."""
+    """Backbone (``nonlocalnet.models.build_model``): a bundled name, ``torchvision:NAME``, ``timm:NAME`` or
+    ``package.module:callable``."""
     num_classes: int | None = None
     """None: the dataset's number of classes."""
     blocks: list[BlockPlacement] = field(default_factory=list)
     """Nonlocal blocks to insert (empty: the baseline)."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments for ``build_model``."""
+    """Extra keyword arguments for ``build_model`` (the timm / torchvision constructor's, e.g. ``img_size``)."""
     pretrained: str | None = None
     """A state dict (.safetensors / .pt) loaded into the backbone before blocks are inserted (non-strict;
     tensors whose shape differs, e.g. the classifier, are skipped and reported)."""

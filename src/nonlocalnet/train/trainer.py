@@ -94,7 +94,7 @@ def seed_everything(seed: int) -> None:
 
 def _check_tensorboard():
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # optional extra `tensorboard`: imported lazily
     except ImportError as e:
         raise TrainingError("run.tensorboard is true but the tensorboard package is not installed: "
                             "pip install 'nonlocalnet[tensorboard]' (or set run.tensorboard=false)") from e
