@@ -110,7 +110,7 @@ def _pm(m: float | None, s: float | None, spec: str = ".1f") -> str:
 def format_markdown(rows: list[dict[str, Any]]) -> str:
     reach = rows[0]["reach"] if rows else 0
     lines = [f"| run | seeds | final top-1 % | best top-1 % | reached {reach:g} % (mean epoch) | s / epoch | "
-             "params (M) | MFLOPs | paper |",
+             "params (k) | MFLOPs | paper |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         p = r["paper"]
@@ -119,7 +119,7 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
         tpe = "—" if r["time_per_epoch_s"] is None else f"{r['time_per_epoch_s']:.1f}"
         lines.append(f"| {r['label']} | {len(r['seeds'])} | {_pm(r['final_top1_mean'], r['final_top1_std'])} | "
                      f"{_pm(r['best_top1_mean'], r['best_top1_std'])} | {r['reached']}/{len(r['seeds'])} ({ep}) | "
-                     f"{tpe} | {r['params'] / 1e6:.3f} | {r['flops'] / 1e6:.1f} | {paper} |")
+                     f"{tpe} | {r['params'] / 1e3:.1f} | {r['flops'] / 1e6:.1f} | {paper} |")
     return "\n".join(lines) + "\n"
 
 
