@@ -134,7 +134,8 @@ def _plot(groups: list[dict[str, Any]], path: Path) -> Path:
         line = ax.plot(ep, mean, label=f"{g['label']} (n={len(acc)})", lw=1.4)[0]
         if len(acc) > 1:
             std = acc.std(0, ddof=1)
-            ax.fill_between(ep, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
+            ax.fill_between(ep, np.clip(mean - std, 0, 100), np.clip(mean + std, 0, 100), color=line.get_color(),
+                            alpha=0.15, lw=0)  # accuracy is a percentage: the band is clipped to [0, 100]
     ax.set(xlabel="epoch", ylabel="test top-1 (%)", title="test accuracy, mean ± 1 std over seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
