@@ -134,13 +134,17 @@ def add_ratios(rows: list[Row]) -> None:
             r.mem_ratio = d.peak_mib / r.peak_mib if r.peak_mib else None
 
 
+def _cell(v: float | None, spec: str) -> str:
+    """A table cell: ``v`` formatted, or "-" when it was not measured."""
+    return format(v, spec) if v is not None else "-"
+
+
 def format_table(rows: list[Row]) -> str:
     head = (f"{'block':6} {'backend':8} {'path':10} {'shape':16} {'N':>6} {'mode':8} {'dtype':8} "
             f"{'time ms':>9} {'peak MiB':>9} {'x faster':>8} {'x less mem':>10}")
     lines = [head, "-" * len(head)]
+    f = _cell
     for r in rows:
-        def f(v, fmt):
-            return format(v, fmt) if v is not None else "-"
         lines.append(f"{r.block:6} {r.backend:8} {r.taken:10} {r.shape:16} {r.n:6d} {r.mode:8} {r.dtype:8} "
                      f"{f(r.time_ms, '9.2f')} {f(r.peak_mib, '9.1f')} {f(r.time_ratio, '8.2f')} "
                      f"{f(r.mem_ratio, '10.2f')} {r.note}")
@@ -339,9 +343,8 @@ def format_naive(rows: list[NaiveRow]) -> str:
     head = (f"{'case':14} {'path':11} {'shape':16} {'mode':8} {'thr':>3} {'naive ms':>9} {'ours ms':>9} "
             f"{'naive/ours':>10}")
     lines = [head, "-" * len(head)]
+    f = _cell
     for r in rows:
-        def f(v, fmt):
-            return format(v, fmt) if v is not None else "-"
         lines.append(f"{r.case:14} {r.path:11} {r.shape:16} {r.mode:8} {r.threads:3d} {f(r.naive_ms, '9.2f')} "
                      f"{f(r.ours_ms, '9.2f')} {f(r.ratio, '10.2f')} {r.note}")
     return "\n".join(lines)
