@@ -15,12 +15,7 @@ DATA = {"name": "demo", "size": 16, "options": {"train_size": 16, "test_size": 8
 GC, DNL = "stage1.1.nonlocal_block", "stage2.1.nonlocal_block"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
