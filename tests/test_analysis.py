@@ -203,7 +203,8 @@ def test_affinity_histograms_match_numpy_matrix_powers(loaded, tmp_path):
     total = 4 * 256 * 256
     for k in range(1, 5):
         ak = np.stack([np.linalg.matrix_power(m, k) for m in a])
-        ref = np.histogram(ak, bins=edges)[0]
+        # float32 rounding may put the extreme value a hair outside our edges (asserted equal to 1e-6 above)
+        ref = np.histogram(np.clip(ak, edges[0], edges[-1]), bins=edges)[0]
         got = np.asarray(st["counts"][str(k)])
         assert got.sum() == ref.sum() == total
         assert np.abs(got - ref).sum() <= 4, f"A^{k} histogram differs in {np.abs(got - ref).sum()} entries"
@@ -337,9 +338,12 @@ def test_dynamics_first_step_is_the_block(loaded, tmp_path):
 def _snl_lowrank_flops(c: int, n: int, units: int) -> int:
     """Hand count for SNL on the low-rank path, batch 1, C_s = C_v = C/2 (1 multiply-add = 2 FLOPs):
     θ, φ: 2·(2NC·C_s); degrees M̂1 = (P(Qᵀ1) + Q(Pᵀ1))/2: 2·(2N·C_s) (the sums are not counted);
-    per unit: g 2NC·C_v; A Z = D^-1/2 (P(QᵀZ') + Q(PᵀZ'))/2: 4·(2N·C_s·C_v); [Z, AZ][W_0; W_1]: 2N·2C_v·C."""
+    per unit (NonlocalUnit._lowrank_cf, A = U Vᵀ with r = 2C_s): g 2NC·C_v; ZᵀV 2N·C_v·r; M = W_1 Rᵀ 2C·C_v·r;
+    F = M Uᵀ + W_0 Zᵀ: 2N·C·r + 2N·C·C_v."""
     cs = cv = c // 2
-    return 2 * 2 * n * c * cs + 2 * 2 * n * cs + units * (2 * n * c * cv + 4 * 2 * n * cs * cv + 2 * n * 2 * cv * c)
+    r = 2 * cs
+    per_unit = 2 * n * c * cv + 2 * n * cv * r + 2 * c * cv * r + 2 * n * c * r + 2 * n * c * cv
+    return 2 * 2 * n * c * cs + 2 * 2 * n * cs + units * per_unit
 
 
 def test_cost_flops_hand_count_and_table(loaded, tmp_path):

@@ -28,6 +28,7 @@ Degrees and normalizers are computed in float32 under autocast. Zero degrees giv
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -65,11 +66,47 @@ def mm(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return a @ v
 
 
+def full_precision(device_type: str):
+    """A context with autocast off on ``device_type`` (sums and degrees in float32); a no-op context when
+    autocast is not on (entering ``torch.autocast`` costs ~10 µs per call, a sizable share of a small block)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class _Pool(torch.autograd.Function):
+    """``c = X a`` for channels-first ``X`` ``(B, C, N)`` and weights ``a`` ``(B, N)``, each direction in its fast
+    orientation: forward ``aᵀXᵀ`` (one row times the tokens view; 0.4× the time of ``X a`` at N = 4096, 1 thread),
+    backward ``∂X = ∂c aᵀ`` as one broadcast product (autograd through the transposed view would hand back a
+    transposed gradient, whose accumulation with the residual's is a strided add) and ``∂a = ∂cᵀ X``."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, x)
+        return torch.bmm(a.unsqueeze(1), x.transpose(1, 2)).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, x = ctx.saved_tensors
+        grad_a = torch.bmm(grad.unsqueeze(1), x).squeeze(1) if ctx.needs_input_grad[0] else None
+        grad_x = grad.unsqueeze(2) * a.unsqueeze(1) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_x
+
+
+def pool(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``Σ_j a_j x_j``: weights ``a`` ``(B, N)`` over the positions of channels-first ``x`` ``(B, C, N)`` → ``(B, C)``
+    (GC's attention pooling)."""
+    if x.dim() != 3 or x.stride(-1) != 1:
+        return torch.bmm(x, a.unsqueeze(2)).squeeze(2)
+    return _Pool.apply(a, x)
+
+
 def _device_type(t: torch.Tensor) -> str:
     return t.device.type if t.device.type in ("cuda", "cpu", "xpu", "mps") else "cpu"
 
 
-def _float32(t: torch.Tensor) -> torch.Tensor:
+def float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 (float64 stays float64): for sums and degrees."""
     return t if t.dtype == torch.float64 else t.float()
 
 
@@ -127,31 +164,39 @@ class LowRankGraph(Graph):
 
     backend = "lowrank"
 
-    def __init__(self, p: torch.Tensor, q: torch.Tensor, normalization: str):
+    def __init__(self, p: torch.Tensor, q: torch.Tensor, normalization: str, unit_rows: bool = False):
         self.p, self.q, self.normalization = p, q, normalization
+        # every row of U sums to 1 (A²: U = softmax over channels, no normalization), so a constant c per
+        # output channel is c 1ᵀ Uᵀ: the unit folds its bias into the small factor (NonlocalUnit)
+        self.unit_rows = unit_rows and normalization == "none"
         self.n, self.n_keys = p.shape[1], q.shape[1]
         self.left: torch.Tensor | None = None  # (B, N, 1) degree scaling, float32 (for inspection)
         u, v = p, q
         if normalization == "count":
             u = p / self.n_keys
         elif normalization in ("row", "softmax"):
-            with torch.autocast(_device_type(p), enabled=False):
-                d = _float32(p) @ _float32(q).sum(1).unsqueeze(-1)  # M 1
+            with full_precision(_device_type(p)):
+                d = float32(p) @ float32(q).sum(1).unsqueeze(-1)  # M 1
             self.left = safe_reciprocal(d)
             u = self.left * p
         elif normalization == "symmetric":
-            with torch.autocast(_device_type(p), enabled=False):
-                pf, qf = _float32(p), _float32(q)
+            with full_precision(_device_type(p)):
+                pf, qf = float32(p), float32(q)
                 d = 0.5 * (pf @ qf.sum(1).unsqueeze(-1) + qf @ pf.sum(1).unsqueeze(-1))
             self.left = safe_rsqrt(d)
             sp, sq = (self.left * math.sqrt(0.5)) * p, (self.left * math.sqrt(0.5)) * q
             u, v = torch.cat([sp, sq], -1), torch.cat([sq, sp], -1)
         self.u, self.v = u, v
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U, V)``; outside autocast in ``dtype`` (the normalizers' degrees are float32)."""
         u, v = self.u, self.v
-        if u.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-            u, v = u.to(x.dtype), v.to(x.dtype)
+        if u.dtype != dtype and not torch.is_autocast_enabled(u.device.type):
+            u, v = u.to(dtype), v.to(dtype)
+        return u, v
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        u, v = self.factors(x.dtype)
         return u @ (v.transpose(1, 2) @ x)
 
     def dense(self) -> torch.Tensor:
@@ -231,14 +276,14 @@ class PairwiseGraph(Graph):
 
     def _prepare_symmetric(self) -> None:
         k = self.kernel
-        with torch.autocast(k.device_type, enabled=False):
+        with full_precision(k.device_type):
             shift = None
             if k.exp:
-                maxes = [_float32(k.rows(i0, i1)).amax(dim=(1, 2)) for i0, i1 in self._blocks()]
+                maxes = [float32(k.rows(i0, i1)).amax(dim=(1, 2)) for i0, i1 in self._blocks()]
                 shift = torch.stack(maxes, 0).amax(0).view(-1, 1, 1).detach()
             rowsum, colsum = [], 0.0
             for i0, i1 in self._blocks():
-                e = self._values(_float32(k.rows(i0, i1)), shift)
+                e = self._values(float32(k.rows(i0, i1)), shift)
                 rowsum.append(e.sum(-1))
                 colsum = colsum + e.sum(1)
             d = 0.5 * (torch.cat(rowsum, 1) + colsum)
@@ -256,7 +301,7 @@ class PairwiseGraph(Graph):
         if norm == "symmetric":
             c = k.cols(i0, i1)
             if k.exp:
-                r, c = self._values(_float32(r), self._shift), self._values(_float32(c), self._shift)
+                r, c = self._values(float32(r), self._shift), self._values(float32(c), self._shift)
             m = 0.5 * (r + c)
             s = self._scale
             return s[:, i0:i1] * m * s.transpose(1, 2)
@@ -267,8 +312,8 @@ class PairwiseGraph(Graph):
         if norm == "count":
             return r / self.n_keys
         if norm == "row":
-            with torch.autocast(_device_type(r), enabled=False):
-                d = _float32(r).sum(-1, keepdim=True)
+            with full_precision(_device_type(r)):
+                d = float32(r).sum(-1, keepdim=True)
             return r * safe_reciprocal(d).to(r.dtype)
         return r
 
@@ -434,11 +479,30 @@ class ChannelGraph(Graph):
     backend = "lowrank"
 
     def __init__(self, t, p, groups: int, kernel: str, order: int, gamma: float, normalization: str,
-                 scale: bool | float, prefactor: str = "exact"):
-        self.t, self.p, self.groups, self.kernel = t, p, groups, kernel
+                 scale: bool | float, prefactor: str = "exact",
+                 source: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+        """``t``, ``p``: the projected queries and keys ``(B, N, C_s)``; or ``None`` with ``source = (x, W_θ,
+        W_φ)`` (tokens ``(B, N, C)`` and bias-free weights ``(C_s, C)``, keys not sub-sampled): ``t`` and ``p``
+        are then formed on first use only, so that :class:`~nonlocalnet.blocks.NonlocalUnit` can take the dot
+        kernel through the Gram matrix of ``x`` without them."""
+        self._t, self._p, self.source, self.groups, self.kernel = t, p, source, groups, kernel
         self.order, self.gamma, self.normalization, self.scale = order, gamma, normalization, scale
         self.prefactor = prefactor
-        self.n, self.n_keys = t.shape[1], p.shape[1]
+        self.n = self.n_keys = source[0].shape[1] if t is None else t.shape[1]
+        if t is not None:
+            self.n_keys = p.shape[1]
+
+    @property
+    def t(self) -> torch.Tensor:
+        if self._t is None:
+            self._t = self.source[0] @ self.source[1].t()
+        return self._t
+
+    @property
+    def p(self) -> torch.Tensor:
+        if self._p is None:
+            self._p = self.source[0] @ self.source[2].t()
+        return self._p
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, N, C) -> (B, N, C, P+1)`` Taylor features (one feature for the dot kernel)."""
@@ -449,7 +513,7 @@ class ChannelGraph(Graph):
         feats = [pref * math.sqrt((2 * g) ** k / math.factorial(k)) * x**k for k in range(self.order + 1)]
         return torch.stack(feats, -1)
 
-    def _norm_factor(self, n_nodes: int) -> float:
+    def norm_factor(self, n_nodes: int) -> float:
         f = 1.0
         if self.normalization == "count":
             f /= n_nodes
@@ -466,12 +530,12 @@ class ChannelGraph(Graph):
         n, cg = self.t.shape[1], c // self.groups
         # ⟨φ_k(p), g⟩ sums N'·C_g signed products into one number per group: like a degree, it is computed in
         # float32 under autocast (in bf16 it cancels catastrophically). Everything here is O(N·C·K).
-        with torch.autocast(_device_type(v), enabled=False):
-            t, p, vf = _float32(self.t), _float32(self.p), _float32(v)
+        with full_precision(_device_type(v)):
+            t, p, vf = float32(self.t), float32(self.p), float32(v)
             ft = self.features(t).reshape(b, n, self.groups, cg, -1)  # (B, N, G, C_g, K)
             fp = self.features(p).reshape(b, n_keys, self.groups, cg, -1)
             att = torch.einsum("bngck,bngc->bgk", fp, vf.reshape(b, n_keys, self.groups, cg))
-            y = torch.einsum("bngck,bgk->bngc", ft, att) * self._norm_factor(n_keys * cg)
+            y = torch.einsum("bngck,bgk->bngc", ft, att) * self.norm_factor(n_keys * cg)
         return y.reshape(b, n, c)
 
     def _matmul_dot(self, v: torch.Tensor) -> torch.Tensor:
@@ -480,13 +544,13 @@ class ChannelGraph(Graph):
         tokens' own layout (no feature axis, no einsum copies)."""
         b, n_keys, c = v.shape
         groups = self.groups
-        with torch.autocast(_device_type(v), enabled=False):  # the group sums in float32 (see below)
-            p, vf = _float32(self.p), _float32(v)
+        with full_precision(_device_type(v)):  # the group sums in float32 (see below)
+            p, vf = float32(self.p), float32(v)
             if groups == 1:
                 att = torch.bmm(p.reshape(b, 1, -1), vf.reshape(b, -1, 1)).reshape(b, 1, 1)
             else:
                 att = (p * vf).reshape(b, n_keys, groups, -1).sum((1, 3)).repeat_interleave(c // groups, 1)[:, None]
-            att = att * self._norm_factor(n_keys * (c // groups))
+            att = att * self.norm_factor(n_keys * (c // groups))
             t = self.t
             return t * att.to(t.dtype) if t.dtype != torch.float64 else t * att
 
@@ -497,7 +561,7 @@ class ChannelGraph(Graph):
         ft = self.features(self.t).reshape(b, n, self.groups, cg, -1).permute(0, 2, 1, 3, 4)
         fp = self.features(self.p).reshape(b, n_keys, self.groups, cg, -1).permute(0, 2, 1, 3, 4)
         m = ft.reshape(b, self.groups, n * cg, -1) @ fp.reshape(b, self.groups, n_keys * cg, -1).transpose(-1, -2)
-        return m * self._norm_factor(n_keys * cg)
+        return m * self.norm_factor(n_keys * cg)
 
     def dense(self):
         raise ValueError(
@@ -551,8 +615,8 @@ class UnaryGraph(Graph):
 
     def __init__(self, logits: torch.Tensor, n: int):
         self.logits, self.n, self.n_keys = logits, n, logits.shape[1]
-        with torch.autocast(_device_type(logits), enabled=False):
-            self.a = torch.softmax(_float32(logits), dim=-1)  # (B, N'): the pooling weights
+        with full_precision(_device_type(logits)):
+            self.a = torch.softmax(float32(logits), dim=-1)  # (B, N'): the pooling weights
 
     def matmul(self, v: torch.Tensor) -> torch.Tensor:
         if v.shape[1] != self.n_keys:  # a (B, 1, c) context broadcast over the positions
@@ -641,7 +705,7 @@ def build_graph(kernel: str, normalization: str, backend: str, *, q: torch.Tenso
         rank = 0 if q is None else q.shape[-1] * (2 if normalization == "symmetric" else 1)
         backend = choose_backend(kernel, normalization, batch, n, n_keys, max(el, 4), budget_bytes, rank)
     if backend == "lowrank":
-        return LowRankGraph(q, k, normalization)
+        return LowRankGraph(q, k, normalization, unit_rows=kernel == "double_attention")
     if backend == "sdpa":
         return SDPAGraph(q, k, scale)
     if kernel == "concatenation":

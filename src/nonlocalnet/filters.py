@@ -103,6 +103,46 @@ def apply_filter(matmul: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
     return out
 
 
+def lowrank_terms(coef: Sequence[Sequence[float]], s: torch.Tensor,
+                  core: Callable[[], torch.Tensor]) -> list[tuple[float, torch.Tensor | None]]:
+    """The filter's terms on a low-rank graph ``A = U Vᵀ``, in the graph's own coordinates.
+
+    Every power ``A^k Z = U (VᵀU)^{k-1} VᵀZ`` (``k ≥ 1``) lies in the span of ``U``, so each term is
+    ``B_t(A) Z = α_t Z + U R_t`` with a scalar ``α_t`` (the constant coefficient) and a small ``R_t``
+    ``(B, r, c)``. Returned as ``[(α_t, R_t)]`` (``R_t`` is ``None`` when zero). ``s = VᵀZ`` ``(B, r, c)``;
+    ``core()`` gives ``VᵀU`` ``(B, r, r)``, asked for only when ``K ≥ 2``. The Chebyshev recursion
+    ``T_k = 2 A T_{k-1} − T_{k-2}`` becomes ``α_k = −α_{k-2}``, ``R_k = 2(α_{k-1} S + VᵀU R_{k-1}) − R_{k-2}``:
+    every order costs ``O(r²c)`` and no product over the ``N`` positions (the unit then needs one GEMM
+    ``R Uᵀ``-sized product per block, whatever ``K``)."""
+    rows = [list(r) for r in coef]
+    order = highest_order(rows)
+
+    def add(a, b, cb=1.0):
+        if b is None:
+            return a
+        b = b if cb == 1 else cb * b
+        return b if a is None else a + b
+
+    basis: list[tuple[float, torch.Tensor | None]] = [(1.0, None)]
+    if order >= 1:
+        basis.append((0.0, s))
+    k_mat = core() if order >= 2 else None
+    for _ in range(2, order + 1):
+        (a1, r1), (a2, r2) = basis[-1], basis[-2]
+        r = add(None, s, 2 * a1) if a1 != 0 else None
+        r = add(r, None if r1 is None else k_mat @ r1, 2.0)
+        basis.append((-a2, add(r, r2, -1.0)))
+    out = []
+    for row in rows:
+        alpha, r = 0.0, None
+        for k, c in enumerate(row[: order + 1]):
+            if c != 0:
+                alpha += c * basis[k][0]
+                r = add(r, basis[k][1], c)
+        out.append((alpha, r))
+    return out
+
+
 def highest_order(coef: torch.Tensor | Sequence[Sequence[float]]) -> int:
     """The largest ``k`` with a nonzero coefficient (how many powers of ``A`` are needed).
 

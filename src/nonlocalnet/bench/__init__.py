@@ -260,21 +260,30 @@ class NaiveRow:
     note: str = ""
 
 
-def interleaved_medians(fns: list, repeats: int, warmup: int = 1) -> list[float]:
-    """Median seconds of each function, the calls interleaved (a, b, a, b, ...; the order alternates each
-    repeat) so that a loaded machine's drift hits all of them alike."""
-    for _ in range(warmup):
-        for fn in fns:
+def interleaved_medians(fns: list, repeats: int, warmup: int = 1, min_sample_s: float = 0.01) -> list[float]:
+    """Median seconds per call of each function, the samples interleaved (a, b, a, b, ...; the order alternates
+    each repeat) so that the machine's drift hits all of them alike. A sample is ``n`` back-to-back calls, ``n``
+    chosen once per function so that a sample lasts at least ``min_sample_s`` (like ``timeit``'s autorange):
+    a sub-millisecond call timed alone is mostly timer and scheduler noise."""
+    counts = []
+    for fn in fns:
+        for _ in range(warmup):
             fn()
+        t0 = time.perf_counter()
+        fn()  # the calibration call, after the warm-up
+        once = time.perf_counter() - t0
+        counts.append(max(1, math.ceil(min_sample_s / max(once, 1e-7))) if min_sample_s > 0 else 1)
     times: list[list[float]] = [[] for _ in fns]
     for r in range(repeats):
         order = list(range(len(fns)))
         if r % 2:
             order.reverse()
         for i in order:
+            fn, n = fns[i], counts[i]
             t0 = time.perf_counter()
-            fns[i]()
-            times[i].append(time.perf_counter() - t0)
+            for _ in range(n):
+                fn()
+            times[i].append((time.perf_counter() - t0) / n)
     return [statistics.median(t) for t in times]
 
 
