@@ -98,3 +98,19 @@ def test_channels_last_output_keeps_its_layout(name):
 def test_training_throughput_smoke():
     rows = training_throughput(["snl"], batch=2, size=8, steps=1, threads=1)
     assert rows[0]["auto_img_s"] > 0 and rows[0]["auto_vs_naive"] > 0
+
+
+def test_merge_naive_takes_medians_and_range():
+    from nonlocalnet.bench import format_naive, merge_naive
+
+    def row(ratio, naive_ms, ours_ms, note=""):
+        return {"case": "a2", "block": "a2", "shape": "2x8x4x4", "mode": "fwd", "threads": 1, "path": "lowrank",
+                "naive_ms": naive_ms, "ours_ms": ours_ms, "ratio": ratio, "note": note}
+
+    (m,) = merge_naive([[row(1.0, 2.0, 2.0)], [row(2.0, 4.0, 2.0)], [row(1.5, 3.0, 2.0)]])
+    assert (m.ratio, m.ratio_lo, m.ratio_hi, m.naive_ms, m.ours_ms, m.note) == (1.5, 1.0, 2.0, 3.0, 2.0, "")
+    assert "1.50 [1.00-2.00]" in format_naive([m])
+    (m,) = merge_naive([[row(1.0, 2.0, 2.0)], [row(None, None, None, "failed: x")]])
+    assert m.ratio == 1.0 and m.note == "1 of 2 processes failed"
+    (m,) = merge_naive([[row(None, None, None, "skipped: big")]])
+    assert m.ratio is None and m.note == "skipped: big"

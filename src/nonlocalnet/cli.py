@@ -153,7 +153,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   sizes=args.sizes or [32, 64], batch=args.batch or 2, channels=args.channels or 64,
                   modes=args.modes or ["fwd", "fwd+bwd"], threads=args.threads or [1, 2],
                   repeats=args.repeats or 5, dense_cap_gib=args.dense_cap_gib, channels_last=args.channels_last,
-                  json_path=args.json)
+                  json_path=args.json, processes=args.processes)
         return 0
     if args.spectral:
         run_spectral(sizes=args.sizes or (32, 64, 96), batch=args.batch or 1, channels=args.channels or 64,
@@ -378,6 +378,10 @@ def _add_bench(sub) -> None:
                         "selects every case of a preset")
     p.add_argument("--threads", nargs="+", type=_positive_int, default=None,
                    help="with --baseline naive: intra-op thread counts, each set explicitly (default 1 2)")
+    p.add_argument("--processes", type=_positive_int, default=1,
+                   help="with --baseline naive: measure the table in this many fresh processes, one after another, "
+                        "and print the median ratio and its range per cell (a process's timings can differ from "
+                        "another's by 2x on a VM; docs/benchmarks.md)")
     p.add_argument("--throughput", action="store_true",
                    help="training images/s of PreResNet-56 with one block (--blocks, default snl nl cc) after stage 1, "
                         "auto vs the dense backend vs the naive formulation, interleaved SGD steps (--batch, default "

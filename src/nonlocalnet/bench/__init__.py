@@ -13,7 +13,9 @@ import json
 import math
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -31,7 +33,8 @@ from . import naive
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 
-__all__ = ["CORE", "QUICK", "NaiveRow", "Row", "backends_for", "interleaved_medians", "projection_floor", "run",
+__all__ = ["CORE", "QUICK", "NaiveRow", "Row", "backends_for", "format_naive", "interleaved_medians", "merge_naive",
+           "projection_floor", "run",
            "run_case", "run_naive", "run_naive_case", "training_throughput"]
 
 
@@ -258,6 +261,8 @@ class NaiveRow:
     ours_ms: float | None
     ratio: float | None = None  # naive time / block time  (>1: the block is faster)
     note: str = ""
+    ratio_lo: float | None = None  # with --processes K: the lowest and highest of the K processes' ratios
+    ratio_hi: float | None = None
 
 
 def interleaved_medians(fns: list, repeats: int, warmup: int = 1, min_sample_s: float = 0.01) -> list[float]:
@@ -354,25 +359,76 @@ def format_naive(rows: list[NaiveRow]) -> str:
     lines = [head, "-" * len(head)]
     f = _cell
     for r in rows:
+        spread = f" [{r.ratio_lo:.2f}-{r.ratio_hi:.2f}]" if r.ratio_lo is not None else ""
         lines.append(f"{r.case:14} {r.path:11} {r.shape:16} {r.mode:8} {r.threads:3d} {f(r.naive_ms, '9.2f')} "
-                     f"{f(r.ours_ms, '9.2f')} {f(r.ratio, '10.2f')} {r.note}")
+                     f"{f(r.ours_ms, '9.2f')} {f(r.ratio, '10.2f')}{spread} {r.note}")
     return "\n".join(lines)
+
+
+def merge_naive(runs: list[list[dict]]) -> list[NaiveRow]:
+    """One row per cell from the rows of several processes: median times and ratio, and the ratios' range."""
+    out = []
+    for cells in zip(*runs):
+        first = cells[0]
+        ok = [c for c in cells if c.get("ratio")]
+        row = NaiveRow(**{k: first[k] for k in ("case", "block", "shape", "mode", "threads", "path")},
+                       naive_ms=None, ours_ms=None, note=first.get("note", ""))
+        if ok:
+            row.naive_ms = statistics.median(c["naive_ms"] for c in ok)
+            row.ours_ms = statistics.median(c["ours_ms"] for c in ok)
+            ratios = [c["ratio"] for c in ok]
+            row.ratio, row.ratio_lo, row.ratio_hi = statistics.median(ratios), min(ratios), max(ratios)
+            row.note = "" if len(ok) == len(cells) else f"{len(cells) - len(ok)} of {len(cells)} processes failed"
+        out.append(row)
+    return out
+
+
+def _naive_in_processes(processes: int, argv: list[str]) -> list[NaiveRow]:
+    """Run the same naive table in ``processes`` fresh Python processes, one after another, and merge them.
+
+    Why: on the development VM one process's timings of the same cell came out bimodal — e.g. the naive A² at
+    32×32 took 0.67 ms in some processes and 1.54 ms in others, pinned to one core, same seed — a property of
+    the process (where its buffers landed), not of the call, so repeats within one process cannot average it
+    out."""
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(processes):
+            path = f"{tmp}/run{i}.json"
+            print(f"# process {i + 1} of {processes}", file=sys.stderr, flush=True)
+            subprocess.run([sys.executable, "-m", "nonlocalnet", "bench", "--baseline", "naive", *argv, "--json",
+                            path], check=True, stdout=subprocess.DEVNULL)
+            with open(path) as fh:
+                runs.append(json.load(fh)["rows"])
+    return merge_naive(runs)
 
 
 def run_naive(*, cases: list[str] | None = None, blocks: list[str] | None = None, sizes: list[int] = (32, 64),
               batch: int = 2, channels: int = 64, modes: list[str] = ("fwd", "fwd+bwd"),
               threads: list[int] = (1, 2), repeats: int = 5, dense_cap_gib: float = 6.0, channels_last: bool = False,
-              json_path: str | None = None) -> list[NaiveRow]:
+              json_path: str | None = None, processes: int = 1) -> list[NaiveRow]:
     """``nonlocalnet bench --baseline naive``: every case of :data:`naive.CASES` (or ``cases``, and with
     ``blocks`` adds every case of those presets) against its naive NCHW formulation, printed as ``naive / ours``
-    ratios."""
+    ratios. ``processes > 1``: the table measured in that many fresh processes, merged (median ratio and its
+    range per cell; see :func:`_naive_in_processes`)."""
     if not cases and not blocks:
         chosen = list(naive.CASES)
     else:
         chosen = [k for k in naive.CASES if k in (cases or []) or naive.CASES[k][0] in (blocks or [])]
     env = environment()
     print(f"# nonlocalnet bench --baseline naive — torch {env['torch']}, {env['processor']}, "
-          f"B={batch}, C={channels}, median of {repeats} interleaved", flush=True)
+          f"B={batch}, C={channels}, median of {repeats} interleaved"
+          + (f", {processes} processes" if processes > 1 else ""), flush=True)
+    if processes > 1:
+        argv = ["--cases", *chosen, "--sizes", *map(str, sizes), "--batch", str(batch), "--channels", str(channels),
+                "--modes", *modes, "--threads", *map(str, threads), "--repeats", str(repeats),
+                "--dense-cap-gib", str(dense_cap_gib)] + (["--channels-last"] if channels_last else [])
+        rows = _naive_in_processes(processes, argv)
+        print(format_naive(rows))
+        if json_path:
+            with open(json_path, "w") as fh:
+                json.dump({"environment": env, "baseline": "naive", "processes": processes,
+                           "rows": [asdict(r) for r in rows]}, fh, indent=1)
+        return rows
     rows = []
     for case in chosen:
         for s in sizes:
