@@ -164,8 +164,15 @@ class LowRankGraph(Graph):
 
     backend = "lowrank"
 
-    def __init__(self, p: torch.Tensor, q: torch.Tensor, normalization: str, unit_rows: bool = False):
+    def __init__(self, p: torch.Tensor, q: torch.Tensor, normalization: str, unit_rows: bool = False,
+                 joint: torch.Tensor | None = None):
+        """``joint``: ``[P, Q]`` as one tensor ``(B, N, 2r)`` whose halves are ``p`` and ``q`` (θ and φ projected
+        by one GEMM). With the symmetric normalization ``U = S·joint/√2`` is then formed by one scaling pass and
+        ``V = [SQ, SP]/√2`` is ``U`` with its halves swapped: :attr:`swap` says so, and ``V`` is only formed if
+        asked for (the unit's low-rank path swaps the rows of ``UᵀZ`` instead)."""
         self.p, self.q, self.normalization = p, q, normalization
+        self.swap = 0
+        self._v: torch.Tensor | None = None
         # every row of U sums to 1 (A²: U = softmax over channels, no normalization), so a constant c per
         # output channel is c 1ᵀ Uᵀ: the unit folds its bias into the small factor (NonlocalUnit)
         self.unit_rows = unit_rows and normalization == "none"
@@ -179,6 +186,16 @@ class LowRankGraph(Graph):
                 d = float32(p) @ float32(q).sum(1).unsqueeze(-1)  # M 1
             self.left = safe_reciprocal(d)
             u = self.left * p
+        elif normalization == "symmetric" and joint is not None:
+            r = p.shape[-1]
+            with full_precision(_device_type(p)):
+                jf = float32(joint)
+                sums = jf.sum(1)  # [Pᵀ1, Qᵀ1]
+                d = 0.5 * (jf @ torch.cat([sums[:, r:], sums[:, :r]], -1).unsqueeze(-1))  # P(Qᵀ1) + Q(Pᵀ1)
+            self.left = safe_rsqrt(d)
+            self.swap = r
+            self.u = joint * (self.left * math.sqrt(0.5))
+            return
         elif normalization == "symmetric":
             with full_precision(_device_type(p)):
                 pf, qf = float32(p), float32(q)
@@ -186,13 +203,28 @@ class LowRankGraph(Graph):
             self.left = safe_rsqrt(d)
             sp, sq = (self.left * math.sqrt(0.5)) * p, (self.left * math.sqrt(0.5)) * q
             u, v = torch.cat([sp, sq], -1), torch.cat([sq, sp], -1)
-        self.u, self.v = u, v
+        self.u, self._v = u, v
 
-    def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(U, V)``; outside autocast in ``dtype`` (the normalizers' degrees are float32)."""
-        u, v = self.u, self.v
+    @property
+    def v(self) -> torch.Tensor:
+        if self._v is None:  # swap: V = U with its two halves exchanged
+            self._v = torch.cat([self.u[..., self.swap:], self.u[..., :self.swap]], -1)
+        return self._v
+
+    def swap_rows(self, t: torch.Tensor, dim: int = -2) -> torch.Tensor:
+        """``t`` with its two halves along ``dim`` exchanged when :attr:`swap` (``VᵀZ = Π UᵀZ``), else ``t``."""
+        if not self.swap:
+            return t
+        r = self.swap
+        return torch.cat([t.narrow(dim, r, r), t.narrow(dim, 0, r)], dim)
+
+    def factors(self, dtype: torch.dtype, need_v: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(U, V)``; outside autocast in ``dtype`` (the normalizers' degrees are float32). ``need_v=False``:
+        ``V`` is ``None`` when :attr:`swap` (not formed)."""
+        u = self.u
+        v = self.v if need_v or not self.swap else None
         if u.dtype != dtype and not torch.is_autocast_enabled(u.device.type):
-            u, v = u.to(dtype), v.to(dtype)
+            u, v = u.to(dtype), None if v is None else v.to(dtype)
         return u, v
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -680,12 +712,13 @@ def choose_backend(kernel: str, normalization: str, batch: int, n: int, n_keys: 
 def build_graph(kernel: str, normalization: str, backend: str, *, q: torch.Tensor | None, k: torch.Tensor | None,
                 scale: float = 1.0, budget_bytes: int = 256 * MiB,
                 concat: tuple[torch.Tensor, torch.Tensor] | None = None,
-                unary: torch.Tensor | None = None) -> Graph:
+                unary: torch.Tensor | None = None, joint: torch.Tensor | None = None) -> Graph:
     """The affinity operator for projected queries ``q (B, N, c)`` and keys ``k (B, N', c)``.
 
     ``relu_dot`` expects ``q``, ``k`` already rectified; ``double_attention`` expects them already
     softmaxed (channels for ``q``, positions for ``k``). ``concat`` carries ``(a, b)`` of the
-    concatenation kernel instead, ``unary`` the logits ``(B, N')`` of the unary kernel (``N = N'``).
+    concatenation kernel instead, ``unary`` the logits ``(B, N')`` of the unary kernel (``N = N'``). ``joint``:
+    ``q`` and ``k`` as the two halves of one tensor (see :class:`LowRankGraph`).
     """
     if kernel == "unary":
         if normalization != "softmax":
@@ -705,7 +738,7 @@ def build_graph(kernel: str, normalization: str, backend: str, *, q: torch.Tenso
         rank = 0 if q is None else q.shape[-1] * (2 if normalization == "symmetric" else 1)
         backend = choose_backend(kernel, normalization, batch, n, n_keys, max(el, 4), budget_bytes, rank)
     if backend == "lowrank":
-        return LowRankGraph(q, k, normalization, unit_rows=kernel == "double_attention")
+        return LowRankGraph(q, k, normalization, unit_rows=kernel == "double_attention", joint=joint)
     if backend == "sdpa":
         return SDPAGraph(q, k, scale)
     if kernel == "concatenation":

@@ -48,6 +48,15 @@ def conv1x1(dim: int, cin: int, cout: int, bias: bool, groups: int = 1) -> nn.Mo
     return _CONV[dim](cin, cout, 1, bias=bias, groups=groups)
 
 
+def project_weight(w: torch.Tensor, bias: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+    """``tokens W ᵀ + b`` for a weight ``(C_out, C_in)``: contiguous tokens ``(B, N, C_out)``, one GEMM per batch
+    item reading a tokens view in place (see :func:`project`)."""
+    if tokens.dim() == 3 and not tokens.is_contiguous():
+        wt = w.t().expand(tokens.shape[0], *w.t().shape)
+        return torch.bmm(tokens, wt) if bias is None else torch.baddbmm(bias, tokens, wt)
+    return F.linear(tokens, w, bias)
+
+
 def project(conv: nn.Module, tokens: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
     """A 1×1 convolution on tokens ``(B, N, Cin) -> (B, N, Cout)`` (grouped convs included).
 
@@ -60,12 +69,9 @@ def project(conv: nn.Module, tokens: torch.Tensor, channels_first: bool = False)
     if conv.groups == 1 and tokens.dim() == 3 and (channels_first or w.shape[0] == 1):
         return project_cf(conv, tokens).transpose(1, 2)
     if conv.groups == 1:
-        if tokens.dim() == 3 and not tokens.is_contiguous():
-            # a tokens view of a channels-first tensor: one GEMM per batch item reads it in place (F.linear would
-            # fold the batch into the rows, and copy the whole input to do so)
-            wt = w.t().expand(tokens.shape[0], *w.t().shape)
-            return torch.bmm(tokens, wt) if conv.bias is None else torch.baddbmm(conv.bias, tokens, wt)
-        return F.linear(tokens, w, conv.bias)
+        # a tokens view of a channels-first tensor: one GEMM per batch item reads it in place (F.linear would
+        # fold the batch into the rows, and copy the whole input to do so)
+        return project_weight(w, conv.bias, tokens)
     g = conv.groups
     b, n, cin = tokens.shape
     out = torch.einsum("bngi,goi->bngo", tokens.reshape(b, n, g, cin // g), w.reshape(g, -1, cin // g))
@@ -118,7 +124,7 @@ class OutNorm(nn.Module):
         if self.kind in ("bn", "bn_relu"):
             b, n, c = f.shape
             y = self.bn(f.reshape(b * n, c)).reshape(b, n, c)
-            return F.relu(y) if self.kind == "bn_relu" else y
+            return F.relu(y, inplace=True) if self.kind == "bn_relu" else y  # BN's output: fresh, not saved
         if self.kind == "gn":
             return self.gn(f.transpose(1, 2)).transpose(1, 2)
         if self.kind == "gamma":
@@ -130,7 +136,7 @@ class OutNorm(nn.Module):
         ``(B, C, L)`` as it is)."""
         if self.kind in ("bn", "bn_relu"):
             y = self.bn(f)
-            return F.relu(y) if self.kind == "bn_relu" else y
+            return F.relu(y, inplace=True) if self.kind == "bn_relu" else y
         if self.kind == "gn":
             return self.gn(f)
         if self.kind == "gamma":
@@ -214,6 +220,17 @@ class Affinity(nn.Module):
             return aff.ChannelGraph(None, None, self.groups, self.kernel, self.order, self.rbf_gamma,
                                     self.normalization, self.scale, self.rbf_prefactor,
                                     source=(x, self.theta.weight.flatten(1), self.phi.weight.flatten(1)))
+        if self.mode == "positions" and self.normalization == "symmetric" and \
+                self.kernel in ("dot_product", "relu_dot") and not self.sub_sample and not self.whiten:
+            # θ and φ in one GEMM; the symmetric low-rank graph keeps them as one tensor (LowRankGraph `joint`)
+            w = torch.cat([self.theta.weight.flatten(1), self.phi.weight.flatten(1)])
+            bias = None if self.theta.bias is None else torch.cat([self.theta.bias, self.phi.bias])
+            joint = project_weight(w, bias, x)
+            if self.kernel == "relu_dot":
+                joint = F.relu(joint, inplace=True)  # a fresh GEMM output (its backward does not need it)
+            ck = w.shape[0] // 2
+            return aff.build_graph(self.kernel, self.normalization, self.backend, q=joint[..., :ck],
+                                   k=joint[..., ck:], scale=self.scale_value, budget_bytes=budget, joint=joint)
         q, k = self.queries_keys(x, spatial)
         if self.mode == "crisscross":
             if self.backend == "dense":
@@ -273,6 +290,15 @@ class Bottleneck(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return project(self.conv2, F.relu(self.norm(project(self.conv1, t))))
+
+
+def _residual(h: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``h + f`` for a fresh ``f`` of ``h``'s shape: added in place into ``f`` when no gradient is recorded
+    (inference: one fresh output tensor less), out of place otherwise (``f`` may be saved for a backward, e.g.
+    the ReLU's output)."""
+    if not torch.is_grad_enabled() and f.shape == h.shape and f.dtype == h.dtype:
+        return f.add_(h)
+    return h + f
 
 
 def _broadcast(t: torch.Tensor) -> bool:
@@ -401,8 +427,9 @@ class NonlocalUnit(nn.Module):
                 self.fusion != "add" or not len(self.w) or self.out_map != "linear" or self.w[0].groups != 1 or \
                 h.stride(-1) != 1:
             return None
-        u, v = graph.factors(h.dtype)
+        u, v = graph.factors(h.dtype, need_v=False)  # v is None when V = U with its halves swapped
         x = h.transpose(1, 2)  # tokens view (B, N, C)
+        right = u if v is None else v  # the factor multiplied from the right: Zᵀ V = swap(Zᵀ U)
         b, c, r = h.shape[0], h.shape[1], u.shape[-1]
         ws = [m.weight.flatten(1) for m in self.w]  # (C, C_v) each
         cv = ws[0].shape[1]
@@ -413,16 +440,17 @@ class NonlocalUnit(nn.Module):
         fold = g is not None and r * c + (c * c if has_z else 0) < cv * c + r * cv + (c * cv if has_z else 0)
         # (VᵀZ)ᵀ = Zᵀ V as a plain GEMM on the channels-first operand (the fastest form, see Affinity)
         if g is None or fold:
-            st = torch.bmm(h, v)  # XᵀV (B, C, r)
+            st = self._swap(graph, v, torch.bmm(h, right))  # XᵀV (B, C, r)
             operand = h
             if g is not None:
                 st = torch.matmul(g.weight.flatten(1), st)
                 if g.bias is not None:
-                    st = st + g.bias[:, None] * v.sum(1).unsqueeze(1)
+                    st = st + g.bias[:, None] * self._swap(graph, v, right.sum(1)).unsqueeze(1)
         else:
             operand = project_cf(g, x)  # Zᵀ (B, C_v, N)
-            st = torch.bmm(operand, v)  # (B, C_v, r)
-        terms = lowrank_terms(self.coef_rows, st.transpose(1, 2), lambda: v.transpose(1, 2) @ u)
+            st = self._swap(graph, v, torch.bmm(operand, right))  # (B, C_v, r)
+        terms = lowrank_terms(self.coef_rows, st.transpose(1, 2),
+                              lambda: self._swap(graph, v, (right.transpose(1, 2) @ u).transpose(1, 2)).transpose(1, 2))
         m = None
         for w, (_, rt) in zip(ws, terms):
             if rt is not None:
@@ -441,13 +469,15 @@ class NonlocalUnit(nn.Module):
             m = torch.zeros(b, c, r, dtype=st.dtype, device=st.device)
         ut = u.transpose(1, 2)  # (B, r, N)
         fuse = self.norm.kind in ("none", "gamma") and not torch.is_autocast_enabled(h.device.type)
+        # accumulations in place into the fresh GEMM outputs (their backward does not need them): on this kind
+        # of machine a fresh (B, C, N) tensor costs more in page faults than the pass that fills it
         if not fuse:
             f = torch.bmm(m, ut)
             if p is not None:
-                f = torch.baddbmm(f, p.expand(b, *p.shape), operand)
+                f = f.baddbmm_(p.expand(b, *p.shape).to(f.dtype), operand.to(f.dtype))  # in place: no autocast
             if bias is not None:
-                f = f + bias[:, None]
-            return h + self.norm.forward_cf(f).to(h.dtype)
+                f = f.add_(bias[:, None])
+            return _residual(h, self.norm.forward_cf(f).to(h.dtype))
         if self.norm.kind == "gamma":
             gamma = self.norm.gamma
             m = m * gamma
@@ -457,8 +487,8 @@ class NonlocalUnit(nn.Module):
             m, bias = m + bias[:, None], None
         y = torch.baddbmm(h, m, ut)
         if p is not None:
-            y = torch.baddbmm(y, p.expand(b, *p.shape), operand)
-        return y if bias is None else y + bias[:, None]
+            y = y.baddbmm_(p.expand(b, *p.shape), operand)
+        return y if bias is None else y.add_(bias[:, None])
 
     def _channels_cf(self, h: torch.Tensor, graph: aff.Graph) -> torch.Tensor | None:
         """:meth:`forward_cf` for CGNL's dot kernel in two GEMMs over the positions, ``t``, ``p`` and ``g`` never
@@ -494,8 +524,13 @@ class NonlocalUnit(nn.Module):
         proj = torch.matmul(wd * scale, w_theta)  # (B, C, C)
         f = torch.bmm(proj.to(h.dtype), x)
         if w.bias is not None:
-            f = f + w.bias[:, None]
-        return h + self.norm.forward_cf(f).to(h.dtype)
+            f = f.add_(w.bias[:, None])
+        return _residual(h, self.norm.forward_cf(f).to(h.dtype))
+
+    @staticmethod
+    def _swap(graph: aff.LowRankGraph, v: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
+        """``t`` computed with ``U`` in place of ``V`` (last axis over the rank), mapped to ``V``'s."""
+        return t if v is not None else graph.swap_rows(t, -1)
 
     def _unary_cf(self, h: torch.Tensor, graph: aff.Graph) -> torch.Tensor | None:
         """:meth:`forward_cf` on the unary graph ``A = 1·aᵀ`` alone (GC): the context ``c = aᵀZ`` ``(B, 1, C_v)``

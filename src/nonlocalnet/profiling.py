@@ -94,9 +94,20 @@ def _register_cpu_flash_attention() -> None:
         return fcm.sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _register_inplace_matmuls() -> None:
+    """FlopCounterMode has formulas for ``baddbmm``/``addmm`` but not their in-place forms, which the blocks use to
+    accumulate into a fresh output (blocks.NonlocalUnit): count them with the same formulas."""
+    for name, base in (("baddbmm_", "baddbmm"), ("addmm_", "addmm")):
+        op = getattr(torch.ops.aten, name, None)
+        if op is None or op in fcm.flop_registry:
+            continue
+        fcm.register_flop_formula(op, get_raw=True)(fcm.flop_registry[getattr(torch.ops.aten, base)])
+
+
 def count_flops(module: nn.Module, x: torch.Tensor) -> int:
     """FLOPs of ``module(x)`` (no_grad) as counted by :class:`FlopCounterMode` (2 per multiply-add)."""
     _register_cpu_flash_attention()
+    _register_inplace_matmuls()
     with torch.no_grad(), fcm.FlopCounterMode(display=False) as fc:
         module(x)
     return int(fc.get_total_flops())
