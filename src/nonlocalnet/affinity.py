@@ -87,9 +87,12 @@ class _Pool(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        a, x = ctx.saved_tensors
-        grad_a = torch.bmm(grad.unsqueeze(1), x).squeeze(1) if ctx.needs_input_grad[0] else None
-        grad_x = grad.unsqueeze(2) * a.unsqueeze(1) if ctx.needs_input_grad[1] else None
+        a, x = ctx.saved_tensors  # under autocast the forward ran in low precision: the gradient may differ
+        grad_a = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.bmm(grad.unsqueeze(1).to(x.dtype), x).squeeze(1).to(a.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_x = (grad.unsqueeze(2) * a.unsqueeze(1)).to(x.dtype)
         return grad_a, grad_x
 
 
