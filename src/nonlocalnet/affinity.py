@@ -197,8 +197,7 @@ class LowRankGraph(Graph):
                 d = 0.5 * (jf @ torch.cat([sums[:, r:], sums[:, :r]], -1).unsqueeze(-1))  # P(Qᵀ1) + Q(Pᵀ1)
             self.left = safe_rsqrt(d)
             self.swap = r
-            self.u = joint * (self.left * math.sqrt(0.5))
-            return
+            u, v = joint * (self.left * math.sqrt(0.5)), None  # V: see the property
         elif normalization == "symmetric":
             with full_precision(_device_type(p)):
                 pf, qf = float32(p), float32(q)
@@ -214,7 +213,7 @@ class LowRankGraph(Graph):
             self._v = torch.cat([self.u[..., self.swap:], self.u[..., :self.swap]], -1)
         return self._v
 
-    def swap_rows(self, t: torch.Tensor, dim: int = -2) -> torch.Tensor:
+    def swap_rows(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """``t`` with its two halves along ``dim`` exchanged when :attr:`swap` (``VᵀZ = Π UᵀZ``), else ``t``."""
         if not self.swap:
             return t
@@ -523,9 +522,8 @@ class ChannelGraph(Graph):
         self._t, self._p, self.source, self.groups, self.kernel = t, p, source, groups, kernel
         self.order, self.gamma, self.normalization, self.scale = order, gamma, normalization, scale
         self.prefactor = prefactor
-        self.n = self.n_keys = source[0].shape[1] if t is None else t.shape[1]
-        if t is not None:
-            self.n_keys = p.shape[1]
+        self.n = (source[0] if t is None else t).shape[1]
+        self.n_keys = self.n if p is None else p.shape[1]
 
     @property
     def t(self) -> torch.Tensor:

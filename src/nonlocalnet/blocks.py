@@ -429,7 +429,7 @@ class NonlocalUnit(nn.Module):
             return None
         u, v = graph.factors(h.dtype, need_v=False)  # v is None when V = U with its halves swapped
         x = h.transpose(1, 2)  # tokens view (B, N, C)
-        right = u if v is None else v  # the factor multiplied from the right: Zᵀ V = swap(Zᵀ U)
+        right = u if v is None else v  # Zᵀ V = swap_rows(Zᵀ U) when V is not formed (no-op otherwise)
         b, c, r = h.shape[0], h.shape[1], u.shape[-1]
         ws = [m.weight.flatten(1) for m in self.w]  # (C, C_v) each
         cv = ws[0].shape[1]
@@ -440,17 +440,17 @@ class NonlocalUnit(nn.Module):
         fold = g is not None and r * c + (c * c if has_z else 0) < cv * c + r * cv + (c * cv if has_z else 0)
         # (VᵀZ)ᵀ = Zᵀ V as a plain GEMM on the channels-first operand (the fastest form, see Affinity)
         if g is None or fold:
-            st = self._swap(graph, v, torch.bmm(h, right))  # XᵀV (B, C, r)
+            st = graph.swap_rows(torch.bmm(h, right))  # XᵀV (B, C, r)
             operand = h
             if g is not None:
                 st = torch.matmul(g.weight.flatten(1), st)
                 if g.bias is not None:
-                    st = st + g.bias[:, None] * self._swap(graph, v, right.sum(1)).unsqueeze(1)
+                    st = st + g.bias[:, None] * graph.swap_rows(right.sum(1)).unsqueeze(1)
         else:
             operand = project_cf(g, x)  # Zᵀ (B, C_v, N)
-            st = self._swap(graph, v, torch.bmm(operand, right))  # (B, C_v, r)
+            st = graph.swap_rows(torch.bmm(operand, right))  # (B, C_v, r)
         terms = lowrank_terms(self.coef_rows, st.transpose(1, 2),
-                              lambda: self._swap(graph, v, (right.transpose(1, 2) @ u).transpose(1, 2)).transpose(1, 2))
+                              lambda: graph.swap_rows(right.transpose(1, 2) @ u, -2))  # VᵀU
         m = None
         for w, (_, rt) in zip(ws, terms):
             if rt is not None:
@@ -526,11 +526,6 @@ class NonlocalUnit(nn.Module):
         if w.bias is not None:
             f = f.add_(w.bias[:, None])
         return _residual(h, self.norm.forward_cf(f).to(h.dtype))
-
-    @staticmethod
-    def _swap(graph: aff.LowRankGraph, v: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
-        """``t`` computed with ``U`` in place of ``V`` (last axis over the rank), mapped to ``V``'s."""
-        return t if v is not None else graph.swap_rows(t, -1)
 
     def _unary_cf(self, h: torch.Tensor, graph: aff.Graph) -> torch.Tensor | None:
         """:meth:`forward_cf` on the unary graph ``A = 1·aᵀ`` alone (GC): the context ``c = aᵀZ`` ``(B, 1, C_v)``

@@ -423,31 +423,28 @@ def run_naive(*, cases: list[str] | None = None, blocks: list[str] | None = None
                 "--modes", *modes, "--threads", *map(str, threads), "--repeats", str(repeats),
                 "--dense-cap-gib", str(dense_cap_gib)] + (["--channels-last"] if channels_last else [])
         rows = _naive_in_processes(processes, argv)
-        print(format_naive(rows))
-        if json_path:
-            with open(json_path, "w") as fh:
-                json.dump({"environment": env, "baseline": "naive", "processes": processes,
-                           "rows": [asdict(r) for r in rows]}, fh, indent=1)
-        return rows
-    rows = []
-    for case in chosen:
-        for s in sizes:
-            shape = (batch, channels, s, s)
-            for mode in modes:
-                for thr in threads:
-                    try:
-                        r = run_naive_case(case, shape, mode, thr, repeats, dense_cap_gib, channels_last)
-                    except (RuntimeError, ValueError) as err:  # report, keep going
-                        r = NaiveRow(case, naive.CASES[case][0], "x".join(map(str, shape)), mode, thr, "", None,
-                                     None, note=f"failed: {str(err).splitlines()[0][:80]}")
-                    rows.append(r)
-                    print(f"  {case:14} {r.shape:16} {mode:8} {thr}t "
-                          f"{(f'{r.ratio:.2f}x' if r.ratio else r.note)}", file=sys.stderr, flush=True)
+    else:
+        rows = [_naive_cell(case, (batch, channels, s, s), mode, thr, repeats, dense_cap_gib, channels_last)
+                for case in chosen for s in sizes for mode in modes for thr in threads]
     print(format_naive(rows))
     if json_path:
         with open(json_path, "w") as fh:
-            json.dump({"environment": env, "baseline": "naive", "rows": [asdict(r) for r in rows]}, fh, indent=1)
+            json.dump({"environment": env, "baseline": "naive", **({"processes": processes} if processes > 1 else {}),
+                       "rows": [asdict(r) for r in rows]}, fh, indent=1)
     return rows
+
+
+def _naive_cell(case: str, shape: tuple[int, ...], mode: str, threads: int, repeats: int, cap_gib: float,
+                channels_last: bool) -> NaiveRow:
+    """One cell of the naive table, its progress line on stderr; a failure is reported in the row, not raised."""
+    try:
+        r = run_naive_case(case, shape, mode, threads, repeats, cap_gib, channels_last)
+    except (RuntimeError, ValueError) as err:  # report, keep going
+        r = NaiveRow(case, naive.CASES[case][0], "x".join(map(str, shape)), mode, threads, "", None,
+                     None, note=f"failed: {str(err).splitlines()[0][:80]}")
+    print(f"  {case:14} {r.shape:16} {mode:8} {threads}t "
+          f"{(f'{r.ratio:.2f}x' if r.ratio else r.note)}", file=sys.stderr, flush=True)
+    return r
 
 
 # --------------------------------------------------------------------------------------- training throughput
