@@ -14,7 +14,8 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "nonlocalnet"
 
-CORE = {"kernels", "affinity", "filters", "spectral", "spectral_filters", "blocks", "presets", "reference", "compat",
+CORE = {"registry", "kernels", "affinity", "filters", "spectral", "spectral_filters", "blocks", "presets", "reference",
+        "testing", "compat",
         "profiling", "__init__"}
 LEVEL = {"models": 1, "data": 1, "runs": 2, "train": 3, "analysis": 3, "bench": 3, "apps": 4, "cli": 5, "__main__": 6}
 

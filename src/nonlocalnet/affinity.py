@@ -721,7 +721,8 @@ def build_graph(kernel: str, normalization: str, backend: str, *, q: torch.Tenso
     concatenation kernel instead, ``unary`` the logits ``(B, N')`` of the unary kernel (``N = N'``). ``joint``:
     ``q`` and ``k`` as the two halves of one tensor (see :class:`LowRankGraph`).
     """
-    if kernel == "unary":
+    spec = KERNELS[kernel]
+    if spec.unary:
         if normalization != "softmax":
             raise ValueError(f"normalization: the unary kernel takes 'softmax', got {normalization!r}")
         n = unary.shape[1]
@@ -730,7 +731,7 @@ def build_graph(kernel: str, normalization: str, backend: str, *, q: torch.Tenso
         chunk = None if backend == "dense" else chunk_rows(unary.shape[0], n, max(unary.element_size(), 4),
                                                            budget_bytes)
         return PairwiseGraph(UnaryKernel(unary, n), "softmax", chunk=chunk)
-    if kernel == "concatenation":
+    if concat is not None:
         a, b = concat
         batch, n, n_keys, el = a.shape[0], a.shape[1], b.shape[1], a.element_size()
     else:
@@ -739,14 +740,13 @@ def build_graph(kernel: str, normalization: str, backend: str, *, q: torch.Tenso
         rank = 0 if q is None else q.shape[-1] * (2 if normalization == "symmetric" else 1)
         backend = choose_backend(kernel, normalization, batch, n, n_keys, max(el, 4), budget_bytes, rank)
     if backend == "lowrank":
-        return LowRankGraph(q, k, normalization, unit_rows=kernel == "double_attention", joint=joint)
+        return LowRankGraph(q, k, normalization, unit_rows=spec.unit_rows, joint=joint)
     if backend == "sdpa":
         return SDPAGraph(q, k, scale)
-    if kernel == "concatenation":
+    if concat is not None:
         pk: PairwiseKernel = ConcatKernel(*concat)
     else:
-        exp = KERNELS[kernel].exp
-        pk = BilinearKernel(q, k, exp=exp, scale=scale if exp else 1.0)  # `scale` belongs to the exp kernels
+        pk = BilinearKernel(q, k, exp=spec.exp, scale=scale if spec.exp else 1.0)  # `scale`: the exp kernels'
     if backend == "dense":
         return PairwiseGraph(pk, normalization, chunk=None)
     return PairwiseGraph(pk, normalization, chunk=chunk_rows(batch, n_keys, max(el, 4), budget_bytes))

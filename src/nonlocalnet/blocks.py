@@ -31,21 +31,23 @@ channels_last input is the transposed case: everything stays tokens-major, and t
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import affinity as aff
-from .filters import apply_filter, lowrank_terms, polynomial_responses
-from .kernels import KERNELS
-from .spectral_filters import SpectralFilter
+from .filters import Filter, Polynomial, lowrank_terms, polynomial_responses
+from .kernels import GRAPH_MODES, KERNELS, GraphMode, Kernel, register_graph
+from .registry import Option, int_at_least, one_of, positive_int, positive_number
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
-def conv1x1(dim: int, cin: int, cout: int, bias: bool, groups: int = 1) -> nn.Module:
-    return _CONV[dim](cin, cout, 1, bias=bias, groups=groups)
+def conv1x1(dim: int, cin: int, cout: int, bias: bool, groups: int = 1, device=None, dtype=None) -> nn.Module:
+    return _CONV[dim](cin, cout, 1, bias=bias, groups=groups, device=device, dtype=dtype)
 
 
 def project_weight(w: torch.Tensor, bias: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
@@ -106,19 +108,25 @@ class OutNorm(nn.Module):
     those of ``BatchNorm1d/2d/3d`` alike.
     """
 
-    def __init__(self, kind: str, channels: int, zero_init: bool, groups: int = 1):
+    def __init__(self, kind: str, channels: int, zero_init: bool, groups: int = 1, device=None, dtype=None):
         super().__init__()
-        self.kind = kind
-        if kind in ("bn", "bn_relu"):
-            self.bn = nn.BatchNorm1d(channels)
-            if zero_init:
-                nn.init.zeros_(self.bn.weight)
-        elif kind == "gn":
-            self.gn = nn.GroupNorm(groups, channels)
-            if zero_init:
-                nn.init.zeros_(self.gn.weight)
-        elif kind == "gamma":
-            self.gamma = nn.Parameter(torch.zeros(1) if zero_init else torch.ones(1))
+        self.kind, self.zero_init = kind, zero_init
+        fk = dict(device=device, dtype=dtype)
+        self.bn = nn.BatchNorm1d(channels, **fk) if kind in ("bn", "bn_relu") else None
+        self.gn = nn.GroupNorm(groups, channels, **fk) if kind == "gn" else None
+        self.register_parameter("gamma", nn.Parameter(torch.empty(1, **fk)) if kind == "gamma" else None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialize, zero-init included (a zero scale, so a new block starts as the identity)."""
+        for norm in (self.bn, self.gn):
+            if norm is not None:
+                norm.reset_parameters()
+                if self.zero_init:
+                    nn.init.zeros_(norm.weight)
+        if self.gamma is not None:
+            with torch.no_grad():
+                self.gamma.fill_(0.0 if self.zero_init else 1.0)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         if self.kind in ("bn", "bn_relu"):
@@ -145,24 +153,29 @@ class OutNorm(nn.Module):
 
 
 class Affinity(nn.Module):
-    """Builds the graph ``A`` from a stage input (framework.md "Step 1").
+    """Builds the graph ``A`` from a stage input (docs/framework.md "Step 1").
 
-    ``mode``: ``positions`` (the N × N' graph of NL/NS/SNL/A²), ``crisscross`` (CC's masked graph) or
-    ``channels`` (CGNL's graph over positions × channels). Parameters: ``theta``, ``phi`` (1×1 convs
-    ``C → C_k``; absent for the ``gaussian`` kernel, which uses ``X`` itself) and, for the
-    concatenation kernel, ``concat`` (``2C_k → 1``, no bias).
+    ``mode``: a registered graph mode (:data:`~nonlocalnet.kernels.GRAPH_MODES`): ``positions`` (the N × N' graph
+    of NL/NS/SNL/A²), ``crisscross`` (CC's masked graph) or ``channels`` (CGNL's graph over positions × channels).
+    ``kernel``: a registered :class:`~nonlocalnet.kernels.Kernel`. Parameters: ``theta``, ``phi`` (1×1 convs
+    ``C → C_k``; ``None`` for a kernel that uses ``X`` itself, e.g. ``gaussian``), ``concat`` (``2C_k → 1``, no
+    bias; the concatenation kernel) and ``mask`` (``C → 1``: the unary logits of GC and DNL), each ``None`` where the
+    graph has no such part.
     """
 
     def __init__(self, in_channels: int, key_channels: int, *, dim: int, kernel: str, normalization: str,
                  scale: bool | float, bias: bool, sub_sample: bool, backend: str, memory_budget: float,
                  mode: str = "positions", groups: int = 1, order: int = 0, rbf_gamma: float = 1e-4,
-                 whiten: bool = False, unary: bool = False, temperature: float = 1.0, rbf_prefactor: str = "exact"):
+                 whiten: bool = False, unary: bool = False, temperature: float = 1.0, rbf_prefactor: str = "exact",
+                 device=None, dtype=None):
         super().__init__()
         self.kernel, self.normalization, self.backend, self.mode = kernel, normalization, backend, mode
         self.sub_sample, self.dim, self.groups, self.order, self.rbf_gamma = sub_sample, dim, groups, order, rbf_gamma
         self.whiten, self.unary, self.temperature, self.rbf_prefactor = whiten, unary, temperature, rbf_prefactor
         self.memory_budget = memory_budget  # MiB
-        uses_projection = not (kernel == "gaussian" and mode != "channels") and kernel != "unary"
+        self.graph_mode = GRAPH_MODES[mode]
+        self.kernel_spec = kern = KERNELS[kernel]
+        uses_projection = self.graph_mode.projects(kern)
         feat = key_channels if uses_projection else in_channels
         if isinstance(scale, bool):
             self.scale_value = 1.0 / math.sqrt(feat) if scale else 1.0
@@ -170,23 +183,28 @@ class Affinity(nn.Module):
             self.scale_value = float(scale)
         self.scale_value /= temperature  # DNL's temperature: logits / (sqrt(C_s)·τ)
         self.scale = scale
-        if uses_projection:
-            self.theta = conv1x1(dim, in_channels, key_channels, bias)
-            self.phi = conv1x1(dim, in_channels, key_channels, bias)
-        if kernel == "concatenation":
-            self.concat = conv1x1(dim, 2 * key_channels, 1, bias=False)
-        if kernel == "unary" or unary:  # the unary logits m_j = w_m·x_j + b_m (GC's / DNL's conv_mask)
-            self.mask = conv1x1(dim, in_channels, 1, bias=True)
+        fk = dict(device=device, dtype=dtype)
+        self.theta = conv1x1(dim, in_channels, key_channels, bias, **fk) if uses_projection else None
+        self.phi = conv1x1(dim, in_channels, key_channels, bias, **fk) if uses_projection else None
+        self.concat = conv1x1(dim, 2 * key_channels, 1, False, **fk) if kern.pretransform == "concat" else None
+        # the unary logits m_j = w_m·x_j + b_m (GC's / DNL's conv_mask)
+        self.mask = conv1x1(dim, in_channels, 1, True, **fk) if kern.unary or unary else None
 
-    def queries_keys(self, x: torch.Tensor, spatial: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(θ(X), φ(X))`` as tokens, keys sub-sampled when asked (the raw ``X`` for ``gaussian``)."""
-        if hasattr(self, "theta"):
-            # the low-rank graphs read any layout; measured fastest (1 thread, N = 1024–4096): queries
-            # channels-first (U Vᵀ's last GEMM reads Uᵀ row-major; the GEMM itself is faster), keys as contiguous
-            # tokens (Vᵀ X is computed as X V, a plain GEMM: 0.3–0.55× the time of the transposed forms). Fused
-            # attention wants contiguous tokens for both.
-            cf = self.mode == "positions" and KERNELS[self.kernel].factorizable
-            q, k = project(self.theta, x, cf), project(self.phi, x)
+    def reset_parameters(self) -> None:
+        for m in (self.theta, self.phi, self.concat, self.mask):
+            if m is not None:
+                m.reset_parameters()
+
+    def queries_keys(self, x: torch.Tensor, spatial: tuple[int, ...],
+                     queries_channels_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(θ(X), φ(X))`` as tokens, keys sub-sampled when asked (the raw ``X`` without projections).
+
+        ``queries_channels_first``: the queries as the tokens view of a channels-first tensor — measured fastest
+        for the low-rank graphs (1 thread, N = 1024–4096: U Vᵀ's last GEMM reads Uᵀ row-major); keys are always
+        contiguous tokens (Vᵀ X is computed as X V, a plain GEMM: 0.3–0.55× the time of the transposed forms).
+        Fused attention wants contiguous tokens for both."""
+        if self.theta is not None:
+            q, k = project(self.theta, x, queries_channels_first), project(self.phi, x)
         else:
             q = k = x
         if self.sub_sample:
@@ -200,66 +218,90 @@ class Affinity(nn.Module):
         return project(self.mask, x).squeeze(-1)
 
     def forward(self, x: torch.Tensor, spatial: tuple[int, ...]) -> aff.Graph:
-        budget = int(self.memory_budget * aff.MiB)
-        if self.kernel == "unary":  # GC: A = 1·aᵀ alone
-            return aff.build_graph("unary", self.normalization, self.backend, q=None, k=None, budget_bytes=budget,
-                                   unary=self.unary_logits(x))
-        graph = self.pairwise(x, spatial, budget)
-        if not self.unary:
+        return self.graph_mode.build(self, x, spatial, int(self.memory_budget * aff.MiB))
+
+
+class PositionsMode(GraphMode):
+    """The graph over all positions (``N × N'``): every kernel; DNL's unary term is added as a rank-1 graph
+    (:class:`~nonlocalnet.affinity.SumGraph`), GC's unary kernel is that term alone."""
+
+    def build(self, edges: Affinity, x: torch.Tensor, spatial: tuple[int, ...], budget: int) -> aff.Graph:
+        kern = edges.kernel_spec
+        if kern.unary:  # GC: A = 1·aᵀ alone
+            return aff.build_graph(edges.kernel, edges.normalization, edges.backend, q=None, k=None,
+                                   budget_bytes=budget, unary=edges.unary_logits(x))
+        graph = self.pairwise(edges, kern, x, spatial, budget)
+        if not edges.unary:
             return graph
         # DNL: A = A_pairwise + 1·aᵀ; the unary term is rank 1 (formed only for backend="dense")
-        unary = aff.build_graph("unary", "softmax", "dense" if self.backend == "dense" else "lowrank", q=None,
-                                k=None, budget_bytes=budget, unary=self.unary_logits(x))
+        unary = aff.build_graph("unary", "softmax", "dense" if edges.backend == "dense" else "lowrank", q=None,
+                                k=None, budget_bytes=budget, unary=edges.unary_logits(x))
         return aff.SumGraph([graph, unary])
 
-    def pairwise(self, x: torch.Tensor, spatial: tuple[int, ...], budget: int) -> aff.Graph:
-        """The pairwise term of the graph (every kernel but ``unary``)."""
-        if self.mode == "channels" and self.backend != "dense" and not self.sub_sample and not self.whiten and \
-                self.theta.bias is None and self.phi.bias is None:
-            # t and p formed only if asked for (NonlocalUnit takes the dot kernel through X's Gram matrix)
-            return aff.ChannelGraph(None, None, self.groups, self.kernel, self.order, self.rbf_gamma,
-                                    self.normalization, self.scale, self.rbf_prefactor,
-                                    source=(x, self.theta.weight.flatten(1), self.phi.weight.flatten(1)))
-        if self.mode == "positions" and self.normalization == "symmetric" and \
-                self.kernel in ("dot_product", "relu_dot") and not self.sub_sample and not self.whiten:
+    @staticmethod
+    def pairwise(edges: Affinity, kern: Kernel, x: torch.Tensor, spatial: tuple[int, ...], budget: int) -> aff.Graph:
+        if edges.normalization == "symmetric" and kern.factorizable and kern.pointwise and kern.projected and \
+                not edges.sub_sample and not edges.whiten:
             # θ and φ in one GEMM; the symmetric low-rank graph keeps them as one tensor (LowRankGraph `joint`)
-            w = torch.cat([self.theta.weight.flatten(1), self.phi.weight.flatten(1)])
-            bias = None if self.theta.bias is None else torch.cat([self.theta.bias, self.phi.bias])
-            joint = project_weight(w, bias, x)
-            if self.kernel == "relu_dot":
-                joint = F.relu(joint, inplace=True)  # a fresh GEMM output (its backward does not need it)
+            w = torch.cat([edges.theta.weight.flatten(1), edges.phi.weight.flatten(1)])
+            bias = None if edges.theta.bias is None else torch.cat([edges.theta.bias, edges.phi.bias])
+            joint = kern.transform_joint(project_weight(w, bias, x))  # a fresh GEMM output
             ck = w.shape[0] // 2
-            return aff.build_graph(self.kernel, self.normalization, self.backend, q=joint[..., :ck],
-                                   k=joint[..., ck:], scale=self.scale_value, budget_bytes=budget, joint=joint)
-        q, k = self.queries_keys(x, spatial)
-        if self.mode == "crisscross":
-            if self.backend == "dense":
-                return aff.PairwiseGraph(_CrissCrossDense(q, k, spatial, self.scale_value), "none")
-            return aff.CrissCrossGraph(q, k, spatial, self.scale_value)
-        if self.mode == "channels":
-            cls = aff.DenseChannelGraph if self.backend == "dense" else aff.ChannelGraph
-            return cls(q, k, self.groups, self.kernel, self.order, self.rbf_gamma, self.normalization,
-                       self.scale, self.rbf_prefactor)
-        if self.kernel == "relu_dot":
-            q, k = F.relu(q), F.relu(k)
-        elif self.kernel == "double_attention":  # A²: distribute (softmax over n), gather (softmax over N')
-            q, k = _softmax(q, -1), _softmax(k, 1)
-        elif self.kernel == "concatenation":
+            return aff.build_graph(edges.kernel, edges.normalization, edges.backend, q=joint[..., :ck],
+                                   k=joint[..., ck:], scale=edges.scale_value, budget_bytes=budget, joint=joint)
+        q, k = edges.queries_keys(x, spatial, queries_channels_first=kern.factorizable)
+        if kern.pretransform == "concat":
             kc = q.shape[-1]
-            w = self.concat.weight.flatten()
-            a, b = q @ w[:kc], k @ w[kc:]
-            return aff.build_graph(self.kernel, self.normalization, self.backend, q=None, k=None,
-                                   budget_bytes=budget, concat=(a, b))
-        return aff.build_graph(self.kernel, self.normalization, self.backend, q=q, k=k,
-                               scale=self.scale_value, budget_bytes=budget)
+            w = edges.concat.weight.flatten()
+            return aff.build_graph(edges.kernel, edges.normalization, edges.backend, q=None, k=None,
+                                   budget_bytes=budget, concat=(q @ w[:kc], k @ w[kc:]))
+        q, k = kern.transform(q, k)
+        return aff.build_graph(edges.kernel, edges.normalization, edges.backend, q=q, k=k,
+                               scale=edges.scale_value, budget_bytes=budget)
 
 
-def _softmax(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """``softmax(t, dim)`` for tokens ``(B, N, c)``; on the tokens view of a channels-first tensor it runs on
-    that tensor (``torch.softmax`` would first copy a non-contiguous input) and returns the same view."""
-    if t.dim() == 3 and not t.is_contiguous() and t.transpose(1, 2).is_contiguous():
-        return torch.softmax(t.transpose(1, 2), dim=3 - (dim % 3)).transpose(1, 2)
-    return torch.softmax(t, dim)
+class CrissCrossMode(GraphMode):
+    """CCNet's graph: each position attends to the positions that differ from it in at most one coordinate."""
+
+    def build(self, edges: Affinity, x: torch.Tensor, spatial: tuple[int, ...], budget: int) -> aff.Graph:
+        q, k = edges.queries_keys(x, spatial)
+        if edges.backend == "dense":
+            return aff.PairwiseGraph(_CrissCrossDense(q, k, spatial, edges.scale_value), "none")
+        return aff.CrissCrossGraph(q, k, spatial, edges.scale_value)
+
+
+class ChannelsMode(GraphMode):
+    """CGNL's graph over (position, channel) nodes of each channel group (always projected)."""
+
+    def projects(self, kernel: Kernel) -> bool:
+        return True
+
+    def build(self, edges: Affinity, x: torch.Tensor, spatial: tuple[int, ...], budget: int) -> aff.Graph:
+        if edges.backend != "dense" and not edges.sub_sample and not edges.whiten and \
+                edges.theta.bias is None and edges.phi.bias is None:
+            # t and p formed only if asked for (NonlocalUnit takes the dot kernel through X's Gram matrix)
+            return aff.ChannelGraph(None, None, edges.groups, edges.kernel, edges.order, edges.rbf_gamma,
+                                    edges.normalization, edges.scale, edges.rbf_prefactor,
+                                    source=(x, edges.theta.weight.flatten(1), edges.phi.weight.flatten(1)))
+        q, k = edges.queries_keys(x, spatial)
+        cls = aff.DenseChannelGraph if edges.backend == "dense" else aff.ChannelGraph
+        return cls(q, k, edges.groups, edges.kernel, edges.order, edges.rbf_gamma, edges.normalization,
+                   edges.scale, edges.rbf_prefactor)
+
+
+RBF_PREFACTORS = ("exact", "constant")
+register_graph(PositionsMode("positions", "the graph over all N x N' positions (NL, NS, SNL, A², GC, DNL, ...)"))
+register_graph(CrissCrossMode("crisscross", "each position and its row and column, masked softmax (CCNet)",
+                              kernels="exp", normalizations=("softmax", "row"), backends=("auto", "dense", "chunked"),
+                              pairwise_only=True))
+register_graph(ChannelsMode(
+    "channels", "a graph over positions x channels per channel group (CGNL)", kernels=("dot_product", "gaussian"),
+    normalizations=("none", "count"), backends=("auto", "dense", "lowrank"), pairwise_only=True,
+    options={"groups": Option(1, "channel groups, each its own graph", positive_int),
+             "taylor_order": Option(3, "Taylor order P of the Gaussian RBF kernel", int_at_least(0)),
+             "rbf_gamma": Option(1e-4, "γ of the RBF exp(-γ(t-p)²)", positive_number),
+             "rbf_prefactor": Option("exact", "exact per-node prefactors, or the CGNL authors' constant exp(-2γ)",
+                                     one_of(*RBF_PREFACTORS))}))
 
 
 class _CrissCrossDense(aff.PairwiseKernel):
@@ -282,11 +324,15 @@ class Bottleneck(nn.Module):
     ``conv2(relu(LayerNorm(conv1(t))))``, 1×1 convs ``C_v → C_b → C``, LayerNorm over the ``C_b`` channels of
     each position. Everything is per position, so it commutes with broadcasting over positions."""
 
-    def __init__(self, dim: int, cin: int, hidden: int, cout: int, bias: bool):
+    def __init__(self, dim: int, cin: int, hidden: int, cout: int, bias: bool, device=None, dtype=None):
         super().__init__()
-        self.conv1 = conv1x1(dim, cin, hidden, bias)
-        self.norm = nn.LayerNorm(hidden)
-        self.conv2 = conv1x1(dim, hidden, cout, bias)
+        self.conv1 = conv1x1(dim, cin, hidden, bias, device=device, dtype=dtype)
+        self.norm = nn.LayerNorm(hidden, device=device, dtype=dtype)
+        self.conv2 = conv1x1(dim, hidden, cout, bias, device=device, dtype=dtype)
+
+    def reset_parameters(self) -> None:
+        for m in (self.conv1, self.norm, self.conv2):
+            m.reset_parameters()
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return project(self.conv2, F.relu(self.norm(project(self.conv1, t))))
@@ -306,6 +352,46 @@ def _broadcast(t: torch.Tensor) -> bool:
     return t.dim() == 3 and t.shape[1] > 1 and t.stride(1) == 0
 
 
+@dataclass(frozen=True)
+class UnitConfig:
+    """What a unit is made of, as the structured paths see it (:data:`STRUCTURED_PATHS`).
+
+    ``filter``: ``"A"`` (the one-term filter ``A Z W``), ``"fixed"`` (another fixed polynomial), ``"learnable"``
+    (a polynomial with learnable coefficients), ``"function"`` (not a polynomial: a spectral filter, a user's
+    matrix function). A new way of building units adds a field here; until a structured path declares the
+    values it handles for that field, no unit is taken off the generic path by it."""
+
+    fusion: str
+    out_map: str
+    map_groups: int
+    maps: bool
+    value_proj: bool
+    value_bias: bool
+    sub_sample: bool
+    norm: str
+    filter: str
+
+    def handled_by(self, supports: dict[str, Any]) -> bool:
+        """Whether every field of this unit has a value that ``supports`` (a path's declaration) lists; a field
+        the declaration does not name is not handled."""
+        return all(f.name in supports and (supports[f.name] is ANY or getattr(self, f.name) in supports[f.name])
+                   for f in fields(self))
+
+
+ANY = object()  # a path handles every value of this field
+# Each structured path of NonlocalUnit and what it handles, field by field (UnitConfig). Each path is exact
+# algebra on the same parameters (tests/test_fastpaths.py); every unit and graph it does not declare goes to the
+# generic path (filter terms on graph.matmul, then the maps), which is always correct.
+STRUCTURED_PATHS: dict[str, dict[str, Any]] = {
+    "_lowrank_cf": dict(fusion={"add"}, out_map={"linear"}, map_groups={1}, maps={True}, value_proj=ANY,
+                        value_bias=ANY, sub_sample={False}, norm=ANY, filter={"A", "fixed", "learnable"}),
+    "_unary_cf": dict(fusion=ANY, out_map=ANY, map_groups=ANY, maps=ANY, value_proj=ANY, value_bias=ANY,
+                      sub_sample={False}, norm={"none", "gamma"}, filter={"A"}),
+    "_channels_cf": dict(fusion={"add"}, out_map={"linear"}, map_groups=ANY, maps={True}, value_proj={True},
+                         value_bias={False}, sub_sample={False}, norm=ANY, filter={"A"}),
+}
+
+
 class NonlocalUnit(nn.Module):
     """One unit: ``Y = X + out( Σ_t map_t(B_t(A) Z) )`` with ``Z = g(X)`` (filters.py for ``B_t``).
 
@@ -323,61 +409,96 @@ class NonlocalUnit(nn.Module):
     (:class:`~nonlocalnet.spectral_filters.SpectralFilter`) computes the terms; ``coef`` only gives their number.
     """
 
-    def __init__(self, in_channels: int, value_channels: int, coef: torch.Tensor, *, dim: int, bias: bool,
-                 out_norm: str, zero_init: bool, norm_groups: int = 1, out_proj: bool = True,
+    def __init__(self, in_channels: int, value_channels: int, filter: Filter | torch.Tensor, *, dim: int,
+                 bias: bool, out_norm: str, zero_init: bool, norm_groups: int = 1, out_proj: bool = True,
                  proj_groups: int = 1, sub_sample: bool = False, value_proj: bool = True, out_map: str = "linear",
-                 bottleneck_channels: int = 1, fusion: str = "add", spectral: SpectralFilter | None = None):
+                 bottleneck_channels: int = 1, fusion: str = "add", spectral: Filter | None = None,
+                 device=None, dtype=None):
         super().__init__()
-        self.sub_sample, self.fusion, self.out_map = sub_sample, fusion, out_map
-        self.spectral = spectral
-        if value_proj:
-            self.g = conv1x1(dim, in_channels, value_channels, bias)
+        if not isinstance(filter, Filter):  # a coefficient matrix (T, K+1) of a fixed polynomial, or (T, 1) beside
+            filter = spectral if spectral is not None else Polynomial(filter)  # a spectral filter (older callers)
+        self.sub_sample, self.fusion, self.out_map, self.zero_init = sub_sample, fusion, out_map, zero_init
+        n_terms = filter.n_terms
+        fk = dict(device=device, dtype=dtype)
+        # a filter with parameters is a submodule, at `spectral` (its keys: units.<i>.spectral.<name>)
+        self.spectral = filter if any(True for _ in filter.parameters()) else None
+        if self.spectral is None:
+            object.__setattr__(self, "_fixed_filter", filter)  # not a submodule: nothing to save or move
+        self.g = conv1x1(dim, in_channels, value_channels, bias, **fk) if value_proj else None
 
         def maps() -> nn.ModuleList:
             if not out_proj:
                 return nn.ModuleList()
             if out_map == "bottleneck":
-                return nn.ModuleList([Bottleneck(dim, value_channels, bottleneck_channels, in_channels, bias)
-                                      for _ in range(len(coef))])
-            return nn.ModuleList([conv1x1(dim, value_channels, in_channels, bias, groups=proj_groups)
-                                  for _ in range(len(coef))])
+                return nn.ModuleList([Bottleneck(dim, value_channels, bottleneck_channels, in_channels, bias, **fk)
+                                      for _ in range(n_terms)])
+            return nn.ModuleList([conv1x1(dim, value_channels, in_channels, bias, groups=proj_groups, **fk)
+                                  for _ in range(n_terms)])
 
         self.w = maps() if "add" in fusion else nn.ModuleList()
-        if "mul" in fusion:
-            self.w_mul = maps()
-        self.norm = OutNorm(out_norm, in_channels, zero_init, norm_groups)
-        if zero_init and out_norm == "none":
-            for m in [*self.w, *getattr(self, "w_mul", [])]:
+        self.w_mul = maps() if "mul" in fusion else None
+        self.norm = OutNorm(out_norm, in_channels, zero_init, norm_groups, **fk)
+        self._zero_last_maps()
+        rows = filter.chebyshev()
+        fixed = isinstance(rows, tuple)
+        coef = torch.tensor(rows, dtype=torch.float32) if fixed else torch.zeros(n_terms, 1)
+        self.register_buffer("coef", coef, persistent=False)
+        self.coef_rows = tuple(tuple(float(c) for c in row) for row in coef.tolist())  # static for compile
+        # B_t(0): the coefficient of Z itself in each term (the low-rank path's α_t; fixed polynomials)
+        self.coef_at_zero = tuple(polynomial_responses(coef.double(), torch.zeros(1, dtype=torch.float64))[:, 0]
+                                  .tolist())
+        self.config = UnitConfig(
+            fusion=fusion, out_map=out_map, map_groups=proj_groups, maps=bool(out_proj), value_proj=value_proj,
+            value_bias=bool(value_proj and bias), sub_sample=sub_sample, norm=out_norm,
+            filter="A" if fixed and self.coef_rows == ((0.0, 1.0),) else "fixed" if fixed
+            else "learnable" if rows is not None else "function")
+        # the structured paths that handle this unit (by what each declares it handles; docs/design.md)
+        self._paths = tuple(name for name, supports in STRUCTURED_PATHS.items() if self.config.handled_by(supports))
+
+    @property
+    def filter(self) -> Filter:
+        """The unit's filter (:class:`~nonlocalnet.filters.Filter`)."""
+        return self.spectral if self.spectral is not None else self._fixed_filter
+
+    def _zero_last_maps(self) -> None:
+        """``zero_init`` with ``out_norm="none"``: the last layer of every map starts at 0 (GCNet's init)."""
+        if self.zero_init and self.norm.kind == "none":
+            for m in [*self.w, *(self.w_mul or [])]:
                 last = m.conv2 if isinstance(m, Bottleneck) else m
                 nn.init.zeros_(last.weight)
                 if last.bias is not None:
                     nn.init.zeros_(last.bias)
-        self.register_buffer("coef", coef.clone(), persistent=False)
-        self.coef_rows = tuple(tuple(float(c) for c in row) for row in coef.tolist())  # static for compile
-        # B_t(0): the coefficient of Z itself in each term (the low-rank path's α_t)
-        self.coef_at_zero = tuple(polynomial_responses(coef.double(), torch.zeros(1, dtype=torch.float64))[:, 0]
-                                  .tolist())
+
+    def reset_parameters(self) -> None:
+        """Re-initialize every parameter as a new unit's (the zero-init of the output included)."""
+        for m in [self.g, *self.w, *(self.w_mul or [])]:
+            if m is not None:
+                m.reset_parameters()
+        self.norm.reset_parameters()
+        self._zero_last_maps()
+        if self.spectral is not None:
+            self.spectral.reset_parameters()
 
     def values(self, x: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
         """``Z = g(X)`` (``X`` itself with ``value_proj=False``); ``channels_first``: see :func:`project`."""
-        return project(self.g, x, channels_first) if hasattr(self, "g") else x
+        return project(self.g, x, channels_first) if self.g is not None else x
 
     def filter_terms(self, x: torch.Tensor, graph: aff.Graph, spatial: tuple[int, ...]) -> list[torch.Tensor]:
+        """The generic path: ``[B_t(A) Z]`` from the filter on ``graph.matmul`` (always correct)."""
         z = self.values(x, channels_first=isinstance(graph, aff.LowRankGraph))
-        if self.spectral is not None:
-            return self.spectral(graph, z)
         z_keys = aff.pool_tokens(z, spatial) if self.sub_sample else None
-        return apply_filter(graph.matmul, z, self.coef_rows, z_keys)
+        return self.filter(graph, z, z_keys)
 
     def responses(self, lam: torch.Tensor) -> torch.Tensor:
         """The frequency response of each term, ``B_t(λ)`` ``(T, len(λ))`` at eigenvalues ``λ`` of ``A``."""
         if self.spectral is not None:
-            return self.spectral.responses(torch.as_tensor(lam, dtype=self.spectral.log_scales.dtype))
-        return polynomial_responses(self.coef.double(), torch.as_tensor(lam, dtype=torch.float64))
+            p = next(self.spectral.parameters())
+            return self.spectral.responses(torch.as_tensor(lam, dtype=p.dtype, device=p.device))
+        return self.filter.responses(torch.as_tensor(lam, dtype=torch.float64))
 
     def term_labels(self) -> list[str] | None:
         """Names of the terms of a spectral filter (``None`` for the polynomial ones: see ``coef``)."""
-        return None if self.spectral is None else self.spectral.labels()
+        return self.filter.labels()
 
     @staticmethod
     def apply_maps(maps: nn.ModuleList, terms: list[torch.Tensor]) -> torch.Tensor:
@@ -421,11 +542,10 @@ class NonlocalUnit(nn.Module):
         any order. When cheaper (no ``Z`` term and ``r < C``), ``g`` is folded in too: ``VᵀZ = (VᵀX) W_gᵀ +
         (Vᵀ1) b_gᵀ``, so ``Z`` is never formed. With ``out_norm`` none or γ the residual is the GEMM's
         accumulator (``baddbmm(h, M, Uᵀ)``), and on A²'s graph (rows of ``U`` sum to 1) the bias is folded into
-        ``M``. Returns ``None`` where this does not apply (sub-sampled keys, spectral filters, bottleneck or
-        grouped maps, a gate, channels_last input)."""
-        if type(graph) is not aff.LowRankGraph or self.spectral is not None or self.sub_sample or \
-                self.fusion != "add" or not len(self.w) or self.out_map != "linear" or self.w[0].groups != 1 or \
-                h.stride(-1) != 1:
+        ``M``. A learnable polynomial filter's coefficients are tensors: then every term has its ``α_t Z``. Taken
+        for the units :data:`STRUCTURED_PATHS` says it handles, on a :class:`~nonlocalnet.affinity.LowRankGraph`
+        and a channels-first input; ``None`` otherwise."""
+        if type(graph) is not aff.LowRankGraph or h.stride(-1) != 1:
             return None
         u, v = graph.factors(h.dtype, need_v=False)  # v is None when V = U with its halves swapped
         x = h.transpose(1, 2)  # tokens view (B, N, C)
@@ -433,9 +553,10 @@ class NonlocalUnit(nn.Module):
         b, c, r = h.shape[0], h.shape[1], u.shape[-1]
         ws = [m.weight.flatten(1) for m in self.w]  # (C, C_v) each
         cv = ws[0].shape[1]
-        alphas = self.coef_at_zero
-        has_z = any(a != 0 for a in alphas)
-        g = getattr(self, "g", None)
+        coef = self.coef_rows if self.config.filter != "learnable" else self.filter.chebyshev()
+        alphas = self.coef_at_zero if self.config.filter != "learnable" else None  # tensors: from the terms
+        has_z = alphas is None or any(a != 0 for a in alphas)
+        g = self.g
         # per position: forming Z (C_v·C) + VᵀZ (r·C_v) + P Zᵀ (C·C_v) vs VᵀX (r·C) + P W_g Xᵀ (C·C)
         fold = g is not None and r * c + (c * c if has_z else 0) < cv * c + r * cv + (c * cv if has_z else 0)
         # (VᵀZ)ᵀ = Zᵀ V as a plain GEMM on the channels-first operand (the fastest form, see Affinity)
@@ -449,8 +570,10 @@ class NonlocalUnit(nn.Module):
         else:
             operand = project_cf(g, x)  # Zᵀ (B, C_v, N)
             st = graph.swap_rows(torch.bmm(operand, right))  # (B, C_v, r)
-        terms = lowrank_terms(self.coef_rows, st.transpose(1, 2),
+        terms = lowrank_terms(coef, st.transpose(1, 2),
                               lambda: graph.swap_rows(right.transpose(1, 2) @ u, -2))  # VᵀU
+        if alphas is None:
+            alphas = [a.to(ws[0].dtype) for a, _ in terms]
         m = None
         for w, (_, rt) in zip(ws, terms):
             if rt is not None:
@@ -459,7 +582,7 @@ class NonlocalUnit(nn.Module):
         bias = sum(w.bias for w in self.w) if self.w[0].bias is not None else None
         p = None
         if has_z:
-            p = sum(a * w for a, w in zip(alphas, ws) if a != 0)  # (C, C_v)
+            p = sum(a * w for a, w in zip(alphas, ws) if isinstance(a, torch.Tensor) or a != 0)  # (C, C_v)
             if g is not None and g.bias is not None:
                 pb = p @ g.bias
                 bias = pb if bias is None else bias + pb
@@ -498,12 +621,11 @@ class NonlocalUnit(nn.Module):
         (``X`` the stage input, ``H`` this unit's: ``X`` for the first unit; bias-free projections); then
         ``F = W diag(att) W_θ X = P X`` with ``P`` ``(B, C, C)`` formed on the small
         side (``W`` grouped as a block-diagonal matrix). Same GEMM work as the authors' three projections and
-        output conv, none of their ``(B, C_s, N)`` intermediates or the scaling pass. ``None`` where this does not
-        apply (Gaussian kernel, biases, sub-sampled keys)."""
+        output conv, none of their ``(B, C_s, N)`` intermediates or the scaling pass. Taken for the units
+        :data:`STRUCTURED_PATHS` says it handles, on a :class:`~nonlocalnet.affinity.ChannelGraph` of the dot kernel
+        that kept its source (bias-free projections, keys not sub-sampled); ``None`` otherwise."""
         if type(graph) is not aff.ChannelGraph or graph.source is None or graph.kernel != "dot_product" or \
-                self.spectral is not None or self.sub_sample or self.fusion != "add" or self.out_map != "linear" or \
-                len(self.w) != 1 or self.coef_rows != ((0.0, 1.0),) or not hasattr(self, "g") or \
-                self.g.bias is not None or h.stride(-1) != 1:
+                h.stride(-1) != 1:
             return None
         x_tokens, w_theta, w_phi = graph.source
         x = x_tokens.transpose(1, 2)  # the stage input X (B, C, N); h is this unit's input (X for the first)
@@ -531,16 +653,16 @@ class NonlocalUnit(nn.Module):
         """:meth:`forward_cf` on the unary graph ``A = 1·aᵀ`` alone (GC): the context ``c = aᵀZ`` ``(B, 1, C_v)``
         is mapped once per batch item and broadcast in the residual sum; ``g`` (if any) is applied to ``aᵀX``
         (``a`` sums to 1, so ``aᵀ g(X) = g(aᵀX)``). The pooling is ``aᵀXᵀ``-oriented (one row times the tokens
-        view: 0.4× the time of ``X a`` at N = 4096). ``None`` for the other filters and BN/GN output norms
-        (their statistics count the N broadcast copies: the generic path handles them)."""
-        if type(graph) is not aff.UnaryGraph or self.spectral is not None or self.sub_sample or \
-                self.coef_rows != ((0.0, 1.0),) or self.norm.kind not in ("none", "gamma"):
+        view: 0.4× the time of ``X a`` at N = 4096). Taken for the units :data:`STRUCTURED_PATHS` says it handles
+        (not BN/GN output norms: their statistics count the N broadcast copies), on a
+        :class:`~nonlocalnet.affinity.UnaryGraph`; ``None`` otherwise."""
+        if type(graph) is not aff.UnaryGraph:
             return None
         a = graph.a
         if a.dtype != h.dtype and not torch.is_autocast_enabled(h.device.type):
             a = a.to(h.dtype)
         ctx = aff.pool(a, h).unsqueeze(1)  # (B, 1, C)
-        if hasattr(self, "g"):
+        if self.g is not None:
             ctx = project(self.g, ctx)
 
         def mapped(maps: nn.ModuleList) -> torch.Tensor:  # (B, C, 1)
@@ -563,13 +685,10 @@ class NonlocalUnit(nn.Module):
         produces the output maps ``W_t`` directly channels-first when ``h`` is (GEMMs ``W Tᵀ``), normalizes there
         and adds the residual in place of the copy back; for a channels_last ``h`` it works on tokens, which
         are then ``h``'s own layout."""
-        fast = self._lowrank_cf(h, graph)
-        if fast is None:
-            fast = self._unary_cf(h, graph)
-        if fast is None:
-            fast = self._channels_cf(h, graph)
-        if fast is not None:
-            return fast
+        for path in self._paths:  # the structured paths that declared they handle this unit (STRUCTURED_PATHS)
+            fast = getattr(self, path)(h, graph)
+            if fast is not None:
+                return fast
         x = h.transpose(1, 2)
         terms = self.filter_terms(x, graph, spatial)
         y = h
@@ -635,6 +754,13 @@ class NonlocalBlock(nn.Module):
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"{self.name!r}, in_channels={self.in_channels}, dim={self.dim}, {opts}"
+
+    def reset_parameters(self) -> None:
+        """Re-initialize every parameter as :func:`~nonlocalnet.build_block` does (zero-init included: a zero-init
+        block is the identity again)."""
+        self.edges.reset_parameters()
+        for unit in self.units:
+            unit.reset_parameters()
 
     def _first_parameter(self) -> nn.Parameter | None:
         """The block's first parameter, by a name found once (``next(self.parameters())`` walks every submodule:

@@ -2,7 +2,11 @@
 
 A preset fixes defaults (kernel, normalization, filter, output norm) from its paper; every option can
 be overridden, so e.g. ``build_block("snl", 64, kernel="embedded_gaussian")`` is SNL's filter on a
-softmax-free symmetric Gaussian graph. framework.md has the table these defaults come from.
+softmax-free symmetric Gaussian graph. docs/framework.md has the table these defaults come from.
+
+A preset is registered (:data:`PRESETS`, :func:`register_block`) exactly as a user's block is; the options it takes
+are the common ones below, its graph mode's (:data:`~nonlocalnet.kernels.GRAPH_MODES`) and its filters'
+(:data:`~nonlocalnet.filters.FILTERS`), each checked by the part that owns it.
 
 Each preset's ``reference`` (printed by ``nonlocalnet blocks``) names its paper: authors, title, venue and
 year, and the equation or section. "Unifying Nonlocal Blocks" is Zhu et al., "Unifying Nonlocal Blocks for
@@ -18,37 +22,53 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from . import kernels as K
+from . import spectral_filters  # noqa: F401 - registers the spectral filters (cayley, heat, wavelet)
 from .blocks import FUSIONS, OUT_MAPS, OUT_NORMS, Affinity, NonlocalBlock, NonlocalUnit
-from .filters import FILTERS, filter_coefficients, highest_order
-from .spectral_filters import PATHS, SPECTRAL_FILTERS, SpectralFilter, check_order, n_terms
+from .filters import FILTERS, filter_options
+from .registry import Registry, did_you_mean
 
 
 @dataclass(frozen=True)
 class Preset:
+    """A block of the literature (or a user's): its name, its paper (``reference``: authors, title, venue,
+    equation), its defaults over the options, and its graph mode (a name in
+    :data:`~nonlocalnet.kernels.GRAPH_MODES`, whose own options the block then takes too)."""
+
     name: str
     reference: str
     defaults: dict[str, Any]
-    mode: str = "positions"  # which graph: positions, crisscross, or channels (CGNL: also takes CGNL_ONLY options)
+    mode: str = "positions"
 
 
+# the options every block takes (filters' options, e.g. `order`, and graph modes', e.g. CGNL's `groups`, are theirs)
 COMMON = dict(
     reduction=2, kernel="embedded_gaussian", normalization="softmax", scale=False, bias=True, sub_sample=False,
-    units=1, recurrence=1, filter="nl", order=None, out_norm="bn", zero_init=True, backend="auto",
+    units=1, recurrence=1, filter="nl", out_norm="bn", zero_init=True, backend="auto",
     memory_budget=256, value_channels=None, out_proj=True, norm_groups=None,
     key_channels=None, whiten=False, unary=False, temperature=1.0, value_proj=True, out_map="linear",
-    bottleneck_channels=None, fusion="add", spectral_path=None, approx_order=None,
+    bottleneck_channels=None, fusion="add",
 )
-CGNL_ONLY = dict(groups=1, taylor_order=3, rbf_gamma=1e-4, rbf_prefactor="exact")
-RBF_PREFACTORS = ("exact", "constant")
+
+PRESETS: Registry[Preset] = Registry("block", "name")
+
+
+def register_block(preset: Preset, *, replace: bool = False) -> Preset:
+    """Make a block available by name (``build_block``, configs, placements, ``nonlocalnet blocks``). Its defaults
+    are checked now, so a preset that cannot be built is refused at registration."""
+    if not isinstance(preset, Preset):
+        raise TypeError(f"preset: expected a nonlocalnet.presets.Preset, got {type(preset).__name__}")
+    K.GRAPH_MODES[preset.mode]  # noqa: B018 - an unknown mode is an error here
+    known = set(COMMON) | set(K.GRAPH_MODES[preset.mode].options) | set(filter_options())
+    unknown = sorted(set(preset.defaults) - known)
+    if unknown:
+        raise ValueError(f"defaults: unknown option(s) {', '.join(map(repr, unknown))} for block {preset.name!r}")
+    return PRESETS.register(preset.name, preset, replace=replace)
 
 _SNL = dict(kernel="relu_dot", normalization="symmetric", out_norm="bn_relu", zero_init=False, bias=False)
 
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in [
+for _preset in [
         Preset("nl", 'Wang et al., "Non-local Neural Networks", CVPR 2018: Y = X + BN(A Z W), A = softmax(θφᵀ) '
                      '(as Eq. 1-2 of Zhu et al., "A Spectral Nonlocal Block", ICLR 2020 submission)',
                dict(filter="nl")),
@@ -99,10 +119,8 @@ PRESETS: dict[str, Preset] = {
         Preset("dnl", 'Yin et al., "Disentangled Non-Local Neural Networks", ECCV 2020 (arXiv 2006.06668), Eq. 12: '
                       'A = softmax((θ-μ_θ)(φ-μ_φ)ᵀ/(√C_s·τ)) + 1·softmax(w_m X)ᵀ, F = A Z W',
                dict(filter="nl", whiten=True, unary=True, temperature=0.05, scale=True)),
-    ]
-}
-
-ALL_OPTIONS = tuple(COMMON) + tuple(CGNL_ONLY)
+]:
+    register_block(_preset)
 
 
 def list_blocks() -> list[str]:
@@ -127,18 +145,20 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
     """Merge a preset's defaults with user options and check that they go together."""
     if not isinstance(name, str):
         raise TypeError(f"name: expected a block name (str), got {type(name).__name__}")
-    _choice("name", name, list_blocks(), "block")
     preset = PRESETS[name]
-    valid = tuple(COMMON) + (tuple(CGNL_ONLY) if preset.mode == "channels" else ())
+    mode_spec = K.GRAPH_MODES[preset.mode]
+    by_filter = filter_options()
+    valid = tuple(COMMON) + tuple(mode_spec.options) + tuple(k for k in by_filter if k not in COMMON)
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        extra = [u for u in unknown if u in ALL_OPTIONS]
-        if extra:
-            raise ValueError(f"option {extra[0]!r} does not apply to block {name!r} (only to cgnl); "
-                             f"valid options for {name!r}: {', '.join(valid)}")
-        raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for block {name!r}; "
-                         f"valid options: {', '.join(valid)}")
-    o = dict(COMMON, **(CGNL_ONLY if preset.mode == "channels" else {}), **preset.defaults)
+        owners = [p for p, pr in PRESETS.items() if unknown[0] in K.GRAPH_MODES[pr.mode].options]
+        if owners:
+            raise ValueError(f"option {unknown[0]!r} does not apply to block {name!r} (only to "
+                             f"{', '.join(owners)}); valid options for {name!r}: {', '.join(valid)}")
+        raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for block {name!r}"
+                         f"{did_you_mean(unknown[0], list(valid))}; valid options: {', '.join(valid)}")
+    o = {**COMMON, **{k: spec.default for k, spec in mode_spec.options.items()}, **{k: None for k in by_filter},
+         **preset.defaults}
     if "kernel" in options and "normalization" not in options:
         # a user kernel keeps the preset's normalization where it is defined for that kernel
         kern = K.KERNELS.get(options["kernel"])
@@ -168,8 +188,8 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
     if o["norm_groups"] is not None and (isinstance(o["norm_groups"], bool) or not isinstance(o["norm_groups"], int)
                                          or o["norm_groups"] < 1):
         raise ValueError(f"norm_groups: expected a positive int (or None), got {o['norm_groups']!r}")
-    if preset.mode == "channels":
-        _positive_number("rbf_gamma", o["rbf_gamma"], "a positive finite number (the RBF exp(-γ(t-p)²))")
+    for key, spec in mode_spec.options.items():  # the graph mode's own options (CGNL's groups, ...)
+        o[key] = spec.resolve(key, o[key])
 
     for key in ("whiten", "unary", "value_proj"):
         if not isinstance(o[key], bool):
@@ -183,15 +203,13 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
     kern, norm, backend, mode = o["kernel"], o["normalization"], o["backend"], preset.mode
     _choice("out_norm", o["out_norm"], OUT_NORMS)
     _choice("backend", backend, K.BACKENDS)
-    _choice("filter", o["filter"], FILTERS + SPECTRAL_FILTERS)
+    FILTERS[o["filter"]]  # noqa: B018 - an unknown filter is an error naming the valid ones
     _choice("normalization", norm, K.NORMALIZATIONS)
-    if mode != "positions":
+    if mode_spec.pairwise_only:
         for key, default in (("whiten", False), ("unary", False)):
             if o[key] != default:
-                raise ValueError(f"{key}: applies to the position graphs (nl, ns, snl, gsnl, cheby, a2, gc, dnl), "
-                                 f"not to {name!r}")
-    if mode == "channels":
-        _choice("rbf_prefactor", o["rbf_prefactor"], RBF_PREFACTORS)
+                takes = [p for p, pr in PRESETS.items() if not K.GRAPH_MODES[pr.mode].pairwise_only]
+                raise ValueError(f"{key}: applies to the position graphs ({', '.join(takes)}), not to {name!r}")
     _choice("kernel", kern, K.mode_kernels(mode))
     unary_kernel = K.KERNELS[kern].unary
     if norm not in K.valid_normalizations(kern, mode):
@@ -203,7 +221,7 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
             raise ValueError(f"normalization: the unary kernel (GC's attention pooling, A = 1·aᵀ) takes 'softmax', "
                              f"got {norm!r}")
         raise ValueError(f"normalization='softmax' is the row normalization of the exp kernels "
-                         f"({', '.join(K.EXP_KERNELS)}); kernel {kern!r} takes "
+                         f"({', '.join(K.exp_kernels())}); kernel {kern!r} takes "
                          f"{', '.join(map(repr, K.valid_normalizations(kern)))}")
     backends = K.valid_backends(kern, norm, mode)
     if backend not in backends:
@@ -223,7 +241,7 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
         raise ValueError("whiten: whitens the queries and keys of a pairwise kernel; kernel='unary' has none")
     exp_logits = K.KERNELS[kern].exp and mode != "channels"
     if "temperature" in options and o["temperature"] != 1.0 and not exp_logits:
-        raise ValueError(f"temperature: divides the logits of the exp kernels ({', '.join(K.EXP_KERNELS)}), "
+        raise ValueError(f"temperature: divides the logits of the exp kernels ({', '.join(K.exp_kernels())}), "
                          f"not kernel={kern!r}")
     if (unary_kernel or o["unary"]) and o["sub_sample"]:
         raise ValueError("sub_sample: the unary term (gc, dnl) pools over every position; use sub_sample=False")
@@ -231,24 +249,18 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
         raise ValueError("normalization='symmetric' needs a square affinity (N' = N) and does not go with "
                          "sub_sample=True; use normalization='row' or sub_sample=False")
 
-    spectral = o["filter"] in SPECTRAL_FILTERS
-    if o["order"] is not None and o["filter"] != "cheby" and not spectral:
-        raise ValueError(f"order: the Chebyshev order K applies to filter='cheby' (the 'cheby' block) and the order "
-                         f"of the spectral filters ({', '.join(SPECTRAL_FILTERS)}), not to filter={o['filter']!r}")
-    if not spectral:
-        for key in ("spectral_path", "approx_order"):
-            if o[key] is not None:
-                raise ValueError(f"{key}: applies to the spectral filters ({', '.join(SPECTRAL_FILTERS)}), "
-                                 f"not to filter={o['filter']!r}")
-        coef = filter_coefficients(o["filter"], o["order"] if o["order"] is not None else 1)
-    else:
-        o["order"] = check_order(o["filter"], o["order"])
-        o["spectral_path"] = "auto" if o["spectral_path"] is None else o["spectral_path"]
-        _choice("spectral_path", o["spectral_path"], PATHS)
-        k = 24 if o["approx_order"] is None else o["approx_order"]
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"approx_order: expected an int >= 0 (Chebyshev order K of the approximation), got {k!r}")
-        o["approx_order"] = k
+    # the filter: its own options (order, spectral_path, ...) checked by its spec; what it is decides the rest
+    fspec = FILTERS[o["filter"]]
+    for key, owners in by_filter.items():
+        if key not in fspec.options and o.get(key) is not None:
+            raise ValueError(f"{key}: applies to filter {', '.join(map(repr, owners))}, not to "
+                             f"filter={o['filter']!r}")
+    fopts = fspec.resolve({k: o[k] for k in fspec.options if o.get(k) is not None})
+    o.update(fopts)
+    with torch.random.fork_rng(devices=[]):  # a filter whose init draws numbers: the block's init stays the same
+        probe = fspec.make(**fopts)
+    polynomial = probe.chebyshev() is not None
+    if not polynomial:  # a matrix function of A (the spectral filters): a square graph over the positions
         if preset.mode == "channels":
             raise ValueError(f"filter={o['filter']!r}: spectral filters act on the graph over positions; cgnl's graph "
                              f"over positions x channels is not supported")
@@ -259,19 +271,22 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
             raise ValueError(f"unary: filter={o['filter']!r} on a pairwise + unary graph (DNL's sum, row sums 2, "
                              f"eigenvalues up to 2) is not supported: the graph does not factor and its spectrum "
                              f"leaves [-1, 1], where the Chebyshev approximation is fitted; use unary=False")
-        if o["spectral_path"] == "exact" and (kern not in K.LOWRANK_KERNELS or backend not in ("auto", "lowrank")
-                                              or preset.mode != "positions"):
-            raise ValueError(f"spectral_path='exact' needs a factorizable kernel ({', '.join(K.LOWRANK_KERNELS)}) "
+    if probe.exact_lowrank:
+        lowrank_kernels = K.lowrank_kernels()
+        if o.get("spectral_path") == "exact" and (kern not in lowrank_kernels or backend not in ("auto", "lowrank")
+                                                  or preset.mode != "positions"):
+            raise ValueError(f"spectral_path='exact' needs a factorizable kernel ({', '.join(lowrank_kernels)}) "
                              f"on the 'lowrank' or 'auto' backend, got kernel={kern!r}, backend={backend!r}")
-        coef = torch.zeros(n_terms(o["filter"], o["order"]), 1)  # the terms are computed by the SpectralFilter
-        if kern in K.LOWRANK_KERNELS and backend == "auto" and preset.mode == "positions":
+        if kern in lowrank_kernels and backend == "auto" and preset.mode == "positions":
             o["backend"] = "lowrank"  # the exact r x r path, also where `auto` would form a small dense A
-    if highest_order(coef) >= 2 and o["sub_sample"]:
-        raise ValueError(f"sub_sample: powers of A (order {highest_order(coef)}) need a square affinity; "
+    max_power = probe.max_power if polynomial else None
+    if max_power is not None and max_power >= 2 and o["sub_sample"]:
+        raise ValueError(f"sub_sample: powers of A (order {max_power}) need a square affinity; "
                          f"use sub_sample=False with filter={o['filter']!r}")
-    if not o["out_proj"] and len(coef) != 1:
+    n_terms = probe.n_terms
+    if not o["out_proj"] and n_terms != 1:
         raise ValueError(f"out_proj=False (F = A Z without W) needs a one-term filter, filter={o['filter']!r} "
-                         f"has {len(coef)} terms")
+                         f"has {n_terms} terms")
 
     key_channels = o["key_channels"]
     if key_channels is None:
@@ -309,55 +324,59 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
                          f"out_norm='none', got {o['out_norm']!r}")
     if preset.mode == "channels":
         g = o["groups"]
-        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
-            raise ValueError(f"groups: expected a positive int, got {g!r}")
         if key_channels % g or in_channels % g or vc % g:
             raise ValueError(f"groups ({g}) must divide in_channels ({in_channels}) and C_s ({key_channels})")
         if vc != key_channels:
             raise ValueError("value_channels: cgnl's values pair channel-by-channel with θ and φ; "
                              f"value_channels must equal C_s ({key_channels})")
-        if not isinstance(o["taylor_order"], int) or o["taylor_order"] < 0:
-            raise ValueError(f"taylor_order: expected an int >= 0, got {o['taylor_order']!r}")
     ng = o["norm_groups"] if o["norm_groups"] is not None else o.get("groups", 1)
     if o["out_norm"] == "gn" and in_channels % ng:
         raise ValueError(f"norm_groups ({ng}) must divide in_channels ({in_channels}) for out_norm='gn'")
     if o["out_norm"] == "bn_relu" and o["zero_init"]:
         raise ValueError("zero_init=True does not go with out_norm='bn_relu': relu(BN(F)) with a zero BN scale "
                          "outputs 0 with zero gradient, so the block would never train")
-    o.update(key_channels=key_channels, value_channels=vc, norm_groups=ng, coef=coef, bottleneck_channels=bc)
+    o.update(key_channels=key_channels, value_channels=vc, norm_groups=ng, bottleneck_channels=bc)
+    o["filter_options"] = fopts
     return o
 
 
-def build_block(name: str, in_channels: int, *, dim: int = 2, **options: Any) -> nn.Module:
+def build_block(name: str, in_channels: int, *, dim: int = 2, device: torch.device | str | None = None,
+                dtype: torch.dtype | None = None, **options: Any) -> NonlocalBlock:
     """Build a nonlocal block ``(B, C, *S) -> (B, C, *S)`` with ``len(S) == dim``.
 
-    ``name`` is one of :func:`list_blocks`. Options (see README for the table): ``reduction``,
-    ``kernel``, ``normalization``, ``scale``, ``bias``, ``sub_sample``, ``units``, ``order``,
+    ``name`` is one of :func:`list_blocks` (a registered :class:`Preset`). Options: the common ones
+    (:data:`COMMON`: ``reduction``, ``kernel``, ``normalization``, ``scale``, ``bias``, ``sub_sample``, ``units``,
     ``recurrence``, ``filter``, ``out_norm``, ``zero_init``, ``backend``, ``memory_budget`` (MiB),
-    ``value_channels``, ``out_proj``, ``norm_groups``, ``key_channels`` (C_s directly, instead of
-    ``reduction``), ``whiten``, ``unary``, ``temperature``, ``value_proj``, ``out_map``,
-    ``bottleneck_channels``, ``fusion``, ``spectral_path`` and ``approx_order`` (spectral filters:
-    ``auto``/``exact``/``chebyshev`` and the Chebyshev order K off factorizable graphs); cgnl also ``groups``,
-    ``taylor_order``, ``rbf_gamma``,
-    ``rbf_prefactor``.
+    ``value_channels``, ``out_proj``, ``norm_groups``, ``key_channels``, ``whiten``, ``unary``, ``temperature``,
+    ``value_proj``, ``out_map``, ``bottleneck_channels``, ``fusion``), the filter's (:data:`FILTERS`, e.g.
+    ``order``; the spectral filters' ``spectral_path`` and ``approx_order``) and the graph mode's (CGNL's
+    ``groups``, ``taylor_order``, ``rbf_gamma``, ``rbf_prefactor``); :func:`block_options` lists them for a block.
+    ``device``/``dtype``: where and in which dtype the parameters are created (PyTorch's factory arguments).
     """
     o = resolve_options(name, in_channels, dim, options)
     preset = PRESETS[name]
+    fk = dict(device=device, dtype=dtype)
     graph = Affinity(
         in_channels, o["key_channels"], dim=dim, kernel=o["kernel"], normalization=o["normalization"],
         scale=o["scale"], bias=o["bias"], sub_sample=o["sub_sample"], backend=o["backend"],
         memory_budget=o["memory_budget"], mode=preset.mode, groups=o.get("groups", 1),
         order=o.get("taylor_order", 0), rbf_gamma=o.get("rbf_gamma", 1e-4), whiten=o["whiten"], unary=o["unary"],
-        temperature=o["temperature"], rbf_prefactor=o.get("rbf_prefactor", "exact"),
+        temperature=o["temperature"], rbf_prefactor=o.get("rbf_prefactor", "exact"), **fk,
     )
+    fspec = FILTERS[o["filter"]]
     units = [
-        NonlocalUnit(in_channels, o["value_channels"], o["coef"], dim=dim, bias=o["bias"], out_norm=o["out_norm"],
-                     zero_init=o["zero_init"], norm_groups=o["norm_groups"], out_proj=o["out_proj"],
-                     proj_groups=o.get("groups", 1), sub_sample=o["sub_sample"], value_proj=o["value_proj"],
-                     out_map=o["out_map"], bottleneck_channels=o["bottleneck_channels"] or 1, fusion=o["fusion"],
-                     spectral=SpectralFilter(o["filter"], o["order"], o["spectral_path"], o["approx_order"])
-                     if o["filter"] in SPECTRAL_FILTERS else None)
+        NonlocalUnit(in_channels, o["value_channels"], fspec.make(**o["filter_options"]).to(**fk), dim=dim,
+                     bias=o["bias"], out_norm=o["out_norm"], zero_init=o["zero_init"], norm_groups=o["norm_groups"],
+                     out_proj=o["out_proj"], proj_groups=o.get("groups", 1), sub_sample=o["sub_sample"],
+                     value_proj=o["value_proj"], out_map=o["out_map"],
+                     bottleneck_channels=o["bottleneck_channels"] or 1, fusion=o["fusion"], **fk)
         for _ in range(o["units"])
     ]
     shown = {k: v for k, v in o.items() if k in options}
     return NonlocalBlock(name, in_channels, dim, graph, units, recurrence=o["recurrence"], options=shown)
+
+
+def block_options(name: str) -> list[str]:
+    """The options block ``name`` takes: the common ones, its graph mode's and the registered filters'."""
+    mode = K.GRAPH_MODES[PRESETS[name].mode]
+    return list(COMMON) + list(mode.options) + [k for k in filter_options() if k not in COMMON]

@@ -12,7 +12,7 @@ Papers cited here (short form first):
   arXiv:2108.02451 (equation and section numbers as in its submitted version, "A Unified Framework to
   Analyze and Design the Nonlocal Blocks for Neural Networks"; code: the SNL_ICCV2021 repository).
 
-Equations (framework.md and these papers):
+Equations (docs/framework.md and these papers):
 
 - kernels: ``exp(θ_i·φ_j)`` (embedded Gaussian), ``exp(x_i·x_j)`` (Gaussian), ``θ_i·φ_j``,
   ``relu(θ_i)·relu(φ_j)``, ``relu(w·[θ_i; φ_j])``; A²: ``softmax_n(θ) softmax_N(φ)ᵀ`` (Zhu et al. 2021 (ICCV), §B.3)
@@ -41,6 +41,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from .kernels import KERNELS
+
+LIBRARY_SPECTRAL = ("cayley", "heat", "wavelet")  # the spectral filters whose literal forms are written out here
 
 
 def conv_matrix(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
@@ -82,7 +86,7 @@ def pool(t: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
 
 
 def normalize(m: torch.Tensor, normalization: str) -> torch.Tensor:
-    """The normalization table of framework.md, literally."""
+    """The normalization table of docs/framework.md ("Step 1"), literally."""
     if normalization in ("softmax", "row"):
         d = m.sum(-1, keepdim=True)
         return torch.where(d != 0, m / torch.where(d != 0, d, 1), 0)
@@ -112,7 +116,7 @@ def crisscross_mask(spatial: tuple[int, ...]) -> torch.Tensor:
 def affinity_tokens(graph, x: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
     """Dense ``A`` (B, N, N') of an :class:`~nonlocalnet.blocks.Affinity` module on tokens ``x``."""
     kernel, norm = graph.kernel, graph.normalization
-    if hasattr(graph, "theta"):
+    if graph.theta is not None:
         q, k = _lin(graph.theta, x), _lin(graph.phi, x)
     else:
         q, k = x, x
@@ -123,23 +127,17 @@ def affinity_tokens(graph, x: torch.Tensor, spatial: tuple[int, ...]) -> torch.T
         k = k - k.sum(1, keepdim=True) / k.shape[1]
     s = graph.scale_value
     unary = None
-    if hasattr(graph, "mask"):  # the unary term: M_ij = exp(m_j), the same row for every query
+    if graph.mask is not None:  # the unary term: M_ij = exp(m_j), the same row for every query
         logits = _lin(graph.mask, x)[..., 0]  # (B, N)
         unary = torch.exp(logits)[:, None, :] * torch.ones(x.shape[0], x.shape[1], 1, dtype=x.dtype)
-    if kernel == "unary":
+    if KERNELS[kernel].unary:
         return normalize(unary, "row")
     a_unary = 0 if unary is None else normalize(unary, "row")
     if graph.mode == "crisscross":
         logits = s * q @ k.transpose(1, 2)
         m = torch.exp(logits) * crisscross_mask(spatial).to(logits.dtype)
         return normalize(m, "row")
-    if kernel in ("embedded_gaussian", "gaussian"):
-        m = torch.exp(s * q @ k.transpose(1, 2))
-    elif kernel == "dot_product":
-        m = q @ k.transpose(1, 2)
-    elif kernel == "relu_dot":
-        m = F.relu(q) @ F.relu(k).transpose(1, 2)
-    elif kernel == "concatenation":
+    if graph.concat is not None:
         w = graph.concat.weight.flatten()
         n, nk, c = q.shape[1], k.shape[1], q.shape[2]
         m = torch.empty(x.shape[0], n, nk, dtype=x.dtype)
@@ -147,10 +145,8 @@ def affinity_tokens(graph, x: torch.Tensor, spatial: tuple[int, ...]) -> torch.T
             for j in range(nk):
                 m[:, i, j] = F.relu(torch.cat([q[:, i], k[:, j]], -1) @ w)
         del c
-    elif kernel == "double_attention":
-        m = torch.softmax(q, dim=-1) @ torch.softmax(k, dim=1).transpose(1, 2)
-    else:
-        raise ValueError(kernel)
+    else:  # every other kernel: its literal formula (docs/framework.md "Step 1"), entry by entry as a product
+        m = KERNELS[kernel].literal(q, k, s)
     return normalize(m, norm) + a_unary
 
 
@@ -297,13 +293,17 @@ def forward(block, x: torch.Tensor, spectral_method: str = "eigh") -> torch.Tens
         a = None if graph.mode == "channels" else affinity_tokens(graph, h, spatial)
         stage_input = h
         for unit in block.units:
-            z = _lin(unit.g, h) if hasattr(unit, "g") else h
-            spec = getattr(unit, "spectral", None)
-            if spec is not None:  # scales are exp(log_scales): positive by construction
-                mats = spectral_matrices(a, spec.name, spec.order, torch.exp(spec.log_scales), spectral_method)
+            z = _lin(unit.g, h) if unit.g is not None else h
+            filt = unit.filter
+            rows = filt.chebyshev()
+            if rows is None:  # a matrix function of A
+                if filt.name in LIBRARY_SPECTRAL and hasattr(filt, "log_scales"):  # positive scales exp(log_scales)
+                    mats = spectral_matrices(a, filt.name, filt.order, torch.exp(filt.log_scales), spectral_method)
+                else:  # a user's filter: its own literal form
+                    mats = filt.literal(a)
                 terms = [m @ z for m in mats]
-            else:
-                coef = unit.coef.to(h.dtype)
+            else:  # a polynomial, fixed or learnable: Σ_k coef[t, k] T_k(A) with the T_k formed as matrices
+                coef = (rows if isinstance(rows, torch.Tensor) else torch.tensor(rows)).to(h.dtype)
                 order = int((coef != 0).any(0).nonzero().max())
                 if graph.mode == "channels":
                     zk = pool(z, spatial) if graph.sub_sample else z

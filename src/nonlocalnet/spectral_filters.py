@@ -43,7 +43,8 @@ import torch.nn as nn
 
 from . import spectral as sp
 from .affinity import Graph, LowRankGraph
-from .filters import chebyshev_terms
+from .filters import Filter, chebyshev_terms, register_filter
+from .registry import Option, int_at_least, one_of
 
 SPECTRAL_FILTERS = ("cayley", "heat", "wavelet")
 DEFAULT_ORDER = {"cayley": 2, "heat": 2, "wavelet": 3}
@@ -158,17 +159,24 @@ def filter_terms(name: str, order: int, scales: torch.Tensor, graph: Graph, z: t
     return list(torch.einsum("tk,k...->t...", coef, basis).unbind(0))
 
 
-class SpectralFilter(nn.Module):
-    """The learnable part of a spectral filter: ``log_scales`` (``ρ``, scales ``exp(ρ)``).
+class SpectralFilter(Filter):
+    """A spectral filter (a matrix function of ``A``, not a polynomial) and its learnable part: ``log_scales``
+    (``ρ``, scales ``exp(ρ)``).
 
     ``path``: ``auto`` (exact where the graph factorizes, else Chebyshev), ``exact`` or ``chebyshev``;
     ``approx_order``: the Chebyshev order ``K`` of the approximation.
     """
 
+    exact_lowrank = True  # the r x r core gives every term exactly on a factorizable graph
+
     def __init__(self, name: str, order: int, path: str = "auto", approx_order: int = 24):
-        super().__init__()
+        super().__init__(name)
         self.name, self.order, self.path, self.approx_order = name, order, path, approx_order
         self.log_scales = nn.Parameter(initial_scales(name, order).log())
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.log_scales.copy_(initial_scales(self.name, self.order).log())
 
     @property
     def n_terms(self) -> int:
@@ -183,8 +191,27 @@ class SpectralFilter(nn.Module):
     def labels(self) -> list[str]:
         return term_labels(self.name, self.order)
 
-    def forward(self, graph: Graph, z: torch.Tensor) -> list[torch.Tensor]:
+    def terms(self, graph: Graph, z: torch.Tensor, z_keys: torch.Tensor | None = None) -> list[torch.Tensor]:
         return filter_terms(self.name, self.order, self.scales(), graph, z, self.path, self.approx_order)
 
     def extra_repr(self) -> str:
         return f"{self.name!r}, order={self.order}, path={self.path!r}, approx_order={self.approx_order}"
+
+
+def _register(name: str, reference: str) -> None:
+    what = {"cayley": "Cayley order R (2R+1 terms)", "heat": "number of heat scales",
+            "wavelet": "number of wavelet scales J"}[name]
+    register_filter(name, lambda order, spectral_path, approx_order: SpectralFilter(name, order, spectral_path,
+                                                                                     approx_order),
+                    options={"order": Option(DEFAULT_ORDER[name], what, lambda k, v: check_order(name, v)),
+                             "spectral_path": Option("auto", "auto (exact where the graph factorizes, else "
+                                                     "Chebyshev), exact or chebyshev", one_of(*PATHS)),
+                             "approx_order": Option(24, "Chebyshev order K of the approximation off factorizable "
+                                                    "graphs", int_at_least(0, "Chebyshev order K of the "
+                                                                              "approximation"))},
+                    reference=reference)
+
+
+_register("cayley", 'Levie et al., "CayleyNets", IEEE TSP 2018, Eq. 8 (Zhu et al., ICCV 2021, Remark 1)')
+_register("heat", "heat diffusion exp(-t L) (Zhu et al., ICCV 2021, Remark 1)")
+_register("wavelet", 'Hammond, Vandergheynst, Gribonval, "Wavelets on graphs via spectral graph theory", ACHA 2011')

@@ -52,7 +52,7 @@ def graph_notes(block: NonlocalBlock) -> list[str]:
     if e.whiten and not e.unary:
         notes.append("whitened pairwise term: queries and keys minus their means over positions")
     unit = block.units[0]
-    if not hasattr(unit, "g"):
+    if unit.g is None:
         notes.append("value_proj=False: Z = X (no W_g; W_g = I in the matrices)")
     if unit.fusion == "add_mul":
         notes.append("fusion='add_mul': Y = X ⊙ sigmoid(F_mul) + F_add; only the additive branch (w.*) is analyzed")
@@ -97,7 +97,7 @@ def block_matrices(name: str, block: NonlocalBlock, state: dict[str, torch.Tenso
     out = []
     for i, unit in enumerate(block.units):
         g_key = f"{name}.units.{i}.g.weight"
-        if not hasattr(unit, "g"):  # value_proj=False: Z = X
+        if unit.g is None:  # value_proj=False: Z = X
             g_key = None
             wg = torch.eye(block.in_channels, dtype=torch.float64)
         elif g_key not in state:
@@ -105,7 +105,7 @@ def block_matrices(name: str, block: NonlocalBlock, state: dict[str, torch.Tenso
         else:
             wg = state[g_key].detach().cpu().double().reshape(state[g_key].shape[0], -1)  # C_v × C
         coef = unit.coef.tolist()
-        labels = unit.term_labels() if hasattr(unit, "term_labels") else None  # spectral filters: named terms
+        labels = unit.term_labels()  # spectral and learnable filters: named terms
         if labels is not None:
             coef = [None] * len(labels)
         if not len(unit.w):

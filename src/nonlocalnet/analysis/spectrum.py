@@ -52,7 +52,7 @@ def read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
 def norm_scale(unit: torch.nn.Module) -> tuple[np.ndarray | None, str]:
     """The per-channel scale of the unit's output norm at inference, or ``None`` when it is not affine."""
     norm = unit.norm
-    channels = unit.g.weight.shape[1] if hasattr(unit, "g") else unit.w[0].weight.shape[0]
+    channels = unit.g.weight.shape[1] if unit.g is not None else unit.w[0].weight.shape[0]
     if norm.kind in ("bn", "bn_relu"):
         bn = norm.bn
         s = (bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)).cpu().numpy()

@@ -93,7 +93,7 @@ def _norm(unit, f: torch.Tensor) -> torch.Tensor:
 def _position_affinity(e, h: torch.Tensor) -> torch.Tensor:
     """``A`` ``(B, N, N')`` formed, Wang et al. / Zhu et al. / Yin et al. style."""
     b = h.shape[0]
-    if hasattr(e, "theta"):
+    if e.theta is not None:
         theta, phi = e.theta(h), e.phi(h)
     else:  # Wang et al.'s Gaussian: the raw features
         theta = phi = h
@@ -145,7 +145,7 @@ def _positions(block, x: torch.Tensor) -> torch.Tensor:
         if e.unary:  # DNL's unary term: softmax(w_m x) pooled by bmm, broadcast over the queries
             a_unary = F.softmax(e.mask(h).reshape(b, 1, -1), dim=-1)
         for unit in block.units:
-            g = unit.g(h) if hasattr(unit, "g") else h
+            g = unit.g(h) if unit.g is not None else h
             cv = g.shape[1]
             g_x = g.reshape(b, cv, -1).permute(0, 2, 1)  # (B, N, C_v)
             g_keys = _pool(g).reshape(b, cv, -1).permute(0, 2, 1) if e.sub_sample else g_x
@@ -238,7 +238,7 @@ def _cc(block, x: torch.Tensor) -> torch.Tensor:
         att = F.softmax(torch.cat([energy_h, energy_w], -1) * e.scale_value, dim=-1)
         att_h, att_w = att[..., :height], att[..., height:]
         for unit in block.units:
-            v = unit.g(h) if hasattr(unit, "g") else h
+            v = unit.g(h) if unit.g is not None else h
             out = torch.einsum("bhwk,bckw->bchw", att_h, v) + torch.einsum("bhwk,bchk->bchw", att_w, v)
             h = _norm(unit, out) + h
     return h
