@@ -583,10 +583,10 @@ class NonlocalUnit(nn.Module):
         p = None
         if has_z:
             p = sum(a * w for a, w in zip(alphas, ws) if isinstance(a, torch.Tensor) or a != 0)  # (C, C_v)
-            if g is not None and g.bias is not None:
-                pb = p @ g.bias
-                bias = pb if bias is None else bias + pb
-            if fold:
+            if fold:  # P Zᵀ = (P W_g) Xᵀ + P b_g (unfolded, the operand Zᵀ = g(X)ᵀ already has the bias)
+                if g.bias is not None:
+                    pb = p @ g.bias
+                    bias = pb if bias is None else bias + pb
                 p = p @ g.weight.flatten(1)  # (C, C)
         if m is None:  # e.g. the zero-order filter: F = Z W
             m = torch.zeros(b, c, r, dtype=st.dtype, device=st.device)

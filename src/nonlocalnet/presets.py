@@ -130,7 +130,8 @@ def list_blocks() -> list[str]:
 
 def _choice(arg: str, value: Any, valid: tuple[str, ...] | list[str], what: str = "") -> None:
     if value not in valid:
-        raise ValueError(f"{arg}: unknown {what or arg} {value!r}; valid: {', '.join(map(str, valid))}")
+        raise ValueError(f"{arg}: unknown {what or arg} {value!r}{did_you_mean(value, [str(v) for v in valid])}; "
+                         f"valid: {', '.join(map(str, valid))}")
 
 
 def _positive_number(arg: str, value: Any, expected: str) -> None:

@@ -304,7 +304,8 @@ def forward(block, x: torch.Tensor, spectral_method: str = "eigh") -> torch.Tens
                 terms = [m @ z for m in mats]
             else:  # a polynomial, fixed or learnable: Σ_k coef[t, k] T_k(A) with the T_k formed as matrices
                 coef = (rows if isinstance(rows, torch.Tensor) else torch.tensor(rows)).to(h.dtype)
-                order = int((coef != 0).any(0).nonzero().max())
+                used = (coef != 0).any(0).nonzero()
+                order = int(used.max()) if len(used) else 0
                 if graph.mode == "channels":
                     zk = pool(z, spatial) if graph.sub_sample else z
                     basis = [z, _cgnl_apply(graph, stage_input, zk)]

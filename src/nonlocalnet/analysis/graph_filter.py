@@ -27,6 +27,7 @@ bottleneck): no gain curve, the block's record says so (``applies: false``, ``no
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,6 @@ from numpy.polynomial import chebyshev
 from nonlocalnet import spectral
 from nonlocalnet.affinity import LowRankGraph
 from nonlocalnet.runs import Loaded
-from nonlocalnet.spectral_filters import responses as spectral_responses
 
 from .capture import capture_batch, dense_affinity, float64_block
 from .errors import require_blocks
@@ -82,25 +82,38 @@ def affinity_eigenvalues(a: np.ndarray) -> tuple[np.ndarray, bool]:
     return np.concatenate([np.linalg.eigvals(m).real for m in a]), False
 
 
-def learned_scales(name: str, index: int, unit, state: dict[str, torch.Tensor] | None = None) -> torch.Tensor | None:
-    """A spectral unit's positive scales (``exp`` of ``{name}.units.{index}.spectral.log_scales``, read from ``state``
-    when it has the key, else from the unit), float64; ``None`` for a polynomial filter."""
-    spec = getattr(unit, "spectral", None)
+def learned_filter(name: str, index: int, unit, state: dict[str, torch.Tensor] | None = None):
+    """Unit ``index``'s filter in float64, with its parameters (``{name}.units.{index}.spectral.*``) read from
+    ``state`` when it has them (a checkpoint of another epoch), else the unit's own; ``None`` for a fixed filter."""
+    spec = unit.spectral
     if spec is None:
         return None
-    key = f"{name}.units.{index}.spectral.log_scales"
-    raw = state[key] if state and key in state else spec.log_scales
-    return raw.detach().cpu().double().exp()
+    prefix = f"{name}.units.{index}.spectral."
+    own = {k[len(prefix):]: v for k, v in (state or {}).items() if k.startswith(prefix)}
+    filt = copy.deepcopy(spec).double()
+    if own:
+        filt.load_state_dict({k: v.double() for k, v in own.items()})
+    return filt
+
+
+def learned_scales(name: str, index: int, unit, state: dict[str, torch.Tensor] | None = None) -> torch.Tensor | None:
+    """A spectral unit's positive scales (``exp`` of ``{name}.units.{index}.spectral.log_scales``, read from ``state``
+    when it has the key, else from the unit), float64; ``None`` for a filter without scales."""
+    filt = learned_filter(name, index, unit, state)
+    if filt is None or not hasattr(filt, "log_scales"):
+        return None
+    return filt.log_scales.detach().cpu().exp()
 
 
 def term_responses(name: str, index: int, unit, lams: np.ndarray, state: dict[str, torch.Tensor] | None = None
                    ) -> np.ndarray:
-    """``B_t(λ)`` (terms × len(λ)) of unit ``index`` of block ``name``, with :func:`learned_scales`."""
+    """``B_t(λ)`` (terms × len(λ)) of unit ``index`` of block ``name``, with the parameters of
+    :func:`learned_filter`."""
     lam = torch.as_tensor(np.asarray(lams, dtype=np.float64))
-    scales = learned_scales(name, index, unit, state)
+    filt = learned_filter(name, index, unit, state)
     with torch.no_grad():
-        if scales is not None:
-            return spectral_responses(unit.spectral.name, unit.spectral.order, scales, lam).numpy()
+        if filt is not None:
+            return filt.responses(lam).double().cpu().numpy()
         return unit.responses(lam).double().cpu().numpy()
 
 
@@ -228,7 +241,9 @@ def run_filter(loaded: Loaded, out: Path, *, data_root: str | None = None, split
                 j = int(np.argmin(np.abs(lam - v)))
                 at[f"{v:g}"] = {k: float(resp[k][j]) for k in resp}
             scales = learned_scales(name, i, unit, loaded.state or None)
-            extra = {"filter": unit.spectral.name, "scales": scales.tolist()} if scales is not None else {}
+            extra = {} if unit.spectral is None else {"filter": unit.filter.name}
+            if scales is not None:
+                extra["scales"] = scales.tolist()
             units.append({"unit": i, "coef": None if coef is None else coef.tolist(),
                           "terms": labels if labels is not None else [poly_label(r) for r in coef],
                           "responses": gains.tolist(), **extra,

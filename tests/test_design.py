@@ -1,0 +1,241 @@
+"""Designing a block from registered parts: a user's kernel and filter (docs/examples/), the registries, the
+capability declarations of the structured paths, module conventions, and checkpoints written before the parts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from torch.testing import assert_close
+
+import nonlocalnet
+from nonlocalnet import reference as ref
+from nonlocalnet.blocks import STRUCTURED_PATHS, NonlocalUnit, UnitConfig
+from nonlocalnet.filters import FILTERS
+from nonlocalnet.kernels import KERNELS
+from nonlocalnet.presets import PRESETS
+from nonlocalnet.testing import check_block, largest_tensor, randomize
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "docs" / "examples" / "efficient_bernstein.py"
+
+
+@pytest.fixture
+def user_parts():
+    """The example's kernel, filter and block registered for one test, then removed (the registries are global)."""
+    runpy.run_path(str(EXAMPLE))
+    yield
+    PRESETS.unregister("efficient")
+    FILTERS.unregister("bernstein")
+    KERNELS.unregister("efficient")
+
+
+def bernstein(theta: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    """BernNet's response, written out: Σ_k relu(θ_k) C(K,k) (λ_L/2)^k (1 - λ_L/2)^(K-k), λ_L = 1 - λ."""
+    k_max = len(theta) - 1
+    x = (1 - lam) / 2
+    return sum(max(t, 0.0) * math.comb(k_max, k) * x**k * (1 - x) ** (k_max - k) for k, t in enumerate(theta))
+
+
+def test_example_is_a_short_user_file():
+    """The kernel, the filter and the block are defined and registered in <= 25 lines (imports, the docstring and
+    blank lines aside), importing nothing but torch and nonlocalnet."""
+    lines = [ln for ln in EXAMPLE.read_text().splitlines()[1:] if ln.strip() and not ln.startswith(("import", "from"))]
+    assert len(lines) <= 25
+    imports = {ln.split()[1].split(".")[0] for ln in EXAMPLE.read_text().splitlines() if ln.startswith(("import",
+                                                                                                        "from"))}
+    assert imports == {"math", "torch", "nonlocalnet"}
+
+
+def test_example_parts_by_name(user_parts):
+    assert "efficient" in nonlocalnet.list_blocks() and "efficient" in KERNELS and "bernstein" in FILTERS
+    block = nonlocalnet.build_block("efficient", 8, order=4)
+    assert block.edges.kernel == "efficient" and block.units[0].filter.degree == 4
+    assert [n for n, _ in block.named_parameters()] == [
+        "edges.theta.weight", "edges.theta.bias", "edges.phi.weight", "edges.phi.bias", "units.0.spectral.theta",
+        "units.0.g.weight", "units.0.g.bias", "units.0.w.0.weight", "units.0.w.0.bias"]
+    # the parts also go into the library's own blocks
+    assert nonlocalnet.build_block("snl", 8, filter="bernstein").units[0].filter.name == "bernstein"
+    with pytest.raises(ValueError, match="order: expected"):
+        nonlocalnet.build_block("efficient", 8, order=-1)
+
+
+def test_example_equals_its_dense_form(user_parts):
+    report = check_block("efficient")
+    assert report["2d"] < 1e-12 and report["3d_channels_last"] < 1e-12 and report["gradcheck"] == 0.0
+    check_block("snl", filter="bernstein", order=2, dims=(2,))  # on the symmetric SNL graph
+    check_block("nl", kernel="efficient", normalization="row", dims=(1,), gradcheck=False)  # another normalization
+
+
+def test_example_takes_the_linear_path(user_parts, monkeypatch):
+    """The structured low-rank path, at any degree, and never an N x N tensor (forward and backward)."""
+    block = randomize(nonlocalnet.build_block("efficient", 8, order=5))
+    assert block.units[0]._paths == ("_lowrank_cf",)
+    x = torch.randn(2, 8, 6, 7, dtype=torch.float64)
+    want = ref.forward(block, x)
+
+    def generic(*args, **kwargs):
+        raise AssertionError("the generic filter path was taken")
+
+    monkeypatch.setattr(NonlocalUnit, "filter_terms", generic)
+    assert_close(block(x), want, rtol=1e-10, atol=1e-10)
+    monkeypatch.undo()
+    n = 24 * 24
+    assert largest_tensor(nonlocalnet.build_block("efficient", 8), torch.randn(2, 8, 24, 24)) < n * n
+
+
+def test_example_response_is_bernnet(user_parts):
+    block = nonlocalnet.build_block("efficient", 8, order=3)
+    unit = block.units[0]
+    with torch.no_grad():
+        unit.spectral.theta.copy_(torch.tensor([0.5, -1.0, 2.0, 0.25]))
+    lam = np.linspace(-1, 1, 9)
+    with torch.no_grad():
+        got = unit.responses(torch.tensor(lam)).numpy()[0]
+    np.testing.assert_allclose(got,
+                               bernstein(np.array([0.5, -1.0, 2.0, 0.25]), lam), rtol=1e-6, atol=1e-7)
+    assert unit.term_labels() == ["bernstein"]
+
+
+def test_example_analyses_and_bench(user_parts, tmp_path):
+    from nonlocalnet.analysis import Batch, run_affinity, run_attention, run_filter
+    from nonlocalnet.bench import run as bench_run
+    from nonlocalnet.models import build_model, insert_blocks
+    from nonlocalnet.runs import Loaded
+
+    net = build_model("preresnet20", 10)
+    insert_blocks(net, {"stage": 1, "after_block": 2, "block": "efficient"}, input_shape=(3, 16, 16))
+    loaded = Loaded.from_model(net, input_shape=(3, 16, 16))
+    (name,) = loaded.blocks
+    unit = loaded.blocks[name].units[0]
+    with torch.no_grad():
+        unit.spectral.theta.copy_(torch.tensor([1.0, 0.0, 0.5, 2.0]))
+    batch = Batch.from_tensor(torch.randn(2, 3, 16, 16))
+    aff = run_affinity(loaded, tmp_path / "aff", batch=batch)
+    assert aff["blocks"][0]["n"] == aff["blocks"][0]["n_keys"] == 256
+    run_attention(loaded, tmp_path / "att", batch=batch, images=1)
+    assert list((tmp_path / "att").glob("*.png"))
+    filt = run_filter(loaded, tmp_path / "filt", batch=batch, images=1)
+    (u,) = filt["blocks"][0]["units"]
+    assert u["filter"] == "bernstein" and u["terms"] == ["bernstein"]
+    np.testing.assert_allclose(u["responses"][0], bernstein(np.array([1.0, 0.0, 0.5, 2.0]), np.asarray(filt["blocks"][0]
+                               ["lambda"])), rtol=1e-6, atol=1e-6)
+    rows = bench_run(blocks=["efficient"], backends=["auto", "dense"], sizes=[8], batch=1, channels=16,
+                     modes=["fwd"], repeats=1)
+    by_backend = {r.backend: r for r in rows}
+    assert by_backend["auto"].taken == "lowrank" and by_backend["auto"].time_ms > 0
+    assert by_backend["dense"].time_ms > 0
+
+
+@pytest.mark.parametrize("name", nonlocalnet.list_blocks())
+def test_every_preset_passes_the_public_check(name):
+    opts = {"reduction": 2} if name == "cc" else {}
+    report = check_block(name, dims=(1, 2), gradcheck=False, **opts)
+    assert report["1d"] < 1e-8 and report["2d"] < 1e-8
+
+
+def test_structured_paths_declare_every_field():
+    names = {f.name for f in dataclasses.fields(UnitConfig)}
+    for path, supports in STRUCTURED_PATHS.items():
+        assert set(supports) == names, f"{path} does not declare {names - set(supports)}"
+        assert hasattr(NonlocalUnit, path)
+
+
+def test_a_field_no_path_declares_goes_to_the_generic_path():
+    @dataclasses.dataclass(frozen=True)
+    class WithNewOption(UnitConfig):
+        new_option: bool = True
+
+    base = dict(fusion="add", out_map="linear", map_groups=1, maps=True, value_proj=True, value_bias=True,
+                sub_sample=False, norm="bn", filter="fixed")
+    assert UnitConfig(**base).handled_by(STRUCTURED_PATHS["_lowrank_cf"])
+    assert not WithNewOption(**base).handled_by(STRUCTURED_PATHS["_lowrank_cf"])
+    # what the library's units are handled by
+    assert nonlocalnet.build_block("snl", 8).units[0]._paths == ("_lowrank_cf",)
+    assert nonlocalnet.build_block("heat", 8).units[0]._paths == ()  # a matrix function: its own exact r x r path
+    assert nonlocalnet.build_block("gc", 8).units[0]._paths == ("_unary_cf",)
+    assert nonlocalnet.build_block("nl", 8, sub_sample=True).units[0]._paths == ()
+
+
+def test_lowrank_bias_with_an_identity_term():
+    """Multi-term filters with biases on a low-rank graph (the Z W_0 term's bias was counted twice before)."""
+    for name, opts in [("a2", {"filter": "snl"}), ("gsnl", {"bias": True}), ("nl", {"kernel": "dot_product",
+                                                                                    "filter": "cheby", "order": 2})]:
+        block = randomize(nonlocalnet.build_block(name, 8, **opts))
+        x = torch.randn(2, 8, 5, 4, dtype=torch.float64)
+        assert_close(block(x), ref.forward(block, x), rtol=1e-10, atol=1e-10)
+
+
+def test_reset_parameters_reapplies_zero_init():
+    for name in ("nl", "cc", "gc"):
+        block = nonlocalnet.build_block(name, 8)
+        x = torch.randn(2, 8, 4, 4)
+        assert_close(block(x), x)  # a new zero-init block is the identity
+        randomize(block).float()
+        assert (block(x) - x).abs().max() > 1e-3
+        block.reset_parameters()
+        assert_close(block(x), x)
+    heat = nonlocalnet.build_block("heat", 8)
+    with torch.no_grad():
+        heat.units[0].spectral.log_scales.add_(1.0)
+    heat.reset_parameters()
+    assert_close(heat.units[0].spectral.log_scales.exp(), torch.tensor([0.5, 4.0]))
+
+
+def test_factory_arguments():
+    block = nonlocalnet.build_block("snl", 8, dtype=torch.float64, device="cpu")
+    assert {p.dtype for p in block.parameters()} == {torch.float64}
+    heat = nonlocalnet.build_block("heat", 8, dtype=torch.float64)
+    assert heat.units[0].spectral.log_scales.dtype == torch.float64
+    assert isinstance(block, nonlocalnet.NonlocalBlock)
+    assert block.edges.concat is None and block.edges.mask is None and block.units[0].w_mul is None
+    assert nonlocalnet.build_block("gc", 8).units[0].g is None
+
+
+def test_registries_name_what_is_valid():
+    with pytest.raises(ValueError, match=r"kernel: unknown kernel 'relu_dott' \(did you mean 'relu_dot'\?\)"):
+        nonlocalnet.build_block("nl", 8, kernel="relu_dott")
+    with pytest.raises(ValueError, match="already registered.*replace=True"):
+        nonlocalnet.register_kernel(KERNELS["dot_product"])
+    with pytest.raises(ValueError, match="filter: unknown filter 'bern'.*heat, wavelet"):
+        nonlocalnet.build_block("nl", 8, filter="bern")
+    with pytest.raises(ValueError, match="pretransform='custom' needs a subclass"):
+        nonlocalnet.Kernel("mine", "?", pretransform="custom")
+    with pytest.raises(ValueError, match="defaults: unknown option"):
+        nonlocalnet.register_block(nonlocalnet.Preset("mine", "", dict(colour=1)))
+    with pytest.raises(ValueError, match="order: applies to filter 'cheby', 'cayley', 'heat', 'wavelet'"):
+        nonlocalnet.build_block("snl", 8, order=2)
+    cgnl, snl = nonlocalnet.block_options("cgnl"), nonlocalnet.block_options("snl")
+    assert {"groups", "taylor_order", "order", "spectral_path"} <= set(cgnl)
+    assert "groups" not in snl and {"order", "approx_order", "kernel"} <= set(snl)
+
+def test_user_block_appears_in_the_lists(user_parts):
+    with pytest.raises(ValueError, match="name: unknown block 'efficent' \\(did you mean 'efficient'\\?\\).*efficient"):
+        nonlocalnet.build_block("efficent", 8)
+
+
+def _legacy_cases():
+    with safe_open(str(ROOT / "tests" / "data" / "legacy_blocks.safetensors"), "pt") as f:
+        return json.loads(f.metadata()["cases"])
+
+
+@pytest.mark.parametrize("case", list(_legacy_cases()))
+def test_checkpoints_from_before_the_parts_load_and_agree(case):
+    """State dicts written by the code before kernels/filters/graph modes were parts (tests/data/
+    make_legacy_blocks.py, run on that code): the same keys, and the same outputs (float64)."""
+    meta = _legacy_cases()[case]
+    with safe_open(str(ROOT / "tests" / "data" / "legacy_blocks.safetensors"), "pt") as f:
+        keys = [k for k in f.keys() if k.startswith(f"{case}/")]
+        state = {k[len(case) + 7:]: f.get_tensor(k) for k in keys if k.startswith(f"{case}/state/")}
+        x, y = f.get_tensor(f"{case}/x"), f.get_tensor(f"{case}/y")
+    block = nonlocalnet.build_block(meta["name"], 8, **meta["options"]).double()
+    assert set(block.state_dict()) == set(state)
+    block.load_state_dict(state, strict=True)
+    assert_close(block(x), y, rtol=1e-10, atol=1e-12)
