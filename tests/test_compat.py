@@ -1,7 +1,7 @@
 """nonlocalnet.compat against independent literal references of the public implementations.
 
 ``official_stage`` (the SNL authors' ``Stage``) and ``mmcv_nonlocal`` (mmcv's ``NonLocal1d/2d/3d``) below are
-written from framework.md ("The code behind the papers' numbers") on the raw state-dict tensors, with dense
+written from docs/framework.md ("The code behind the papers' numbers") on the raw state-dict tensors, with dense
 N×N matrices and torch / torch.nn.functional only: no nonlocalnet code. BatchNorm and GroupNorm are written
 out too (batch statistics, running-stat update with momentum 0.1 and the unbiased variance). float64, rtol 1e-6.
 """

@@ -1,14 +1,14 @@
 """Step 1 of every nonlocal block: the affinity ``A`` (the graph), as an operator.
 
 A kernel gives ``M`` (per batch item, ``N × N'``), a normalization turns it into ``A``
-(framework.md "Step 1"; Eq. 2 of L. Zhu, Q. She, L. Zhang, P. Guo, "A Spectral Nonlocal Block for Neural
+(docs/framework.md "Step 1"; Eq. 2 of L. Zhu, Q. She, L. Zhang, P. Guo, "A Spectral Nonlocal Block for Neural
 Networks", ICLR 2020 submission, OpenReview rkgb9kSKwS; Eq. 5 of L. Zhu et al., "Unifying Nonlocal Blocks for
 Neural Networks", ICCV 2021, arXiv:2108.02451, numbered as in its submitted version; "Zhu et al. 2021 (ICCV)"
 below). Blocks never ask for ``A`` itself: they ask for products ``A @ V`` with ``V`` of shape ``(B, N', c)``.
 Each backend answers that product differently, all exactly:
 
 - :class:`LowRankGraph` — ``M = P Qᵀ`` (``dot_product``, ``relu_dot``, A²'s double attention):
-  ``A V`` in ``O(N·r·c)``, no ``N × N'`` tensor (framework.md "Low rank").
+  ``A V`` in ``O(N·r·c)``, no ``N × N'`` tensor (docs/framework.md "Low rank").
 - :class:`PairwiseGraph` — any kernel, evaluated in blocks of query rows (``chunked``) or all at once
   (``dense``). Exp kernels are evaluated in the log domain: softmax per row, and a global shift for
   the symmetric normalization (which is invariant to scaling ``M``).
@@ -156,7 +156,7 @@ class Graph:
 class LowRankGraph(Graph):
     """``M = P Qᵀ`` with ``P: (B, N, r)``, ``Q: (B, N', r)``, normalized without forming ``M``.
 
-    framework.md "Low rank": ``M Z = P (Qᵀ Z)``, ``M̂ Z = (P(QᵀZ) + Q(PᵀZ))/2``,
+    docs/framework.md "Low rank": ``M Z = P (Qᵀ Z)``, ``M̂ Z = (P(QᵀZ) + Q(PᵀZ))/2``,
     degrees ``M̂ 1 = (P(Qᵀ1) + Q(Pᵀ1))/2``, ``A Z = D̂^{-1/2} M̂ (D̂^{-1/2} Z)``.
 
     Every normalization is folded into the factors once, so ``A = U Vᵀ`` and each product

@@ -11,7 +11,7 @@ Papers cited here (short form first):
   arXiv:2108.02451 (equation and section numbers as in its submitted version, "A Unified Framework to
   Analyze and Design the Nonlocal Blocks for Neural Networks"; code: the SNL_ICCV2021 repository).
 
-A nonlocal block is (framework.md; Zhu et al., ICLR 2020 submission, Eq. 1; Zhu et al. 2021 (ICCV), Eq. 1;
+A nonlocal block is (docs/framework.md; Zhu et al., ICLR 2020 submission, Eq. 1; Zhu et al. 2021 (ICCV), Eq. 1;
 Tao et al. 2018, Eq. 8)::
 
     A = normalize(kernel(θ(X), φ(X)))                    computed once from the stage input X

@@ -10,7 +10,7 @@
 
 Each returns a block built with :func:`nonlocalnet.build_block` whose output equals the original module's,
 in eval and in train mode (BatchNorm batch statistics and running-stat updates included). Only the
-layouts and formulas recorded in framework.md ("The code behind the papers' numbers") are used; no code
+layouts and formulas recorded in docs/framework.md ("The code behind the papers' numbers") are used; no code
 of those projects. docs/compat.md has the key mappings and the one flag combination that our affinities
 cannot express (the official ``is_norm=True, is_sys=False``).
 
@@ -162,7 +162,7 @@ def from_official_snl(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, uni
                       normalized: bool = True, symmetric: bool = True, prefix: str = "") -> nn.Module:
     """A block equal to the SNL authors' ``Stage`` with ``is_norm=normalized, is_sys=symmetric``.
 
-    Keys (framework.md): ``t.weight``, ``p.weight`` (θ, φ; no bias) and per unit ``i``
+    Keys (docs/framework.md): ``t.weight``, ``p.weight`` (θ, φ; no bias) and per unit ``i``
     ``stages.{i}.g.weight``, ``stages.{i}.w_1.weight`` (``unit="snl"`` only), ``stages.{i}.w_2.weight``,
     ``stages.{i}.bn.{weight,bias,running_mean,running_var[,num_batches_tracked]}``. The number of units,
     ``C``, ``C_s`` and ``dim`` (from the weights' rank: 4-D → 2-D block) are inferred. ``prefix``: keys are
@@ -268,7 +268,7 @@ def from_mmcv(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, mode: str |
     ``module="CrissCrossAttention"`` / ``module="ContextBlock"`` to those modules (see :func:`_mmcv_criss_cross`,
     :func:`_mmcv_context_block`; ``mode``, ``sub_sample``, ``use_scale``, ``gn_groups`` are NonLocal's only).
 
-    Keys (framework.md): ``g.conv.{weight,bias}``, ``theta.conv.*`` and ``phi.conv.*`` (not in
+    Keys (docs/framework.md): ``g.conv.{weight,bias}``, ``theta.conv.*`` and ``phi.conv.*`` (not in
     ``gaussian`` mode), ``conv_out.conv.weight`` (+ ``conv_out.conv.bias`` without a norm), the norm after
     ``conv_out`` if any (``conv_out.bn.*`` BatchNorm or ``conv_out.gn.*`` GroupNorm, detected from the
     keys; GroupNorm needs ``gn_groups``, which a state dict does not record), ``concat_project.conv.weight``

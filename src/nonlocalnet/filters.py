@@ -13,7 +13,7 @@ Papers cited here (short form first):
   Analyze and Design the Nonlocal Blocks for Neural Networks"; code: the SNL_ICCV2021 repository).
 
 Every block of the family is (Zhu et al. 2021 (ICCV), Eq. 3–4; Zhu et al., ICLR 2020 submission, Eq. 7 and
-10; framework.md "Step 2")
+10; docs/framework.md "Step 2")
 
     F(A, Z) = Σ_t  B_t(A) Z W_t,      B_t(A) = Σ_k coef[t, k] T_k(A)
 
