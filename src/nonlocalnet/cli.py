@@ -276,7 +276,8 @@ def _add_analyze(sub) -> None:
                             ".safetensors checkpoint written by `nonlocalnet train`")
         p.add_argument("--out", default=None, help="output directory (default: <run dir>/analysis/<subcommand>)")
         _set_option(p, "the run's config (e.g. --set data.root=/data/cifar)")
-        p.add_argument("--device", type=_device, default="cpu", help="torch device for the forward passes (default cpu)")
+        p.add_argument("--device", type=_device, default="cpu",
+                       help="torch device for the forward passes (default cpu)")
 
     def data(p: argparse.ArgumentParser, images: int) -> None:
         p.add_argument("--data-root", default=None,

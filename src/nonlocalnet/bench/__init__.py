@@ -227,7 +227,8 @@ def run(*, quick: bool = False, blocks: list[str] | None = None, backends: list[
     cfg = dict(QUICK if quick else CORE)
     unknown = [b for b in backends or () if b not in BACKENDS]
     if unknown:
-        raise ValueError(f"backends (--backends): unknown {', '.join(map(repr, unknown))}; valid: {', '.join(BACKENDS)}")
+        raise ValueError(f"backends (--backends): unknown {', '.join(map(repr, unknown))}; valid: "
+                         f"{', '.join(BACKENDS)}")
     check_dense_cap(dense_cap_gib)
     blocks = list(PRESETS) if blocks == ["all"] else (blocks or cfg["blocks"])
     sizes = sizes or cfg["sizes"]
