@@ -29,15 +29,18 @@ from nonlocalnet.analysis.output import default_out
 from nonlocalnet.apps.demo import DEFAULT_RUNS, run_demo
 from nonlocalnet.apps.summary import summarize
 from nonlocalnet.apps.sweep import run_sweep
+from nonlocalnet.bench import bench_device, check_dense_cap, run_naive, training_throughput
 from nonlocalnet.bench import run as run_bench
-from nonlocalnet.bench import run_naive, training_throughput
 from nonlocalnet.bench.naive import CASES as NAIVE_CASES
 from nonlocalnet.bench.spectral import run_spectral
+from nonlocalnet.kernels import BACKENDS
 from nonlocalnet.presets import PRESETS
 from nonlocalnet.runs import (
     CheckpointError,
     ConfigError,
     DatasetError,
+    RunDirError,
+    Terminated,
     dump_config,
     load_config,
     load_config_only,
@@ -72,7 +75,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    summary = train(cfg, resume=args.resume)
+    if args.allow_model_change and not args.resume:
+        raise UserError("--allow-model-change is for --resume (a fresh run builds the configured model anyway)")
+    summary = train(cfg, resume=args.resume, allow_model_change=args.allow_model_change)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
     return 0
@@ -203,6 +208,21 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _gib(text: str) -> float:
+    try:
+        return check_dense_cap(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of GiB, got {text!r}") from None
+
+
+def _device(text: str) -> str:
+    try:
+        bench_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _block_name(text: str) -> str:
     if text not in PRESETS:
         raise argparse.ArgumentTypeError(f"unknown block {text!r}; valid: {', '.join(PRESETS)}")
@@ -227,6 +247,9 @@ def _add_train(sub) -> None:
     _set_option(p, "the config")
     p.add_argument("--resume", action="store_true",
                    help="continue from run.out/last.safetensors (exactly: same metrics as an uninterrupted run)")
+    p.add_argument("--allow-model-change", action="store_true",
+                   help="with --resume: load the checkpoint into a model configured differently from the one it "
+                        "saved (same tensor names, shapes and dtypes); without it such a resume is refused")
     p.add_argument("--out", default=None, help="shorthand for --set run.out=DIR")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_train)
@@ -234,7 +257,8 @@ def _add_train(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a checkpoint on the test split",
                        description="Evaluate a .safetensors checkpoint with the config saved next to it "
                                    "(config.yaml) or inside it; prints {\"top1\", \"top5\", \"loss\"} as JSON.")
-    e.add_argument("checkpoint", help="a .safetensors checkpoint written by `nonlocalnet train`")
+    e.add_argument("checkpoint", help="a .safetensors checkpoint written by `nonlocalnet train`, or its run dir "
+                                      "(last.safetensors, else best, else the latest epoch file)")
     _set_option(e, "the run's config (e.g. --set data.root=/data/cifar --set run.device=cpu)")
     e.set_defaults(func=cmd_eval)
 
@@ -252,7 +276,8 @@ def _add_analyze(sub) -> None:
                             ".safetensors checkpoint written by `nonlocalnet train`")
         p.add_argument("--out", default=None, help="output directory (default: <run dir>/analysis/<subcommand>)")
         _set_option(p, "the run's config (e.g. --set data.root=/data/cifar)")
-        p.add_argument("--device", default="cpu", help="torch device for the forward passes (default cpu)")
+        p.add_argument("--device", type=_device, default="cpu",
+                       help="torch device for the forward passes (default cpu)")
 
     def data(p: argparse.ArgumentParser, images: int) -> None:
         p.add_argument("--data-root", default=None,
@@ -353,7 +378,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--blocks", nargs="+", type=_block_name, default=None,
                    help=f"presets (default: snl nl; any of {', '.join(PRESETS)})")
     p.add_argument("--all-blocks", action="store_true", help="every preset")
-    p.add_argument("--backends", nargs="+", default=None, help="backends (default: all a preset supports)")
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
+                   help="backends (default: all a preset supports)")
     p.add_argument("--sizes", nargs="+", type=_positive_int, default=None, help="square sides H=W (N = side²)")
     p.add_argument("--video", nargs="+", type=_clip, default=[], help="clip sizes TxHxW, e.g. 4x28x28 (3-D blocks)")
     p.add_argument("--batch", type=_positive_int, default=None)
@@ -361,8 +387,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"], default=None)
     p.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16", "float16"], default=["float32"])
     p.add_argument("--repeats", type=_positive_int, default=None)
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--dense-cap-gib", type=float, default=6.0, help="skip dense runs needing more than this")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--dense-cap-gib", type=_gib, default=6.0, help="skip dense runs needing more than this")
     p.add_argument("--floor", action="store_true",
                    help="also measure each block's forward time against its own 1x1 projections (largest size)")
     p.add_argument("--compile-floor", action="store_true",
@@ -423,13 +449,16 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         _error(str(e))
         return EXIT_NONFINITE
-    except (ConfigError, CheckpointError, DatasetError, TrainingError, AnalysisError, FileNotFoundError,
-            UserError) as e:
+    except (ConfigError, CheckpointError, DatasetError, TrainingError, AnalysisError, RunDirError,
+            FileNotFoundError, UserError) as e:
         _error(str(e))
         return EXIT_ERROR
     except KeyboardInterrupt:
         _error("interrupted; a training run continues with --resume")
         return 130
+    except Terminated as e:
+        _error(f"{e}; a training run continues with --resume")
+        return 128 + e.signum
 
 
 if __name__ == "__main__":

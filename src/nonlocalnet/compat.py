@@ -93,6 +93,25 @@ def _check_keys(sd: Mapping[str, torch.Tensor], required: list[str], optional: l
     raise ValueError(msg)
 
 
+def _check_dtypes(sd: Mapping[str, torch.Tensor], what: str, prefix: str) -> None:
+    """One floating dtype for every weight (BatchNorm's counters are integers): nothing is cast silently."""
+    counters = [k for k in sd if k.endswith(_BN_OPTIONAL)]  # integer by nature
+    not_float = [prefix + k for k, v in sd.items() if k not in counters and not v.is_floating_point()]
+    if not_float:
+        raise ValueError(f"{what}: weights must be floating-point tensors; {_fmt_keys(not_float)} "
+                         f"{'is' if len(not_float) == 1 else 'are'} {sd[not_float[0][len(prefix):]].dtype} (converting "
+                         "them would silently change what they hold)")
+    dtypes = {v.dtype for k, v in sd.items() if k not in counters}
+    if len(dtypes) > 1:
+        key0 = next(k for k in sd if k not in counters)
+        first = sd[key0].dtype
+        odd = [prefix + k for k, v in sd.items() if k not in counters and v.dtype != first]
+        raise ValueError(f"{what}: the weights mix dtypes ({', '.join(sorted(map(str, dtypes)))}): "
+                         f"{_fmt_keys(odd)} {'is' if len(odd) == 1 else 'are'} {sd[odd[0][len(prefix):]].dtype} but "
+                         f"{prefix + key0!r} is {first}; a block has one dtype: convert the state dict first, e.g. "
+                         "{k: v.float() for k, v in state_dict.items()}")
+
+
 def _check_shapes(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...] | list[tuple[int, ...]]],
                   what: str, prefix: str, context: str) -> None:
     bad = []
@@ -134,8 +153,11 @@ def _bool(name: str, value: Any) -> None:
         raise TypeError(f"{name}: expected a bool, got {value!r}")
 
 
-def _load(block: nn.Module, ours: dict[str, torch.Tensor], like: torch.Tensor) -> nn.Module:
-    """Load ``ours`` (all parameters; BatchNorm counters optional) into ``block``, on ``like``'s dtype/device."""
+def _load(block: nn.Module, ours: dict[str, torch.Tensor], like: torch.Tensor, sd: Mapping[str, torch.Tensor],
+          what: str, prefix: str) -> nn.Module:
+    """Load ``ours`` (all parameters; BatchNorm counters optional) into ``block``, on ``like``'s dtype/device,
+    after checking that the user's state dict ``sd`` holds one floating dtype (:func:`_check_dtypes`)."""
+    _check_dtypes(sd, what, prefix)
     block = block.to(device=like.device, dtype=like.dtype if like.is_floating_point() else None)
     full = block.state_dict()
     unknown = sorted(set(ours) - set(full))
@@ -257,7 +279,7 @@ def from_official_snl(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, uni
         else:
             ours[f"{u}.w.0.weight"] = sd[f"{s}.w_2.weight"]
         ours.update(_bn(sd, f"{s}.bn", f"{u}.norm.bn"))
-    return _load(block, ours, t)
+    return _load(block, ours, t, sd, what, prefix)
 
 
 # --------------------------------------------------------------------------------------- mmcv
@@ -387,7 +409,7 @@ def from_mmcv(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, mode: str |
     elif norm == "gn":
         ours.update({"units.0.norm.gn.weight": sd["conv_out.gn.weight"],
                      "units.0.norm.gn.bias": sd["conv_out.gn.bias"]})
-    return _load(block, ours, sd[f"{g}.weight"])
+    return _load(block, ours, sd[f"{g}.weight"], sd, what, prefix)
 
 
 def _shape_context(sd: Mapping[str, torch.Tensor], key: str, prefix: str, **inferred: int) -> str:
@@ -425,7 +447,7 @@ def _mmcv_criss_cross(state_dict: Any, prefix: str, recurrence: int) -> nn.Modul
             "edges.phi.weight": sd["key_conv.weight"], "edges.phi.bias": sd["key_conv.bias"],
             "units.0.g.weight": sd["value_conv.weight"], "units.0.g.bias": sd["value_conv.bias"],
             "units.0.norm.gamma": sd["gamma.scale"].reshape(1)}
-    return _load(block, ours, sd["query_conv.weight"])
+    return _load(block, ours, sd["query_conv.weight"], sd, what, prefix)
 
 
 _GC_BRANCHES = {"channel_add": "w", "channel_mul": "w_mul"}
@@ -476,7 +498,7 @@ def _mmcv_context_block(state_dict: Any, prefix: str) -> nn.Module:
                      f"{dst}.norm.weight": sd[f"{f}_conv.1.weight"].reshape(planes),
                      f"{dst}.norm.bias": sd[f"{f}_conv.1.bias"].reshape(planes),
                      f"{dst}.conv2.weight": sd[f"{f}_conv.3.weight"], f"{dst}.conv2.bias": sd[f"{f}_conv.3.bias"]})
-    return _load(block, ours, sd["conv_mask.weight"])
+    return _load(block, ours, sd["conv_mask.weight"], sd, what, prefix)
 
 
 # --------------------------------------------------------------------------------------- CGNL authors
@@ -523,7 +545,7 @@ def from_cgnl(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, kernel: str
     ours = {"edges.theta.weight": sd["t.weight"], "edges.phi.weight": sd["p.weight"],
             "units.0.g.weight": sd["g.weight"], "units.0.w.0.weight": sd["z.weight"],
             "units.0.norm.gn.weight": sd["gn.weight"], "units.0.norm.gn.bias": sd["gn.bias"]}
-    return _load(block, ours, sd["t.weight"])
+    return _load(block, ours, sd["t.weight"], sd, what, prefix)
 
 
 # --------------------------------------------------------------------------------------- timm
@@ -557,4 +579,4 @@ def from_timm(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, use_scale: 
             "units.0.g.weight": sd["g.weight"], "units.0.g.bias": sd["g.bias"],
             "units.0.w.0.weight": sd["z.weight"], "units.0.w.0.bias": sd["z.bias"]}
     ours.update(_bn(sd, "norm", "units.0.norm.bn"))
-    return _load(block, ours, sd["t.weight"])
+    return _load(block, ours, sd["t.weight"], sd, what, prefix)

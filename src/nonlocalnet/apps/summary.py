@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from nonlocalnet.runs import (
     load_config,
     num_classes_for,
     read_metrics,
+    require_directory,
 )
 from nonlocalnet.runs.layout import CONFIG_FILE
 
@@ -43,15 +45,27 @@ def _identity(cfg) -> str:
     return json.dumps(d, sort_keys=True)
 
 
-def group_runs(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """``[{"label", "config", "runs": [(seed, run_dir, metrics)]}]`` in order of first appearance."""
+def _log(msg: str) -> None:
+    print(f"nonlocalnet summarize: {msg}", file=sys.stderr, flush=True)
+
+
+def group_runs(run_dirs: Sequence[str | Path], log: Callable[[str], None] = _log) -> list[dict[str, Any]]:
+    """``[{"label", "config", "runs": [(seed, run_dir, metrics)]}]`` in order of first appearance. A run given
+    twice (under any path) is counted once, with a note to ``log``."""
     groups: dict[str, dict[str, Any]] = {}
+    seen: dict[Path, Path] = {}
     for d in map(Path, run_dirs):
         if not (d / CONFIG_FILE).is_file():
             raise ConfigError(f"summarize: {d} is not a run directory (no {CONFIG_FILE}); pass directories "
                               "written by `nonlocalnet train` or `nonlocalnet sweep`")
+        real = d.resolve()
+        if real in seen:
+            log(f"{d} is given twice (also as {seen[real]}): counted once" if str(d) != str(seen[real])
+                else f"{d} is given twice: counted once")
+            continue
+        seen[real] = d
         cfg = load_config(d / CONFIG_FILE)
-        metrics = read_metrics(d)
+        metrics = read_metrics(d, required=("epoch", "top1"))
         if not metrics:
             raise ConfigError(f"summarize: {d} has no completed epoch (empty or missing metrics.jsonl)")
         g = groups.setdefault(_identity(cfg), {"config": cfg, "runs": [], "parents": set()})
@@ -148,7 +162,7 @@ def summarize(run_dirs: Sequence[str | Path], out: str | Path, *, reach: float =
         raise ConfigError("summarize: no run directory given")
     if not (isinstance(reach, int | float) and math.isfinite(reach) and 0 < reach <= 100):
         raise ConfigError(f"summarize: --reach must be a percentage in (0, 100], got {reach!r}")
-    out = Path(out)
+    out = require_directory(out, "summarize: --out")
     groups = group_runs(run_dirs)
     rows = [_group_stats(g, reach) for g in groups]
     figure = _plot(groups, out / "curves.png")

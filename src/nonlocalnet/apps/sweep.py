@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from nonlocalnet.runs import ConfigError, load_config, read_metrics
+from nonlocalnet.runs import ConfigError, load_config, read_metrics, require_directory
 from nonlocalnet.runs.layout import LAST_WEIGHTS
 from nonlocalnet.train import train
 
@@ -27,6 +27,7 @@ def _log(msg: str) -> None:
 def plan_sweep(configs: Sequence[str | Path], seeds: Sequence[int], out: str | Path,
                overrides: Sequence[str] = ()) -> list[tuple[str, int, object]]:
     """``[(name, seed, config)]`` of every run, validated before anything runs."""
+    require_directory(out, "sweep: --out")
     names = [Path(c).stem for c in configs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

@@ -23,7 +23,7 @@ import matplotlib
 import torch
 
 from nonlocalnet.blocks import project
-from nonlocalnet.kernels import valid_backends
+from nonlocalnet.kernels import BACKENDS, valid_backends
 from nonlocalnet.models import build_model, insert_blocks
 from nonlocalnet.presets import PRESETS, build_block, resolve_options
 from nonlocalnet.profiling import median_time, peak_memory
@@ -33,9 +33,34 @@ from . import naive
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 
-__all__ = ["CORE", "QUICK", "NaiveRow", "Row", "backends_for", "format_naive", "interleaved_medians", "merge_naive",
-           "projection_floor", "run",
+__all__ = ["CORE", "QUICK", "NaiveRow", "Row", "backends_for", "bench_device", "check_dense_cap", "format_naive",
+           "interleaved_medians", "merge_naive", "projection_floor", "run",
            "run_case", "run_naive", "run_naive_case", "training_throughput"]
+
+
+def bench_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device that this machine has; a ValueError naming ``device`` otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected cpu or cuda[:k], got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"device {device!r}: CUDA is not available ({why}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device: expected cpu or cuda[:k], got {device!r}")
+    return dev
+
+
+def check_dense_cap(dense_cap_gib: float) -> float:
+    """``dense_cap_gib`` (GiB the dense runs may need) as a positive finite number; a ValueError otherwise."""
+    if isinstance(dense_cap_gib, bool) or not isinstance(dense_cap_gib, int | float) or \
+            not (math.isfinite(dense_cap_gib) and dense_cap_gib > 0):
+        raise ValueError(f"dense_cap_gib (--dense-cap-gib) must be a positive number of GiB, got {dense_cap_gib!r}")
+    return float(dense_cap_gib)
 
 
 def backends_for(name: str, **options) -> list[str]:
@@ -200,11 +225,16 @@ def run(*, quick: bool = False, blocks: list[str] | None = None, backends: list[
 
     ``None`` takes the value of :data:`QUICK` (``quick``) or :data:`CORE`; ``blocks`` may hold ``"all"``."""
     cfg = dict(QUICK if quick else CORE)
+    unknown = [b for b in backends or () if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"backends (--backends): unknown {', '.join(map(repr, unknown))}; valid: "
+                         f"{', '.join(BACKENDS)}")
+    check_dense_cap(dense_cap_gib)
     blocks = list(PRESETS) if blocks == ["all"] else (blocks or cfg["blocks"])
     sizes = sizes or cfg["sizes"]
     batch, channels = batch or cfg["batch"], channels or cfg["channels"]
     modes, repeats = modes or cfg["modes"], repeats or cfg["repeats"]
-    dev = torch.device(device)
+    dev = bench_device(device)
     shapes = [(batch, channels, s, s) for s in sizes] + [(batch, channels, *v) for v in video]
     rows: list[Row] = []
     env = environment()
@@ -410,6 +440,7 @@ def run_naive(*, cases: list[str] | None = None, blocks: list[str] | None = None
     ``blocks`` adds every case of those presets) against its naive NCHW formulation, printed as ``naive / ours``
     ratios. ``processes > 1``: the table measured in that many fresh processes, merged (median ratio and its
     range per cell; see :func:`_naive_in_processes`)."""
+    check_dense_cap(dense_cap_gib)
     if not cases and not blocks:
         chosen = list(naive.CASES)
     else:

@@ -19,6 +19,7 @@ from ._common import (
     DatasetInfo,
     FileDataset,
     InMemoryDataset,
+    SampleError,
 )
 from .cifar import CIFAR10, CIFAR100
 from .demo import DemoDataset, generate_demo
@@ -47,6 +48,7 @@ __all__ = [
     "ImageFolder",
     "InMemoryDataset",
     "RestrictedUnpickler",
+    "SampleError",
     "UCF101",
     "UnsafePickleError",
     "build_dataset",

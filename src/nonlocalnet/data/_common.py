@@ -104,6 +104,10 @@ class InMemoryDataset(BaseDataset):
         return self.images[index], int(self.labels[index])
 
 
+class SampleError(ValueError):
+    """A sample's file that cannot be read or decoded (raised on access, so during training); names the file."""
+
+
 class FileDataset(BaseDataset):
     """A dataset decoded from files on access, with a per-sample random stream for training augmentation.
 

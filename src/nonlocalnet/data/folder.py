@@ -87,11 +87,15 @@ class ImageFolder(_ImageFileDataset):
         for cls in _class_dirs(split_dir):
             if cls not in index:
                 raise ValueError(f"{split_dir / cls} is a class folder that {class_source} does not have")
+            before = len(self.samples)
             for dirpath, dirnames, filenames in os.walk(split_dir / cls, followlinks=True):
                 dirnames.sort()
                 for fname in sorted(filenames):
                     if is_image_file(fname):
                         self.samples.append((os.path.join(dirpath, fname), index[cls]))
+            if len(self.samples) == before:
+                raise ValueError(f"class folder {split_dir / cls} holds no images (.jpg, .png, ...); a class "
+                                 "without samples cannot be learned or measured: fill it or remove it")
         if not self.samples:
             raise ValueError(f"{split_dir} holds no images (.jpg, .png, ...); "
                              f"expected {expected}")

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ._common import SampleError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 Box = tuple[float, float, float, float]
@@ -42,7 +44,9 @@ def open_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Im
     except FileNotFoundError:
         raise
     except Exception as exc:
-        raise ValueError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from exc
+        size = os.path.getsize(path) if os.path.isfile(path) else None
+        what = "an empty (0-byte) file" if size == 0 else f"{type(exc).__name__}: {exc}"
+        raise SampleError(f"cannot decode image {path}: {what}") from exc
 
 
 def center_box(width: int, height: int, size: int, resize: int) -> tuple[Box, tuple[int, int]]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ._common import IMAGENET_MEAN, IMAGENET_STD, FileDataset, normalize_split, require_root
+from ._common import IMAGENET_MEAN, IMAGENET_STD, FileDataset, SampleError, normalize_split, require_root
 from .imaging import center_box, crop_resize, default_resize, is_image_file, open_rgb, random_box
 
 __all__ = ["UCF101", "sample_frame_indices"]
@@ -148,7 +148,7 @@ class UCF101(FileDataset):
         video_dir = self.samples[index][0]
         names = sorted((n for n in os.listdir(video_dir) if is_image_file(n)), key=_natural_key)
         if not names:
-            raise ValueError(f"frame folder {video_dir} holds no images")
+            raise SampleError(f"frame folder {video_dir} holds no images")
         return [os.path.join(video_dir, n) for n in names]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:

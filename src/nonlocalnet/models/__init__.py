@@ -18,7 +18,7 @@ from .insert import (
 )
 from .layout import LAYOUTS, Layout, feature_layout
 from .preresnet import PreActBasicBlock, PreActBottleneck, PreResNet
-from .registry import build_model, list_models, register_model
+from .registry import build_model, check_outputs, is_user_arch, list_models, register_model
 from .resnet import ResNet, resnet50, resnet50_cifar
 from .resnet3d import ResNet3D, resnet3d18, resnet3d50
 
@@ -34,11 +34,13 @@ __all__ = [
     "ResNet",
     "ResNet3D",
     "build_model",
+    "check_outputs",
     "default_input_shape",
     "feature_layout",
     "get_module",
     "insert_blocks",
     "inserted_blocks",
+    "is_user_arch",
     "list_models",
     "register_model",
     "remap_state_dict",

@@ -82,7 +82,7 @@ __all__ = [
 
 from nonlocalnet.presets import build_block
 
-from .layout import Layout, feature_layout, model_feature_info
+from .layout import Layout, check_stated_layout, feature_layout, model_feature_info
 from .placement import PLACEMENT_KEYS, POSITION_KEYS, WHERE, check_placement, int_key
 
 
@@ -461,7 +461,9 @@ def insert_blocks(
     for p, raw in zip(resolved, placements):
         if p["block"] is None:
             raise ValueError(f"placement {dict(raw)} lacks the 'block' key (the block name)")
-    targets = [(p["at"], p["where"]) for p in resolved if _needs_dry_run(p)]
+    # the dry forward infers what the placements leave open, and checks what they state where the input is known
+    verify = example_input is not None or input_shape is not None
+    targets = [(p["at"], p["where"]) for p in resolved if verify or _needs_dry_run(p)]
     shapes = _record_shapes(model, targets, example_input, input_shape) if targets else {}
     if factory is None:
         factory = build_block
@@ -487,6 +489,8 @@ def insert_blocks(
                 f"placement at {p['at']!r}: dim={p['dim']} but the tensor {p['where']} it has "
                 f"{rank} spatial dims ({layout.kind} features, shape {shapes.get(key)}, layout from {layout.source})"
             )
+        if key in shapes:
+            check_stated_layout(model, get_module(model, p["at"]), p["at"], shapes[key], p, p["where"], layout)
         p["in_channels"], p["dim"], p["layout"] = channels, rank, layout.kind
         if layout.kind == "tokens":
             p["grid"], p["prefix_tokens"] = list(layout.spatial), layout.prefix

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LAYOUTS", "Layout", "feature_layout", "model_feature_info"]
+__all__ = ["LAYOUTS", "Layout", "check_stated_layout", "feature_layout", "model_feature_info"]
 
 LAYOUTS = ("channels_first", "channels_last", "tokens")
 
@@ -139,6 +139,8 @@ def _tokens(where: str, shape: tuple[int, ...], grid: Sequence[int] | None, pref
     length, channels = shape[1], shape[2]
     if grid is None and model_grid is not None:
         grid, prefix, source = model_grid[0], model_grid[1] if prefix is None else prefix, model_grid[2]
+    elif prefix is None and model_grid is not None:  # the grid from the placement, the prefix tokens from the model
+        prefix, source = model_grid[1], f"{source}; prefix tokens from {model_grid[2]}"
     if grid is None:
         raise ValueError(f"{where}: tokens of shape {shape} (B, L={length}, C={channels}) need their grid: give the "
                          "placement key 'grid': [h, w] (the patch grid; 'prefix_tokens' = L - h*w is then implied)")
@@ -146,6 +148,13 @@ def _tokens(where: str, shape: tuple[int, ...], grid: Sequence[int] | None, pref
     n = math.prod(grid)
     if prefix is None:
         prefix = length - n
+        if prefix >= grid[-1]:  # a whole row of the grid or more in front: the grid is likely off
+            square = next((((r, r), p) for p in range(grid[-1]) if (r := math.isqrt(length - p)) ** 2 == length - p),
+                          None)
+            hint = f" (e.g. grid [{square[0][0]}, {square[0][1]}] with {square[1]} prefix token(s))" if square else ""
+            raise ValueError(f"{where}: grid {list(grid)} leaves {prefix} of the L={length} tokens of shape {shape} in "
+                             f"front of its {n} patch tokens, a whole row ({grid[-1]}) or more: if that is right, "
+                             f"confirm it with the placement key 'prefix_tokens': {prefix}; else correct 'grid'{hint}")
     if prefix < 0 or prefix + n != length:
         raise ValueError(f"{where}: tokens of shape {shape} do not fit grid {list(grid)} with {prefix} prefix "
                          f"token(s) ({source}): L={length} but prefix + prod(grid) = {prefix + n}; set 'grid' / "
@@ -174,40 +183,76 @@ def feature_layout(model: nn.Module, target: nn.Module, path: str, shape: Sequen
         return Layout("channels_first", shape[1], shape[2:], 0, "the placement's layout key")
     if kind is not None:
         raise ValueError(f"placement key 'layout' must be one of {', '.join(LAYOUTS)}, got {kind!r}")
+    kind, source = _infer(model, target, path, shape, where, at)
+    if kind == "tokens":
+        return _tokens(at, shape, None, prefix, model_grid, source)
+    if kind == "channels_last":
+        return Layout("channels_last", shape[-1], shape[1:-1], 0, source)
+    return Layout("channels_first", shape[1], shape[2:], 0, source)
 
-    # what the model says
+
+def check_stated_layout(model: nn.Module, target: nn.Module, path: str, shape: Sequence[int],
+                        spec: Mapping[str, Any], where: str, layout: Layout) -> None:
+    """A ``layout`` key that puts the channels on the other axis than what the model says or its layer widths
+    show (``channels_last`` for channels-first features, ``channels_first`` for tokens): a ValueError naming the
+    key. Given ``in_channels`` too (which then matched), the user has confirmed the layout: no check; where the
+    evidence is ambiguous, the key decides."""
+    stated = spec.get("layout")
+    if stated is None or spec.get("in_channels") is not None:
+        return
+    shape = tuple(int(s) for s in shape)
+    at = f"placement at {path!r} ({where} it)"
+    try:
+        kind, source = _infer(model, target, path, shape, where, at)
+    except ValueError:
+        return
+    axis = {"channels_first": 1, "channels_last": -1, "tokens": -1}
+    if axis[kind] == axis[stated]:
+        return
+    shown = "dim 1" if axis[kind] == 1 else "the last dim"
+    looks = "like tokens" if kind == "tokens" else kind.replace("_", "-")
+    raise ValueError(
+        f"{at}: 'layout': {stated!r} reads {layout.channels} channels from the features of shape {shape}, but they "
+        f"look {looks} ({source}: {shown}, {shape[axis[kind]]}, is the channel axis); correct the "
+        f"placement key 'layout' (or remove it), or confirm it by giving 'in_channels': {layout.channels}")
+
+
+def _infer(model: nn.Module, target: nn.Module, path: str, shape: tuple[int, ...], where: str,
+           at: str) -> tuple[str, str]:
+    """``(kind, source)`` from what the model says, else the channel counts of its layers (rules 2 and 3 of the
+    module docstring); a ValueError naming the ``layout`` key when they do not decide."""
     info = {d["module"]: d for d in model_feature_info(model)}
     original = ".".join(p for p in path.split(".") if p != "module")  # feature_info names predate the wrappers
     chs = info.get(original, {}).get("num_chs") if where == "after" else None
+    model_grid = _token_grid(model)
     if model_grid is not None and len(shape) == 3:
-        return _tokens(at, shape, None, prefix, model_grid, model_grid[2])
+        return "tokens", model_grid[2]
     model_nhwc = getattr(model, "output_fmt", None) == "NHWC"
     if chs is not None and len(shape) in (4, 5):
         if chs == shape[1] and (chs != shape[-1] or not model_nhwc):
-            return Layout("channels_first", shape[1], shape[2:], 0, "the model's feature_info (timm)")
+            return "channels_first", "the model's feature_info (timm)"
         if chs == shape[-1]:
-            return Layout("channels_last", shape[-1], shape[1:-1], 0, "the model's feature_info (timm)"
-                          + (" and output_fmt 'NHWC'" if model_nhwc else ""))
+            return "channels_last", "the model's feature_info (timm)" + (" and output_fmt 'NHWC'" if model_nhwc else "")
     known = _channels_last_type(target)
     if known is not None and len(shape) in (4, 5):
-        return Layout("channels_last", shape[-1], shape[1:-1], 0, f"the module type {known} (channels-last features)")
+        return "channels_last", f"the module type {known} (channels-last features)"
 
     # the channel counts of the model's layers
     cf_widths, cl_widths = _widths(model)
     first, last = shape[1] in cf_widths, shape[-1] in cl_widths
     if first and last and model_nhwc and len(shape) in (4, 5):
-        return Layout("channels_last", shape[-1], shape[1:-1], 0, "the model's output_fmt 'NHWC' (timm)")
+        return "channels_last", "the model's output_fmt 'NHWC' (timm)"
     if len(shape) == 3:
         if first and not last:
-            return Layout("channels_first", shape[1], shape[2:], 0, "the channel counts of the model's layers")
+            return "channels_first", "the channel counts of the model's layers"
         if last and not first:
-            return _tokens(at, shape, None, prefix, None, "the widths of the model's linear layers")
+            return "tokens", "the widths of the model's linear layers"
         raise _ambiguous(at, shape, "(B, C, L) features or (B, L, C) tokens: "
                          + ("both fit the model's layer widths" if first else "neither fits the model's layer widths"))
     if first and not last:
-        return Layout("channels_first", shape[1], shape[2:], 0, "the channel counts of the model's layers")
+        return "channels_first", "the channel counts of the model's layers"
     if last and not first:
-        return Layout("channels_last", shape[-1], shape[1:-1], 0, "the widths of the model's linear / norm layers")
+        return "channels_last", "the widths of the model's linear / norm layers"
     raise _ambiguous(at, shape, "channels first or last: " + (
         f"dim 1 ({shape[1]}) is a convolution's channel count and the last dim ({shape[-1]}) a linear layer's width"
         if first else f"neither dim 1 ({shape[1]}) nor the last dim ({shape[-1]}) is a channel count of the "

@@ -22,13 +22,14 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+import torch
 from torch import nn
 
 from .preresnet import PreResNet
 from .resnet import resnet50, resnet50_cifar
 from .resnet3d import resnet3d18, resnet3d50
 
-__all__ = ["build_model", "list_models", "register_model"]
+__all__ = ["build_model", "check_outputs", "is_user_arch", "list_models", "register_model"]
 
 Factory = Callable[..., nn.Module]
 
@@ -160,6 +161,60 @@ def _takes(f: Callable, arg: str) -> bool:
     return any(p.name == arg or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
+def is_user_arch(arch: str) -> bool:
+    """Whether ``arch`` is the user's own model (a ``package.module:callable`` or a :func:`register_model` name),
+    not a bundled, torchvision or timm one."""
+    prefix, sep, _ = arch.partition(":")
+    return (sep and prefix not in PREFIXES) or (not sep and _key(arch) in _ARCHS and _key(arch) not in _BUNDLED)
+
+
+def _check_options(arch: str, factory: Callable, options: dict[str, Any]) -> None:
+    """Options the factory's signature does not take: a ValueError listing the ones it does."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [n for n, p in params.items() if n != "num_classes" and p.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        close = {k: difflib.get_close_matches(k, valid, n=1) for k in unknown}
+        hint = "; ".join(f"did you mean {c[0]!r} for {k!r}?" for k, c in close.items() if c)
+        raise ValueError(f"arch {arch!r}: unknown option(s) {', '.join(map(repr, unknown))} (model.options); valid "
+                         f"options: {', '.join(valid) or 'none'}" + (f"; {hint}" if hint else ""))
+
+
+def _factory_name(factory: Callable) -> str:
+    f = getattr(factory, "func", factory)  # a functools.partial
+    return f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', type(f).__name__)}"
+
+
+def check_outputs(model: nn.Module, num_classes: int, input_shape: tuple[int, ...], arch: str) -> None:
+    """A forward pass on zeros of shape ``(2, *input_shape)`` must give logits ``(2, num_classes)``; a ValueError
+    naming ``arch`` otherwise (a factory that ignores ``num_classes``, a model that returns features, ...)."""
+    modes = {m: m.training for m in model.modules()}
+    dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.get_default_dtype())
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(torch.zeros((2, *input_shape), dtype=dtype, device=device))
+    except Exception as e:  # noqa: BLE001 - the user's model, any failure: say where it came from
+        raise ValueError(f"arch {arch!r}: a forward pass on an input of shape (2, {', '.join(map(str, input_shape))}) "
+                         f"failed: {type(e).__name__}: {e}") from None
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+    if shape != (2, num_classes):
+        got = f"a {type(out).__name__}" if shape is None else f"shape {shape}"
+        raise ValueError(f"arch {arch!r}: the model gives {got} for a batch of 2, expected logits (2, {num_classes}) "
+                         f"for num_classes={num_classes} (the data's classes, or model.num_classes): does its factory "
+                         "ignore num_classes?")
+
+
 def build_model(arch: str, num_classes: int, **options) -> nn.Module:
     """Build a backbone + classifier from ``arch`` (see the module docstring).
 
@@ -170,27 +225,39 @@ def build_model(arch: str, num_classes: int, **options) -> nn.Module:
     """
     if not isinstance(arch, str) or not arch:
         raise ValueError(f"arch must be a model name or 'prefix:name', got {arch!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"arch {arch!r}: num_classes must be a positive integer (the classifier's outputs), got "
+                         f"{num_classes!r}")
     prefix, sep, rest = arch.partition(":")
     if sep and prefix in PREFIXES:
         if not rest:
             raise ValueError(f"arch {arch!r}: give the model name after '{prefix}:'")
-        model = (_torchvision if prefix == "torchvision" else _timm)(rest, num_classes, dict(options))
-    elif sep:
-        factory = _factory_from_spec(arch)
+        try:
+            model = (_torchvision if prefix == "torchvision" else _timm)(rest, num_classes, dict(options))
+        except TypeError as e:
+            raise ValueError(f"arch {arch!r}: {e} (model.options go to the {prefix} constructor)") from None
+    else:
+        if sep:
+            factory = _factory_from_spec(arch)
+        else:
+            key = _key(arch)
+            if key not in _ARCHS:
+                lib, dot, name = arch.partition(".")
+                hint = f" (did you mean '{lib}:{name}'?)" if dot and lib in PREFIXES and name else ""
+                raise ValueError(f"unknown arch {arch!r}{hint}; valid archs: {', '.join(_ARCHS)}, or "
+                                 "torchvision:NAME, timm:NAME, package.module:callable")
+            factory = _ARCHS[key]
+        _check_options(arch, factory, options)
         kwargs = dict(options)
         if _takes(factory, "num_classes"):
             kwargs["num_classes"] = num_classes
-        model = factory(**kwargs)
-    else:
-        key = _key(arch)
-        if key not in _ARCHS:
-            lib, dot, name = arch.partition(".")
-            hint = f" (did you mean '{lib}:{name}'?)" if dot and lib in PREFIXES and name else ""
-            raise ValueError(f"unknown arch {arch!r}{hint}; valid archs: {', '.join(_ARCHS)}, or torchvision:NAME, "
-                             "timm:NAME, package.module:callable")
-        factory = _ARCHS[key]
-        model = factory(num_classes=num_classes, **options) if _takes(factory, "num_classes") \
-            else factory(**options)
+        try:
+            model = factory(**kwargs)
+        except Exception as e:  # noqa: BLE001 - any failure of the user's code is named, not a traceback
+            if not (is_user_arch(arch) or isinstance(e, TypeError | ValueError)):
+                raise
+            raise ValueError(f"arch {arch!r}: its factory {_factory_name(factory)} raised {type(e).__name__}: "
+                             f"{e}") from e
     if not isinstance(model, nn.Module):
         raise ValueError(f"arch {arch!r} returned a {type(model).__name__}, not an nn.Module")
     return model

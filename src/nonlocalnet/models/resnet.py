@@ -72,11 +72,13 @@ class ResNet(ResNetBase):
                     nn.init.zeros_(m.bn2.weight)
 
 
-def resnet50(num_classes: int = 1000, **kwargs) -> ResNet:
+def resnet50(num_classes: int = 1000, *, zero_init_residual: bool = False, in_channels: int = 3) -> ResNet:
     """ResNet-50 for ImageNet-sized inputs (7×7/2 stem + max-pool)."""
-    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, stem="imagenet", **kwargs)
+    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, stem="imagenet", zero_init_residual=zero_init_residual,
+                  in_channels=in_channels)
 
 
-def resnet50_cifar(num_classes: int = 100, **kwargs) -> ResNet:
+def resnet50_cifar(num_classes: int = 100, *, zero_init_residual: bool = False, in_channels: int = 3) -> ResNet:
     """ResNet-50 for 32×32 inputs (3×3/1 stem, no max-pool), as used for CIFAR in the SNL paper (Table 5)."""
-    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, stem="cifar", **kwargs)
+    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, stem="cifar", zero_init_residual=zero_init_residual,
+                  in_channels=in_channels)

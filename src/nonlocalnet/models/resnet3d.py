@@ -81,9 +81,13 @@ class ResNet3D(ResNetBase):
         self._build_stages(block, layers, num_classes, dim=3)
 
 
-def resnet3d18(num_classes: int = 400, **kwargs) -> ResNet3D:
-    return ResNet3D(BasicBlock3d, [2, 2, 2, 2], num_classes, **kwargs)
+def resnet3d18(num_classes: int = 400, *, conv1_t_size: int = 7, conv1_t_stride: int = 1, no_max_pool: bool = False,
+               in_channels: int = 3) -> ResNet3D:
+    return ResNet3D(BasicBlock3d, [2, 2, 2, 2], num_classes, conv1_t_size=conv1_t_size, conv1_t_stride=conv1_t_stride,
+                    no_max_pool=no_max_pool, in_channels=in_channels)
 
 
-def resnet3d50(num_classes: int = 400, **kwargs) -> ResNet3D:
-    return ResNet3D(Bottleneck3d, [3, 4, 6, 3], num_classes, **kwargs)
+def resnet3d50(num_classes: int = 400, *, conv1_t_size: int = 7, conv1_t_stride: int = 1, no_max_pool: bool = False,
+               in_channels: int = 3) -> ResNet3D:
+    return ResNet3D(Bottleneck3d, [3, 4, 6, 3], num_classes, conv1_t_size=conv1_t_size, conv1_t_stride=conv1_t_stride,
+                    no_max_pool=no_max_pool, in_channels=in_channels)

@@ -16,7 +16,7 @@ from .build import (
     load_pretrained,
     num_classes_for,
 )
-from .checkpoint import CheckpointError, load_weights, read_metadata, save_weights
+from .checkpoint import CheckpointError, DiskFullError, load_weights, load_weights_into, read_metadata, save_weights
 from .config import (
     BlockPlacement,
     Config,
@@ -31,14 +31,23 @@ from .config import (
     dump_config,
     load_config,
 )
-from .layout import checkpoint_config, epoch_checkpoints, read_metrics, resolve_checkpoint
+from .layout import (
+    RunDirError,
+    checkpoint_config,
+    epoch_checkpoints,
+    read_metrics,
+    require_directory,
+    resolve_checkpoint,
+)
 from .load import Loaded, find_blocks, load_config_only, load_run
+from .lock import RunInUseError, Terminated, run_lock, terminate_on_sigterm
 
 __all__ = [
-    "BlockPlacement", "CheckpointError", "Config", "ConfigError", "DataConfig", "DatasetError", "Loaded",
-    "ModelConfig", "RunConfig",
+    "BlockPlacement", "CheckpointError", "Config", "ConfigError", "DataConfig", "DatasetError", "DiskFullError",
+    "Loaded", "ModelConfig", "RunConfig", "RunDirError", "RunInUseError", "Terminated",
     "TrainConfig", "apply_overrides", "batch_transform", "build_datasets", "build_model_from_config",
     "checkpoint_config", "config_from_dict", "config_to_dict", "dataset_kwargs", "dump_config", "epoch_checkpoints",
     "find_blocks", "input_shape_for", "load_config", "load_config_only", "load_pretrained", "load_run",
-    "load_weights", "num_classes_for", "read_metadata", "read_metrics", "resolve_checkpoint", "save_weights",
+    "load_weights", "load_weights_into", "num_classes_for", "read_metadata", "read_metrics", "require_directory",
+    "resolve_checkpoint", "run_lock", "save_weights", "terminate_on_sigterm",
 ]

@@ -21,7 +21,7 @@ from nonlocalnet.data import (
     dataset_options,
     expected_num_classes,
 )
-from nonlocalnet.models import build_model, default_input_shape, insert_blocks
+from nonlocalnet.models import build_model, check_outputs, default_input_shape, insert_blocks, is_user_arch
 
 from .checkpoint import CheckpointError, load_weights
 from .config import Config, ConfigError
@@ -121,6 +121,8 @@ def build_model_from_config(cfg: Config, num_classes: int, *, load_pretrained_we
     """Backbone from ``cfg.model`` (+ pretrained weights) with the nonlocal blocks inserted."""
     try:
         model = build_model(cfg.model.arch, num_classes, **cfg.model.options)
+        if is_user_arch(cfg.model.arch):  # the user's factory: does it give (B, num_classes) logits on the data?
+            check_outputs(model, num_classes, input_shape_for(cfg, model), cfg.model.arch)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model: {e}") from e
     if load_pretrained_weights and cfg.model.pretrained:

@@ -16,10 +16,12 @@ file alone is enough for ``nonlocalnet eval``.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import random
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -32,10 +34,13 @@ from safetensors.torch import load_file, save
 
 __all__ = [
     "CheckpointError",
+    "DiskFullError",
     "atomic_write_bytes",
     "capture_rng",
+    "check_weights",
     "load_state",
     "load_weights",
+    "load_weights_into",
     "read_metadata",
     "restore_rng",
     "save_state",
@@ -48,15 +53,52 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable or inconsistent; the message names the file."""
 
 
+class DiskFullError(CheckpointError):
+    """No space left (``ENOSPC``, or the quota: ``EDQUOT``) while writing a file; the file on disk is unchanged."""
+
+    def __init__(self, path: Path, needed: int | None, free: int | None) -> None:
+        self.path, self.needed, self.free = path, needed, free
+        need = f"it needs {_mib(needed)} free" if needed is not None else "it needs more space"
+        left = f", {_mib(free)} are left on that file system" if free is not None else ""
+        super().__init__(f"disk full while writing {path}: {need}{left}; the previous version of the file, if "
+                         "any, is intact")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether ``e`` is an ``OSError`` of a full disk or quota."""
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
-    """Write ``path`` atomically: ``write(fileobj)`` into a temp file in the same dir, fsync, replace."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], size: int | None = None) -> None:
+    """Write ``path`` atomically: ``write(fileobj)`` into a temp file in the same dir, fsync, replace.
+    A full disk is a :class:`DiskFullError` naming ``path`` and ``size`` (the bytes to be written, when known)."""
     path = Path(path)
+    try:
+        _atomic_write(path, write)
+    except OSError as e:
+        if disk_full(e):
+            raise DiskFullError(path, size, _free_bytes(path.parent)) from None
+        raise
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -83,7 +125,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data), len(data))
 
 
 # ----------------------------------------------------------------------------------------------- weights
@@ -124,6 +166,35 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a safetensors file: {e}") from None
+
+
+def check_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Refuse weights that ``load_state_dict`` would take silently but wrongly: a tensor whose dtype is not the
+    model's (it would be cast), or a floating tensor with NaN or inf. The message names the tensor and ``path``."""
+    own = model.state_dict()
+    for key, value in state.items():
+        ref = own.get(key)
+        if not isinstance(ref, torch.Tensor) or not isinstance(value, torch.Tensor):
+            continue  # load_state_dict reports unexpected and missing keys
+        if value.dtype != ref.dtype:
+            raise CheckpointError(f"checkpoint {path}: tensor {key!r} is {value.dtype} but the model's is {ref.dtype}; "
+                                  "loading would cast it silently. Save the checkpoint with the model's dtype (or "
+                                  "convert the model with .to(dtype) first)")
+        if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"checkpoint {path}: tensor {key!r} holds NaN or inf ({bad} of {value.numel()} "
+                                  "values); a model with it outputs NaN (was it saved after training diverged?)")
+
+
+def load_weights_into(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike,
+                      what: str = "the configured model") -> None:
+    """``model.load_state_dict(state)`` (strict) after :func:`check_weights`; a :class:`CheckpointError` naming
+    ``path`` and ``what`` the weights were meant for when they do not fit."""
+    check_weights(model, state, path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not fit {what}: {e}") from None
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -415,9 +415,12 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML config file, resolving ``base:`` chains; returns the raw merged dict."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (undecodable byte at offset {e.start}); a config "
+                          "is a YAML file") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

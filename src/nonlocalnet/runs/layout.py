@@ -19,8 +19,9 @@ import yaml
 from .checkpoint import CheckpointError, read_metadata
 from .config import Config, ConfigError, apply_overrides, config_from_dict, load_config
 
-__all__ = ["CONFIG_FILE", "METRICS_FILE", "NEXT_WEIGHTS", "RUN_FILES", "checkpoint_config", "epoch_checkpoints",
-           "epoch_file", "read_metrics", "resolve_checkpoint"]
+__all__ = ["CONFIG_FILE", "METRICS_FILE", "NEXT_WEIGHTS", "RUN_FILES", "RunDirError", "checkpoint_config",
+           "epoch_checkpoints", "epoch_file", "lock_path", "read_metrics", "require_directory", "resolve_checkpoint",
+           "stage_path"]
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -30,6 +31,34 @@ BEST_WEIGHTS = "best.safetensors"
 RUN_FILES = (LAST_WEIGHTS, "last.state.pt", NEXT_WEIGHTS, BEST_WEIGHTS, METRICS_FILE)
 TMP_GLOB = ".*.tmp"  # atomic writes' temporary files (runs/checkpoint.py), left behind only by a killed process
 EPOCH_RE = re.compile(r"^epoch_(\d+)\.safetensors$")
+
+
+class RunDirError(RuntimeError):
+    """A run directory (or an output directory) that cannot be used or read as it is; the message names it."""
+
+
+def lock_path(run_dir: str | Path) -> Path:
+    """The lock file of a run dir (:mod:`.lock`): ``.<name>.lock`` beside it, so that it outlives the replacement
+    of the directory by a ``run.overwrite`` run (:func:`stage_path`)."""
+    p = Path(run_dir).resolve()
+    return p.parent / f".{p.name}.lock"
+
+
+def stage_path(run_dir: str | Path) -> Path:
+    """Where a ``run.overwrite`` run writes until its first checkpoint replaces the run at ``run_dir``."""
+    p = Path(run_dir)
+    return p.parent / f".{p.name}.incoming"
+
+
+def require_directory(path: str | Path, what: str) -> Path:
+    """``path`` as an output directory: absent (it will be created) or a directory; a :class:`RunDirError` naming
+    ``what`` (e.g. ``"run.out"``, ``"--out"``) when it, or a parent of it, is a file."""
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.exists() and not q.is_dir():
+            raise RunDirError(f"{what} {p} names a file, not a directory; give a directory path" if q == p else
+                              f"{what} {p} cannot be a directory: its parent {q} is a file")
+    return p
 
 
 def epoch_file(epoch: int) -> str:
@@ -87,9 +116,32 @@ def checkpoint_config(checkpoint: str | Path, overrides: Sequence[str] = ()) -> 
         raise ConfigError(f"{checkpoint} (metadata): {e}") from None
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The per-epoch records of ``metrics.jsonl`` (empty when the run has none)."""
+def read_metrics(run_dir: str | Path, required: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The per-epoch records of ``metrics.jsonl`` (empty when the run has none); a :class:`RunDirError` naming
+    the file and the line when a line is not a JSON object or lacks a numeric value of a ``required`` key."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RunDirError(f"{path} is not UTF-8 text (byte {e.start}): not a metrics file written by "
+                          "`nonlocalnet train`") from None
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RunDirError(f"{path}:{lineno}: not a JSON record ({e.msg}); each line of {METRICS_FILE} is one "
+                              "epoch's JSON object, as `nonlocalnet train` writes it") from None
+        if not isinstance(row, dict):
+            raise RunDirError(f"{path}:{lineno}: a {type(row).__name__}, not a JSON object (one epoch's record)")
+        missing = [k for k in required
+                   if isinstance(row.get(k), bool) or not isinstance(row.get(k), int | float)]
+        if missing:
+            raise RunDirError(f"{path}:{lineno}: the record has no numeric {', '.join(map(repr, missing))} "
+                              f"(its keys: {', '.join(row) or 'none'})")
+        rows.append(row)
+    return rows

@@ -14,7 +14,7 @@ from nonlocalnet.blocks import NonlocalBlock
 from nonlocalnet.models import default_input_shape
 
 from .build import build_model_from_config, input_shape_for, num_classes_for
-from .checkpoint import CheckpointError, load_weights, read_metadata
+from .checkpoint import load_weights, load_weights_into, read_metadata
 from .config import Config, load_config
 from .layout import checkpoint_config, epoch_checkpoints, resolve_checkpoint
 
@@ -115,10 +115,7 @@ def load_run(path: str | Path, overrides: Sequence[str] = (), device: str = "cpu
     state = load_weights(ckpt)
     nc, note = num_classes_for(cfg, state)
     model = build_model_from_config(cfg, nc, load_pretrained_weights=False)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {ckpt} does not fit the model of its config ({cfg_source}): {e}") from None
+    load_weights_into(model, state, ckpt, f"the model of its config ({cfg_source})")
     model.to(device).eval()
     try:
         epoch = int(meta["epoch"]) if "epoch" in meta else None

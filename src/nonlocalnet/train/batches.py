@@ -14,6 +14,9 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader
 
+from nonlocalnet.data import SampleError
+from nonlocalnet.runs import DatasetError
+
 from . import distributed as D
 
 __all__ = ["Batches", "shard"]
@@ -72,10 +75,23 @@ class Batches:
         loader = DataLoader(self.ds, batch_size=self.bs, sampler=idx.tolist(), num_workers=self.num_workers,
                             pin_memory=self.env.device.type == "cuda", drop_last=self.drop_last,
                             generator=generator, persistent_workers=False)
-        for i, (x, y) in enumerate(loader):
-            if i >= steps:
-                break
-            yield (x.to(self.env.device, non_blocking=True),
-                   torch.as_tensor(y).to(self.env.device, torch.long, non_blocking=True))
+        try:
+            for i, (x, y) in enumerate(loader):
+                if i >= steps:
+                    break
+                yield (x.to(self.env.device, non_blocking=True),
+                       torch.as_tensor(y).to(self.env.device, torch.long, non_blocking=True))
+        except (SampleError, FileNotFoundError) as e:
+            raise DatasetError(_sample_message(e)) from None
+
+
+def _sample_message(e: Exception) -> str:
+    """The message of a sample that could not be read; from a loader worker, the last line of the worker's
+    traceback (the DataLoader re-raises with the whole traceback as the message)."""
+    text = str(e).strip()
+    if "Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if last.startswith((type(e).__name__, "nonlocalnet.")) and ": " in last else last
+    return text
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from nonlocalnet.runs import ConfigError
+
 __all__ = ["DistEnv", "all_reduce_sum", "barrier", "broadcast_buffers", "cleanup", "setup"]
 
 
@@ -32,7 +34,8 @@ def pick_device(kind: str, local_rank: int) -> torch.device:
     if kind == "cpu":
         return torch.device("cpu")
     if kind == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but CUDA is not available (torch.cuda.is_available() is False)")
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ConfigError(f"run.device=cuda but CUDA is not available ({why}); use run.device=cpu or auto")
     if kind in ("cuda", "auto") and torch.cuda.is_available():
         n = torch.cuda.device_count()
         return torch.device("cuda", local_rank % n)

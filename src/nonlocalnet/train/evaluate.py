@@ -12,13 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from nonlocalnet.runs import (
-    CheckpointError,
     batch_transform,
     build_datasets,
     build_model_from_config,
     checkpoint_config,
     load_weights,
+    load_weights_into,
     read_metadata,
+    resolve_checkpoint,
 )
 
 from . import distributed as D
@@ -69,11 +70,10 @@ def evaluate(model: nn.Module, batches: Batches, transform, env: D.DistEnv, *, a
 
 def evaluate_checkpoint(path: str | os.PathLike,
                         overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """Evaluate a ``.safetensors`` checkpoint on the test split of its config (``config.yaml`` next to it,
-    else the config stored in the file's metadata), with ``--set`` style overrides."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    """Evaluate a ``.safetensors`` checkpoint (or a run dir's: ``last``, else ``best``, else the latest epoch) on
+    the test split of its config (``config.yaml`` next to it, else the config stored in the file's metadata),
+    with ``--set`` style overrides."""
+    path = resolve_checkpoint(Path(path))
     read_metadata(path)  # fail early, naming the file, on a corrupt header
     cfg, _ = checkpoint_config(path, overrides)
     env = D.DistEnv(device=D.pick_device(cfg.run.device, 0))
@@ -81,10 +81,7 @@ def evaluate_checkpoint(path: str | os.PathLike,
     test_ds = build_datasets(cfg, ("test",))["test"]
     num_classes = cfg.model.num_classes or int(test_ds.num_classes)
     model = build_model_from_config(cfg, num_classes, load_pretrained_weights=False)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path} does not fit the configured model: {e}") from None
+    load_weights_into(model, weights, path)
     model.to(env.device)
     batches = Batches(test_ds, env, cfg.train.eval_batch_size or cfg.train.batch_size,
                       in_memory=cfg.data.in_memory, num_workers=cfg.data.num_workers, train=False,

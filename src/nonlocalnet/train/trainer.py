@@ -11,12 +11,14 @@ writes the same metrics as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +34,29 @@ from nonlocalnet.runs import (
     CheckpointError,
     Config,
     ConfigError,
+    DiskFullError,
     batch_transform,
     build_datasets,
     build_model_from_config,
     config_to_dict,
     dump_config,
     load_weights,
+    load_weights_into,
     read_metadata,
+    require_directory,
+    run_lock,
     save_weights,
+    terminate_on_sigterm,
 )
-from nonlocalnet.runs.checkpoint import atomic_write_bytes, capture_rng, load_state, restore_rng, save_state, state_path
+from nonlocalnet.runs.checkpoint import (
+    atomic_write_bytes,
+    capture_rng,
+    disk_full,
+    load_state,
+    restore_rng,
+    save_state,
+    state_path,
+)
 from nonlocalnet.runs.layout import (
     CONFIG_FILE,
     LAST_WEIGHTS,
@@ -50,6 +65,8 @@ from nonlocalnet.runs.layout import (
     RUN_FILES,
     TMP_GLOB,
     epoch_file,
+    lock_path,
+    stage_path,
 )
 
 from . import distributed as D
@@ -127,7 +144,7 @@ def _fresh_out(out: Path, overwrite: bool) -> Path | None:
         raise TrainingError(f"{out} already holds a run ({', '.join(p.name for p in old[:4])}"
                             f"{', ...' if len(old) > 4 else ''}); continue it with --resume, choose another "
                             "run.out, or set run.overwrite=true to replace it")
-    stage = out.parent / f".{out.name}.incoming"
+    stage = stage_path(out)
     if stage.exists():  # a replacement that was killed before its first checkpoint: nothing of value
         shutil.rmtree(stage)
     return stage
@@ -204,32 +221,76 @@ def _resume_point(out: Path, env: D.DistEnv) -> tuple[dict[str, Any], dict[str, 
                           f"epoch_{epoch:04d}.safetensors holds that epoch")
 
 
-def _config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    diffs = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        key = f"{prefix}{k}"
-        if isinstance(va, dict) and isinstance(vb, dict):
-            diffs += _config_differences(va, vb, key + ".")
-        elif va != vb:
-            diffs.append(key)
-    return diffs
+def _config_differences(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``[(dotted key, value in a, value in b)]`` where two raw configs differ (lists compared item by item)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        diffs = []
+        for k in sorted(set(a) | set(b), key=str):
+            diffs += _config_differences(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return diffs
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _config_differences(x, y, f"{prefix}.{i}")]
+    return [] if a == b else [(prefix, a, b)]
 
 
-def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
+# model.* keys that may change on a resume: they do not change the model whose weights the checkpoint holds
+_MODEL_KEYS_FREE_ON_RESUME = ("model.pretrained",)
+
+
+def _show_differences(diffs: list[tuple[str, Any, Any]]) -> str:
+    shown = [f"{k} ({a!r} in the checkpoint, {b!r} now)" for k, a, b in diffs[:8]]
+    return ", ".join(shown) + (f", and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+
+
+def train(cfg: Config, *, resume: bool = False, allow_model_change: bool = False) -> dict[str, Any]:
     """Run (or resume) training as configured; returns a summary dict (rank 0's view).
+
+    The process writing the run (rank 0) holds the lock of ``run.out`` for the whole run (:mod:`nonlocalnet.runs.lock`):
+    a second writer gets :class:`~nonlocalnet.runs.RunInUseError`. A resume refuses a model that differs from the one
+    its checkpoint saved (the ``model`` keys of the config) unless ``allow_model_change``.
 
     Raises :class:`NonFiniteLossError` when the loss becomes NaN/inf (checkpoints on disk stay at the last
     good epoch), :class:`ConfigError`, :class:`CheckpointError` or :class:`TrainingError` otherwise.
     """
+    out = require_directory(cfg.run.out, "run.out")
     env = D.setup(cfg.run.device)
     try:
-        return _train(cfg, env, resume)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(terminate_on_sigterm())
+            if env.is_main:
+                stack.enter_context(run_lock(out, lock_path(out), log=lambda m: _log(env, m)))
+            try:
+                return _train(cfg, env, resume, allow_model_change)
+            except BaseException:
+                if env.is_main and not resume and stage_path(out).exists():
+                    # a replacement that failed before its first checkpoint: its staging dir holds nothing of value
+                    shutil.rmtree(stage_path(out), ignore_errors=True)
+                raise
     finally:
         D.cleanup(env)
 
 
-def _train(cfg: Config, env: D.DistEnv, resume: bool) -> dict[str, Any]:
+@contextlib.contextmanager
+def _disk_full_is_an_error(out: Path, resumable: bool) -> Iterator[None]:
+    """A full disk while writing the run is a :class:`TrainingError` that says how to continue."""
+    try:
+        yield
+    except DiskFullError as e:
+        raise TrainingError(f"{e}. {_continue(out, resumable)}") from None
+    except OSError as e:
+        if not disk_full(e):
+            raise
+        raise TrainingError(f"disk full while writing {e.filename or out}. {_continue(out, resumable)}") from None
+
+
+def _continue(out: Path, resumable: bool) -> str:
+    if resumable:
+        return (f"The last completed epoch's checkpoint in {out} is intact: free some space, then continue the run "
+                "with `nonlocalnet train CONFIG --resume`")
+    return f"No epoch of this run was saved: free some space, then start it again (run.out {out})"
+
+
+def _train(cfg: Config, env: D.DistEnv, resume: bool, allow_model_change: bool = False) -> dict[str, Any]:
     t = cfg.train
     device = env.device
     out = Path(cfg.run.out)
@@ -301,14 +362,22 @@ def _train(cfg: Config, env: D.DistEnv, resume: bool) -> dict[str, Any]:
             saved_cfg = state.get("config")
             if isinstance(saved_cfg, str):
                 diffs = _config_differences(yaml.safe_load(saved_cfg) or {}, config_to_dict(cfg))
-                if diffs:
+                changed = [d for d in diffs if d[0].split(".")[0] == "model"
+                           and not d[0].startswith(_MODEL_KEYS_FREE_ON_RESUME)]
+                if changed and not allow_model_change:
+                    raise CheckpointError(
+                        f"cannot resume {out}: the configured model differs from the one its checkpoint saved, in "
+                        f"{_show_differences(changed)}; a resume continues the model it saved. Undo the change "
+                        "(or train it as a new run.out), or load these weights into the changed model on purpose "
+                        "with `train --resume --allow-model-change`")
+                if changed:
+                    _log(env, "resume: warning: --allow-model-change: loading the checkpoint of another model "
+                              f"(it differs in {_show_differences(changed)})")
+                others = [d for d in diffs if d not in changed]
+                if others:
                     _log(env, "resume: warning: the config differs from the checkpoint's in "
-                              f"{', '.join(diffs)}")
-            try:
-                model.load_state_dict(weights)
-            except RuntimeError as e:
-                raise CheckpointError(f"{out / LAST_WEIGHTS} does not fit the configured model: "
-                                      f"{e}") from None
+                              f"{', '.join(k for k, _, _ in others)}")
+            load_weights_into(model, weights, out / LAST_WEIGHTS)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             if scaler is not None and state.get("scaler"):
@@ -337,9 +406,10 @@ def _train(cfg: Config, env: D.DistEnv, resume: bool) -> dict[str, Any]:
     # --- outputs
     tb = None
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(run_dir / CONFIG_FILE, dump_config(cfg).encode())
-        _write_metrics_file(run_dir / METRICS_FILE, history)
+        with _disk_full_is_an_error(out, resumable=start_epoch > 0):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(run_dir / CONFIG_FILE, dump_config(cfg).encode())
+            _write_metrics_file(run_dir / METRICS_FILE, history)
         if cfg.run.tensorboard:
             tb = _open_tensorboard(run_dir, step if start_epoch else None)
     _log(env, f"training {cfg.model.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.3f} M params, "
@@ -442,8 +512,9 @@ def _train(cfg: Config, env: D.DistEnv, resume: bool) -> dict[str, Any]:
             last = record
             rngs = _gather_rng(env, gens)
             if env.is_main:
-                _save_epoch(cfg, run_dir, model, optimizer, scheduler, scaler, rngs, record, history, is_best)
-                _append_metrics(run_dir / METRICS_FILE, record)
+                with _disk_full_is_an_error(out, resumable=stage is None and epoch > 0):
+                    _save_epoch(cfg, run_dir, model, optimizer, scheduler, scaler, rngs, record, history, is_best)
+                    _append_metrics(run_dir / METRICS_FILE, record)
                 if stage is not None:  # the new run has a good checkpoint: now it replaces the previous one
                     _replace_run(stage, out)
                     run_dir, stage = out, None
