@@ -135,24 +135,123 @@ def chebyshev_coefficients(name: str, order: int, scales: torch.Tensor, k: int) 
     return coef
 
 
+def _heat_divided(t: torch.Tensor, li: torch.Tensor, lj: torch.Tensor) -> torch.Tensor:
+    """``[e^{−t(1−λ)}](λ_i, λ_j) = t e^{−t(1−max(λ_i, λ_j))} (1 − e^{−t|λ_i−λ_j|})/(t|λ_i−λ_j|)``: no
+    cancellation (``expm1``) and no overflow at any ``t``; ``t e^{−t(1−λ)}`` where ``λ_i = λ_j``."""
+    d = t * (li - lj).abs()
+    ratio = torch.where(d > 0, -torch.expm1(-d) / torch.where(d > 0, d, torch.ones_like(d)), torch.ones_like(d))
+    return t * torch.exp(-t * (1 - torch.maximum(li, lj))) * ratio
+
+
+def divided_differences(name: str, order: int, scales: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """``Γ_t[..., i, j] = B_t[λ_i, λ_j] = (B_t(λ_i) − B_t(λ_j))/(λ_i − λ_j)`` (``B_t'(λ_i)`` where equal) for
+    every term, ``(T, *lam.shape, N)`` from ``lam (..., N)``: the Daleckii–Krein kernel of the derivative of
+    ``B_t(A)`` at a symmetric ``A`` (:func:`spectral.symmetric_functions`). Each in a form without cancellation:
+    heat through ``expm1``; Cayley ``c = 1 − 2i/(hλ_L + i)`` has ``[c] = −2ih/((hλ_{L,i} + i)(hλ_{L,j} + i))``
+    and powers by the product rule ``[pq] = p_i [q] + [p] q_j``; the wavelet ``e s λ_L e^{−s λ_L}`` by the same
+    rule over the heat kernel."""
+    li, lj = lam[..., :, None], lam[..., None, :]
+    zero = torch.zeros_like(li - lj)
+    if name == "heat":
+        return torch.stack([zero] + [_heat_divided(scales[j], li, lj) for j in range(order)])
+    if name == "cayley":
+        rows = [zero]
+        if order:
+            h = scales[0]
+            den_i, den_j = torch.complex(h * (1 - li), torch.ones_like(li)), torch.complex(h * (1 - lj),
+                                                                                         torch.ones_like(lj))
+            c_i = torch.complex(h * (1 - li), -torch.ones_like(li)) / den_i
+            c_j = torch.complex(h * (1 - lj), -torch.ones_like(lj)) / den_j
+            dc = torch.complex(torch.zeros_like(h), -2 * h) / (den_i * den_j)
+            p_i, dp = c_i, dc
+            rows += [dp.real, dp.imag]
+            for _ in range(order - 1):
+                p_i, dp = p_i * c_i, p_i * dc + dp * c_j
+                rows += [dp.real, dp.imag]
+        return torch.stack(rows)
+    rows = [_heat_divided(scales[0], li, lj)]
+    for j in range(1, order + 1):
+        heat_j = torch.exp(-scales[j] * (1 - lj))
+        rows.append(math.e * scales[j] * ((1 - li) * _heat_divided(scales[j], li, lj) - heat_j))
+    return torch.stack(rows)
+
+
+# flops per n³ of one n×n float64 `torch.linalg.matrix_exp` forward + backward (its backward is the exponential
+# of a 2n×2n block matrix) and of one `eigh` with vectors; measured with GEMM flops as the unit
+# (docs/spectral.md, "Choosing the form")
+EXPM_COST, EIGH_COST = 300.0, 40.0
+
+
+def core_cost(name: str, order: int, n: int, r: int, c: int) -> float:
+    """GEMM-equivalent flops of the exact path through the ``r × r`` core, forward + backward."""
+    t = n_terms(name, order)
+    exps = {"heat": order, "cayley": 0, "wavelet": order + 1}[name]
+    algebra = exps * EXPM_COST * (2 * r) ** 3  # one 2r×2r matrix_exp per exponential term
+    if name == "cayley" and order:
+        algebra += 3 * (11 + 64 * (order - 1)) * r**3  # one complex r×r solve, complex r×r products
+    if name == "wavelet":
+        algebra += 12 * order * r**3
+    return 6 * n * r * r + algebra + 3 * (2 * n * r * c * (1 + t) + 2 * t * r * r * c)
+
+
+def dense_cost(name: str, order: int, n: int, r: int, c: int) -> float:
+    """GEMM-equivalent flops of the exact path through the dense symmetric ``A`` (N × N), forward + backward."""
+    t = n_terms(name, order)
+    return 6 * n * n * r + (EIGH_COST + 4) * n**3 + 2 * n * n * c * (3 * t + 2)
+
+
+def exact_form(name: str, order: int, n: int, r: int, c: int, symmetric: bool) -> str:
+    """Which exact form costs less for ``N`` nodes, factor rank ``r`` and ``c`` value channels: ``"core"`` (the
+    ``r × r`` algebra of :mod:`spectral`) or ``"dense"`` (the ``N × N`` matrix ``A``). Both are exact; ``A`` has
+    rank ≤ min(N, r), so for ``N < r`` the dense form is the smaller one. A symmetric ``A`` (the symmetric
+    normalization) takes one ``eigh`` for all terms with a cheap backward; another one the same algebra on
+    ``N × N`` (``U = I``, ``V = Aᵀ``), chosen where ``N < r``. The dense form is only considered for ``N ≤ 2r``,
+    where its ``N × N`` matrices are no larger than the core's ``2r × 2r`` exponentials."""
+    if n > 2 * r:
+        return "core"
+    if not symmetric:
+        return "dense" if n < r else "core"
+    return "dense" if dense_cost(name, order, n, r, c) < core_cost(name, order, n, r, c) else "core"
+
+
 def exact_available(graph: Graph) -> bool:
-    """Whether :mod:`spectral`'s exact ``r × r`` path applies: a factorizable, square graph."""
+    """Whether the exact path applies: a factorizable, square graph."""
     return isinstance(graph, LowRankGraph) and graph.square
 
 
+def _exact_terms(name: str, order: int, scales: torch.Tensor, graph: LowRankGraph, z: torch.Tensor,
+                 form: str | None) -> list[torch.Tensor]:
+    u, v = graph.u, graph.v
+    symmetric = graph.normalization == "symmetric"
+    if form is None:
+        form = exact_form(name, order, u.shape[1], u.shape[2], z.shape[-1], symmetric)
+    with torch.autocast(z.device.type if z.device.type in ("cuda", "cpu") else "cpu", enabled=False):
+        if form == "core":
+            s = sp.core_matrix(u, v)  # the r x r algebra in float64, never under autocast
+            return sp.apply(u, v, elements(name, order, scales, s), z)
+        a = sp.dense_affinity(u, v, symmetric)
+        if symmetric:
+            sc = scales.to(sp.CORE_DTYPE)
+            return list(sp.symmetric_functions(
+                a, sc, z, lambda s_, lam: responses(name, order, s_, lam),
+                lambda s_, lam: divided_differences(name, order, s_, lam)).unbind(0))
+        eye = torch.eye(a.shape[1], dtype=a.dtype, device=a.device).expand_as(a)
+        return sp.apply(eye, a.transpose(1, 2), elements(name, order, scales, a), z)  # A = I·(Aᵀ)ᵀ, core S = A
+
+
 def filter_terms(name: str, order: int, scales: torch.Tensor, graph: Graph, z: torch.Tensor, path: str = "auto",
-                 approx_order: int = 24) -> list[torch.Tensor]:
+                 approx_order: int = 24, form: str | None = None) -> list[torch.Tensor]:
     """``[B_t(A) Z]`` for every term: exact on factorizable graphs, else the Chebyshev expansion of order
-    ``approx_order`` (``path`` forces one: ``exact`` raises where it does not apply)."""
+    ``approx_order`` (``path`` forces one: ``exact`` raises where it does not apply). ``form`` (``core`` or
+    ``dense``) fixes the exact form; by default :func:`exact_form` chooses it by cost."""
     exact = exact_available(graph)
     if path == "exact" and not exact:
         raise ValueError(f"spectral_path='exact' needs a factorizable square graph (kernel dot_product, relu_dot or "
                          f"double_attention on the lowrank backend), got the {graph.backend!r} backend")
+    if form not in (None, "core", "dense"):
+        raise ValueError(f"form: expected None, 'core' or 'dense', got {form!r}")
     if exact and path != "chebyshev":
-        with torch.autocast(z.device.type if z.device.type in ("cuda", "cpu") else "cpu", enabled=False):
-            s = sp.core_matrix(graph.u, graph.v)  # the r x r algebra in float64, never under autocast
-            els = elements(name, order, scales, s)
-        return sp.apply(graph.u, graph.v, els, z)
+        return _exact_terms(name, order, scales, graph, z, form)
     coef = chebyshev_coefficients(name, order, scales.to(torch.float64), approx_order).to(z.dtype)
     basis = torch.stack(chebyshev_terms(graph.matmul, z, approx_order), 0)
     return list(torch.einsum("tk,k...->t...", coef, basis).unbind(0))
@@ -168,6 +267,7 @@ class SpectralFilter(nn.Module):
     def __init__(self, name: str, order: int, path: str = "auto", approx_order: int = 24):
         super().__init__()
         self.name, self.order, self.path, self.approx_order = name, order, path, approx_order
+        self.form: str | None = None  # the exact form (None: by cost, exact_form); "core" / "dense" for tests, bench
         self.log_scales = nn.Parameter(initial_scales(name, order).log())
 
     @property
@@ -184,7 +284,7 @@ class SpectralFilter(nn.Module):
         return term_labels(self.name, self.order)
 
     def forward(self, graph: Graph, z: torch.Tensor) -> list[torch.Tensor]:
-        return filter_terms(self.name, self.order, self.scales(), graph, z, self.path, self.approx_order)
+        return filter_terms(self.name, self.order, self.scales(), graph, z, self.path, self.approx_order, self.form)
 
     def extra_repr(self) -> str:
         return f"{self.name!r}, order={self.order}, path={self.path!r}, approx_order={self.approx_order}"
