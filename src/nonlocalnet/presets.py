@@ -23,7 +23,7 @@ import torch.nn as nn
 from . import kernels as K
 from .blocks import FUSIONS, OUT_MAPS, OUT_NORMS, Affinity, NonlocalBlock, NonlocalUnit
 from .filters import FILTERS, filter_coefficients, highest_order
-from .spectral_filters import PATHS, SPECTRAL_FILTERS, SpectralFilter, check_order, n_terms
+from .spectral_filters import PATHS, SPECTRAL_FILTERS, SpectralFilter, check_approx_order, check_order, n_terms
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ COMMON = dict(
     key_channels=None, whiten=False, unary=False, temperature=1.0, value_proj=True, out_map="linear",
     bottleneck_channels=None, fusion="add", spectral_path=None, approx_order=None,
 )
+MAX_TAYLOR_ORDER = 32  # CGNL's Gaussian kernel (the check in resolve_options)
 CGNL_ONLY = dict(groups=1, taylor_order=3, rbf_gamma=1e-4, rbf_prefactor="exact")
 RBF_PREFACTORS = ("exact", "constant")
 
@@ -245,10 +246,9 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
         o["order"] = check_order(o["filter"], o["order"])
         o["spectral_path"] = "auto" if o["spectral_path"] is None else o["spectral_path"]
         _choice("spectral_path", o["spectral_path"], PATHS)
-        k = 24 if o["approx_order"] is None else o["approx_order"]
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"approx_order: expected an int >= 0 (Chebyshev order K of the approximation), got {k!r}")
-        o["approx_order"] = k
+        o["approx_order"] = check_approx_order(o["filter"], o["order"], o["approx_order"], used=(
+            o["spectral_path"] == "chebyshev" or kern not in K.LOWRANK_KERNELS or backend not in ("auto", "lowrank")
+            or preset.mode != "positions"))
         if preset.mode == "channels":
             raise ValueError(f"filter={o['filter']!r}: spectral filters act on the graph over positions; cgnl's graph "
                              f"over positions x channels is not supported")
@@ -316,8 +316,11 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
         if vc != key_channels:
             raise ValueError("value_channels: cgnl's values pair channel-by-channel with θ and φ; "
                              f"value_channels must equal C_s ({key_channels})")
-        if not isinstance(o["taylor_order"], int) or o["taylor_order"] < 0:
-            raise ValueError(f"taylor_order: expected an int >= 0, got {o['taylor_order']!r}")
+        if (isinstance(o["taylor_order"], bool) or not isinstance(o["taylor_order"], int)
+                or not 0 <= o["taylor_order"] <= MAX_TAYLOR_ORDER):
+            raise ValueError(f"taylor_order: expected an int in [0, {MAX_TAYLOR_ORDER}] (the Taylor order P of the "
+                             f"Gaussian kernel; its k-th term carries (2γ)^k/k!, 3e-73 at k = 16 for the default "
+                             f"γ = 1e-4), got {o['taylor_order']!r}")
     ng = o["norm_groups"] if o["norm_groups"] is not None else o.get("groups", 1)
     if o["out_norm"] == "gn" and in_channels % ng:
         raise ValueError(f"norm_groups ({ng}) must divide in_channels ({in_channels}) for out_norm='gn'")

@@ -211,7 +211,8 @@ class _SymmetricFunctions(torch.autograd.Function):
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             h = (gw @ w.transpose(1, 2).unsqueeze(0)).to(CORE_DTYPE)  # Qᵀ Ḡ_t Q, (T, B, N, N)
             if ctx.needs_input_grad[1]:
-                gs = torch.autograd.grad(f, sc, h.diagonal(dim1=-2, dim2=-1), allow_unused=True)[0]
+                gs = (torch.autograd.grad(f, sc, h.diagonal(dim1=-2, dim2=-1), allow_unused=True)[0]
+                      if f.requires_grad else None)  # no term depends on the scales (e.g. Cayley of order 0)
                 gs = torch.zeros_like(scales) if gs is None else gs
             if ctx.needs_input_grad[0]:
                 ga = q @ (divided(scales, lam) * h).sum(0) @ q.transpose(1, 2)

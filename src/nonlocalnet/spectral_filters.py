@@ -37,6 +37,7 @@ approximates it (the error is measured in tests/test_spectral.py and docs/spectr
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -50,15 +51,62 @@ DEFAULT_ORDER = {"cayley": 2, "heat": 2, "wavelet": 3}
 PATHS = ("auto", "exact", "chebyshev")
 
 
+# the largest accepted order: wavelet scales double per band (peaks at λ_L = 2^(2−j) for the j-th), so the finest
+# band narrows with J and float32 rounding of A moves its output more and more (measured, the float32 block vs
+# float64: 2e-6 at J = 12, 7e-5 at 16, 2.5e-4 at 20, 5e-3 at 24); J ≤ 16 keeps it under 1e-4. Heat and Cayley terms
+# stay finite and exact at any order tried (tests/test_spectral.py::test_every_order_is_finite_and_exact); 64
+# bounds their number of output projections (2R + 1 for Cayley)
+MAX_ORDER = {"cayley": 64, "heat": 64, "wavelet": 16}
+# the largest Chebyshev order K: Cayley at zoom h = 4 (its pole 0.25 from the spectrum) reaches 1e-16 at K ≈ 75,
+# heat and wavelet at the initial scales by K ≈ 20 (docs/spectral.md); K + 1 products with A are kept
+MAX_APPROX_ORDER = 128
+APPROX_WARN = 1e-3  # warn when the approximation's error at the initial scales is above this
+
+
 def check_order(name: str, order) -> int:
     if name not in SPECTRAL_FILTERS:
         raise ValueError(f"filter: unknown spectral filter {name!r}; valid: {', '.join(SPECTRAL_FILTERS)}")
     if order is None:
         return DEFAULT_ORDER[name]
-    if isinstance(order, bool) or not isinstance(order, int) or order < 0:
-        what = {"cayley": "Cayley order R", "heat": "number of heat scales", "wavelet": "number of wavelet scales J"}
-        raise ValueError(f"order: expected an int >= 0 ({what[name]}), got {order!r}")
+    what = {"cayley": "Cayley order R", "heat": "number of heat scales", "wavelet": "number of wavelet scales J"}
+    if isinstance(order, bool) or not isinstance(order, int) or not 0 <= order <= MAX_ORDER[name]:
+        why = {"wavelet": "; past 16 the finest band (peak at λ_L = 2^(2-J)) is narrower than "
+                           "float32 resolves: the float32 output moves by > 1e-4",
+               "heat": "", "cayley": ""}[name]
+        raise ValueError(f"order: expected an int in [0, {MAX_ORDER[name]}] ({what[name]} of filter {name!r}{why}), "
+                         f"got {order!r}")
     return order
+
+
+def approximation_error(name: str, order: int, scales: torch.Tensor, k: int, points: int = 2001) -> float:
+    """Max over the terms and over ``λ ∈ [−1, 1]`` of ``|B_t(λ) − Σ_{k'≤K} c_{t,k'} T_{k'}(λ)|``: the error of
+    the Chebyshev approximation of order ``K`` (:func:`chebyshev_coefficients`) on the real spectrum."""
+    scales = scales.detach().to(torch.float64)
+    lam = torch.linspace(-1, 1, points, dtype=torch.float64)
+    coef = chebyshev_coefficients(name, order, scales, k)
+    basis = torch.cos(torch.arange(k + 1, dtype=torch.float64)[:, None] * torch.arccos(lam)[None, :])
+    return float((responses(name, order, scales, lam) - coef @ basis).abs().max())
+
+
+def check_approx_order(name: str, order: int, k, used: bool) -> int:
+    """Validate ``approx_order`` (``None``: 24); ``used``: the block will take the approximation (a
+    non-factorizable graph, or ``spectral_path='chebyshev'``), then a :class:`UserWarning` gives its measured error
+    at the initial scales when that is above ``APPROX_WARN``, and the smallest order that is not."""
+    k = 24 if k is None else k
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_APPROX_ORDER:
+        raise ValueError(f"approx_order: expected an int in [1, {MAX_APPROX_ORDER}] (Chebyshev order K of the "
+                         f"approximation; K = 0 is a constant, and past {MAX_APPROX_ORDER} no response of "
+                         f"filter {name!r} at a sensible scale gains accuracy), got {k!r}")
+    if used:
+        scales = initial_scales(name, order).double()
+        err = approximation_error(name, order, scales, k)
+        if err > APPROX_WARN:
+            better = next((j for j in range(k + 1, MAX_APPROX_ORDER + 1)
+                           if approximation_error(name, order, scales, j) <= APPROX_WARN), None)
+            hint = f"; approx_order={better} is within {APPROX_WARN:g}" if better else ""
+            warnings.warn(f"approx_order={k}: the Chebyshev approximation of filter {name!r} (order {order}) is off by "
+                          f"up to {err:.2g} on the spectrum [-1, 1] at the initial scales{hint}", stacklevel=3)
+    return k
 
 
 def n_terms(name: str, order: int) -> int:
@@ -205,9 +253,10 @@ def exact_form(name: str, order: int, n: int, r: int, c: int, symmetric: bool) -
     ``r × r`` algebra of :mod:`spectral`) or ``"dense"`` (the ``N × N`` matrix ``A``). Both are exact; ``A`` has
     rank ≤ min(N, r), so for ``N < r`` the dense form is the smaller one. A symmetric ``A`` (the symmetric
     normalization) takes one ``eigh`` for all terms with a cheap backward; another one the same algebra on
-    ``N × N`` (``U = I``, ``V = Aᵀ``), chosen where ``N < r``. The dense form is only considered for ``N ≤ 2r``,
-    where its ``N × N`` matrices are no larger than the core's ``2r × 2r`` exponentials."""
-    if n > 2 * r:
+    ``N × N`` (``U = I``, ``V = Aᵀ``), chosen where ``N < r``. The dense form is only considered for ``N ≤ 4r``,
+    where its ``N × N`` matrices are no larger than those of the core's exponentials (``2r × 2r``, and ``4r × 4r``
+    in their backward)."""
+    if n > 4 * r:
         return "core"
     if not symmetric:
         return "dense" if n < r else "core"
