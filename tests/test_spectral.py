@@ -172,10 +172,13 @@ def test_core_algebra_identities():
 
 @pytest.mark.parametrize("name", SPECTRAL)
 @pytest.mark.parametrize("case", ["zero_rows", "dead_channel", "n1"])
-def test_degenerate_graphs(name, case):
+@pytest.mark.parametrize("form", ["core", "dense"])
+def test_degenerate_graphs(name, case, form):
     """Zero-degree rows, a dead relu channel (G = UᵀU singular), N = 1 < r: exact, no NaN, finite gradients
-    equal to the reference's (matrix_exp: eigh's gradient is undefined at repeated eigenvalues)."""
+    equal to the reference's (matrix_exp: eigh's gradient is undefined at repeated eigenvalues), on both exact
+    forms (the dense one's eigh has repeated eigenvalues here: its Daleckii–Krein backward does not mind)."""
     block = randomize(nonlocalnet.build_block(name, 8, dim=2, units=2)).eval()
+    _force_form(block, form)
     x = _x((1, 8, 1, 1) if case == "n1" else (2, 8, 3, 4))
     with torch.no_grad():
         if case == "zero_rows":  # no bias: x = 0 at 5 positions of item 0 gives θ = φ = 0 there, zero degree
@@ -227,6 +230,156 @@ def test_gradcheck(name, backend):
         rgrads = torch.autograd.grad((r * g).sum(), params)
         for a, b in zip(grads, rgrads):
             assert torch.allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def _force_form(block, form):
+    for unit in block.units:
+        unit.spectral.form = form
+
+
+def _initial_scales(block):
+    with torch.no_grad():
+        for unit in block.units:
+            unit.spectral.log_scales.copy_(sf.initial_scales(unit.spectral.name, unit.spectral.order).log())
+    return block
+
+
+@pytest.mark.parametrize("name", SPECTRAL)
+@pytest.mark.parametrize("normalization", ["symmetric", "row", "none"])
+@pytest.mark.parametrize("form", ["core", "dense"])
+def test_both_exact_forms_match_the_reference(name, normalization, form):
+    """The r×r core and the N×N form (symmetric A: one eigh, Daleckii–Krein backward; otherwise the same algebra
+    on N×N) give the reference's values and gradients (input, weights, scales), here with N = 12 > r = 8."""
+    block = randomize(nonlocalnet.build_block(name, 8, dim=2, units=2, normalization=normalization)).eval()
+    _force_form(block, form)
+    x = _x((2, 8, 3, 4)).requires_grad_(True)
+    params = [x] + list(block.parameters())
+    y = block(x)
+    r = ref.forward(block, x, spectral_method="expm")
+    assert_close(y, r)
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad((y * gy).sum(), params)
+    rgrads = torch.autograd.grad((r * gy).sum(), params)
+    for a, b in zip(grads, rgrads):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", SPECTRAL)
+def test_gradcheck_dense_form(name):
+    """gradcheck of the N×N form's custom backward (eigh + divided differences), scales included, N = 6 < r = 8."""
+    block = _force_form_ret(randomize(nonlocalnet.build_block(name, 8, dim=2, order=2)).eval(), "dense")
+    x = torch.randn(1, 8, 3, 2, dtype=torch.float64, requires_grad=True)
+    (nm,) = [n for n, _ in block.named_parameters() if n.endswith("log_scales")]
+    start = block.get_parameter(nm).detach().clone().requires_grad_(True)
+
+    def fn(x, log_scales):
+        return torch.func.functional_call(block, {nm: log_scales}, (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, start), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def _force_form_ret(block, form):
+    _force_form(block, form)
+    return block
+
+
+def test_divided_differences_are_the_derivative_at_equal_eigenvalues():
+    """Γ[λ, λ] = B'(λ), and Γ[λ_i, λ_j] is continuous as λ_j → λ_i (no cancellation): against autograd's B'."""
+    lam = torch.tensor([[-0.9, -0.2, 0.0, 0.3, 0.3 + 1e-12, 0.999]], dtype=torch.float64)
+    for name, order in (("heat", 3), ("cayley", 3), ("wavelet", 3)):
+        scales = sf.initial_scales(name, order).double() * 3
+        gam = sf.divided_differences(name, order, scales, lam)
+        lr = lam.clone().requires_grad_(True)
+        f = sf.responses(name, order, scales, lr)
+        for t in range(f.shape[0]):
+            (d,) = torch.autograd.grad(f[t].sum(), lr, retain_graph=True, allow_unused=True)
+            d = torch.zeros_like(lam) if d is None else d
+            assert torch.allclose(gam[t].diagonal(dim1=-2, dim2=-1), d, rtol=1e-12, atol=1e-12), (name, t)
+            assert torch.allclose(gam[t][0, 3, 4], d[0, 3], rtol=1e-9, atol=1e-12), (name, t)
+        fd = f.detach()
+        off = (fd[:, 0, 1] - fd[:, 0, 5]) / (lam[0, 1] - lam[0, 5])
+        assert torch.allclose(gam[:, 0, 1, 5], off, rtol=1e-10, atol=1e-13)
+
+
+def test_exact_form_is_chosen_by_cost(monkeypatch):
+    """At ResNet res4 (C = 1024, C_s = 512: r = 1024) with N = 7² … 14², the dense N×N form; where N ≫ r the
+    core; the non-symmetric graphs take the N×N algebra where N < r. And the block takes the chosen form."""
+    for name in SPECTRAL:
+        order = sf.DEFAULT_ORDER[name]
+        for n in (49, 100, 196):
+            assert sf.exact_form(name, order, n, 1024, 512, symmetric=True) == "dense"
+        assert sf.exact_form(name, order, 4096, 64, 32, symmetric=True) == "core"
+        assert sf.exact_form(name, order, 4 * 64 + 1, 64, 32, symmetric=True) == "core"  # N > 4r: never dense
+        assert sf.exact_form(name, order, 49, 1024, 512, symmetric=False) == "dense"
+        assert sf.exact_form(name, order, 2048, 1024, 512, symmetric=False) == "core"
+    assert sf.exact_form("cayley", 2, 256, 64, 32, symmetric=True) == "core"  # one r×r solve: cheap
+    taken = []
+    monkeypatch.setattr(sp, "core_matrix", lambda *a, f=sp.core_matrix: taken.append("core") or f(*a))
+    monkeypatch.setattr(sp, "symmetric_functions", lambda *a, f=sp.symmetric_functions: taken.append("dense") or f(*a))
+    block = nonlocalnet.build_block("heat", 32).eval()  # r = 32
+    block(torch.randn(1, 32, 4, 4))  # N = 16
+    block(torch.randn(1, 32, 24, 24))  # N = 576 > 4r
+    assert taken == ["dense", "core"]
+
+
+ORDER_SWEEP = [(n, o) for n in SPECTRAL for o in sorted({0, 1, 2, 3, 5, 8, 12, 16, 24, sf.MAX_ORDER[n]})
+               if o <= sf.MAX_ORDER[n]]
+
+
+@pytest.mark.parametrize("name,order", ORDER_SWEEP)
+def test_every_order_is_finite_and_exact(name, order):
+    """Every accepted order (wavelet: scales up to 2^15), both exact forms: the reference in float64, finite
+    gradients, float32 within 1e-4 (the bound of MAX_ORDER)."""
+    x = _x((2, 8, 3, 4))
+    for form in ("core", "dense"):
+        block = _initial_scales(randomize(nonlocalnet.build_block(name, 8, dim=2, order=order))).eval()
+        _force_form(block, form)
+        xg = x.clone().requires_grad_(True)
+        y = block(xg)
+        assert_close(y, ref.forward(block, x))
+        grads = torch.autograd.grad(y.square().sum(), [xg] + list(block.parameters()), allow_unused=True)
+        assert all(torch.isfinite(g).all() for g in grads if g is not None), (form, order)
+        y32 = block.float()(x.float())
+        assert torch.isfinite(y32).all()
+        assert float((y32.double() - y).abs().max() / y.abs().max()) < 1e-4
+
+
+def test_heat_kernel_at_large_scales_does_not_overflow():
+    """exp(−tL) at t = 2048 (a wavelet scale of order 12): e^{tS} alone overflows (the cause of the all-NaN
+    wavelet of order 12); the shifted block exponential gives the dense matrix_exp's (tiny) values."""
+    graph = _core(seed=2)
+    s = sp.core_matrix(graph.u, graph.v)
+    a = graph.dense()
+    eye = torch.eye(12, dtype=torch.float64)
+    for t in (1.0, 50.0, 2048.0, 2.0**15):  # up to the largest initial scale (wavelet J = 16: s_0 = 2^15)
+        alpha, m = sp.heat(s, torch.tensor(t, dtype=torch.float64))
+        dense = alpha * eye + graph.u @ m @ graph.v.transpose(1, 2)
+        expected = torch.linalg.matrix_exp(-t * (eye - a))
+        assert torch.isfinite(dense).all()
+        assert torch.allclose(dense, expected, rtol=1e-8, atol=1e-12), (t, float((dense - expected).abs().max()))
+    assert not torch.isfinite(sp.expm(s, 2048.0)[1]).all()  # the unshifted form: what the fix avoids
+
+
+def test_order_and_approx_order_bounds():
+    for name in SPECTRAL:
+        with pytest.raises(ValueError, match=rf"order: expected an int in \[0, {sf.MAX_ORDER[name]}\]"):
+            nonlocalnet.build_block(name, 8, order=sf.MAX_ORDER[name] + 1)
+        for k in (0, sf.MAX_APPROX_ORDER + 1, 100000):
+            with pytest.raises(ValueError, match=rf"approx_order: expected an int in \[1, {sf.MAX_APPROX_ORDER}\]"):
+                nonlocalnet.build_block(name, 8, spectral_path="chebyshev", approx_order=k)
+    with pytest.raises(ValueError, match="wavelet scales J.*float32"):
+        nonlocalnet.build_block("wavelet", 8, order=200)
+    # a coarse approximation is accepted with a warning that gives its measured error and a sufficient order
+    with pytest.warns(UserWarning, match=r"approx_order=2: .*'heat'.* off by up to 0\.\d+ .*approx_order=7 is within"):
+        nonlocalnet.build_block("heat", 8, spectral_path="chebyshev", approx_order=2)
+    err = sf.approximation_error("heat", 2, sf.initial_scales("heat", 2).double(), 2)
+    assert 1e-2 < err < 1  # the order-2 interpolant is off by a few percent
+    assert sf.approximation_error("heat", 2, sf.initial_scales("heat", 2).double(), 24) < 1e-13
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nonlocalnet.build_block("heat", 8, approx_order=2)  # exact path: the approximation is not used, no warning
+        nonlocalnet.build_block("heat", 8, spectral_path="chebyshev", approx_order=24)
 
 
 def test_float32_exact_path():
@@ -302,6 +455,8 @@ def test_responses_values():
     (dict(sub_sample=True), "sub_sample"),
     (dict(order=-1), "order"),
     (dict(approx_order=-2), "approx_order"),
+    (dict(approx_order=0), "approx_order"),
+    (dict(order=65), "order"),
     (dict(spectral_path="fast"), "spectral_path"),
     (dict(spectral_path="exact", kernel="embedded_gaussian", normalization="symmetric"), "spectral_path"),
     (dict(unary=True), "unary"),

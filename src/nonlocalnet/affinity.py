@@ -543,7 +543,8 @@ class ChannelGraph(Graph):
             return x.unsqueeze(-1)
         g = self.gamma
         pref = torch.exp(-g * x * x) if self.prefactor == "exact" else math.exp(-g)  # exp(-γ) per side: exp(-2γ)
-        feats = [pref * math.sqrt((2 * g) ** k / math.factorial(k)) * x**k for k in range(self.order + 1)]
+        y = math.sqrt(2 * g) * x  # (√(2γ) x)^k / √k!: no k! as a float (it overflows past k = 170), no bare x^k
+        feats = [pref * math.exp(-0.5 * math.lgamma(k + 1)) * y**k for k in range(self.order + 1)]
         return torch.stack(feats, -1)
 
     def norm_factor(self, n_nodes: int) -> float:

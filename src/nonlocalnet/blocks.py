@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from . import affinity as aff
 from .filters import Filter, Polynomial, lowrank_terms, polynomial_responses
 from .kernels import GRAPH_MODES, KERNELS, GraphMode, Kernel, register_graph
-from .registry import Option, int_at_least, one_of, positive_int, positive_number
+from .registry import Option, one_of, positive_int, positive_number
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -290,6 +290,17 @@ class ChannelsMode(GraphMode):
 
 
 RBF_PREFACTORS = ("exact", "constant")
+MAX_TAYLOR_ORDER = 32  # CGNL's Gaussian kernel
+
+
+def _taylor_order(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TAYLOR_ORDER:
+        raise ValueError(f"taylor_order: expected an int in [0, {MAX_TAYLOR_ORDER}] (the Taylor order P of the "
+                         f"Gaussian kernel; its k-th term carries (2γ)^k/k!, 3e-73 at k = 16 for the default "
+                         f"γ = 1e-4), got {value!r}")
+    return value
+
+
 register_graph(PositionsMode("positions", "the graph over all N x N' positions (NL, NS, SNL, A², GC, DNL, ...)"))
 register_graph(CrissCrossMode("crisscross", "each position and its row and column, masked softmax (CCNet)",
                               kernels="exp", normalizations=("softmax", "row"), backends=("auto", "dense", "chunked"),
@@ -298,7 +309,8 @@ register_graph(ChannelsMode(
     "channels", "a graph over positions x channels per channel group (CGNL)", kernels=("dot_product", "gaussian"),
     normalizations=("none", "count"), backends=("auto", "dense", "lowrank"), pairwise_only=True,
     options={"groups": Option(1, "channel groups, each its own graph", positive_int),
-             "taylor_order": Option(3, "Taylor order P of the Gaussian RBF kernel", int_at_least(0)),
+             "taylor_order": Option(3, f"Taylor order P of the Gaussian RBF kernel (0 to {MAX_TAYLOR_ORDER})",
+                                    lambda k, v: _taylor_order(v)),
              "rbf_gamma": Option(1e-4, "γ of the RBF exp(-γ(t-p)²)", positive_number),
              "rbf_prefactor": Option("exact", "exact per-node prefactors, or the CGNL authors' constant exp(-2γ)",
                                      one_of(*RBF_PREFACTORS))}))

@@ -32,7 +32,7 @@ from nonlocalnet.apps.sweep import run_sweep
 from nonlocalnet.bench import bench_device, check_dense_cap, run_naive, training_throughput
 from nonlocalnet.bench import run as run_bench
 from nonlocalnet.bench.naive import CASES as NAIVE_CASES
-from nonlocalnet.bench.spectral import run_spectral
+from nonlocalnet.bench.spectral import run_spectral, run_spectral_vs_snl
 from nonlocalnet.kernels import BACKENDS
 from nonlocalnet.presets import PRESETS
 from nonlocalnet.runs import (
@@ -159,6 +159,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   modes=args.modes or ["fwd", "fwd+bwd"], threads=args.threads or [1, 2],
                   repeats=args.repeats or 5, dense_cap_gib=args.dense_cap_gib, channels_last=args.channels_last,
                   json_path=args.json, processes=args.processes)
+        return 0
+    if args.vs_snl and not args.spectral:
+        raise SystemExit("bench: error: --vs-snl goes with --spectral")
+    if args.spectral and args.vs_snl:
+        run_spectral_vs_snl(channels=args.vs_snl, sides=args.sizes or (7, 10, 14, 32, 64), batch=args.batch or 2,
+                            repeats=args.repeats or 3, threads=(args.threads or [None])[0], json_path=args.json)
         return 0
     if args.spectral:
         run_spectral(sizes=args.sizes or (32, 64, 96), batch=args.batch or 1, channels=args.channels or 64,
@@ -417,6 +423,10 @@ def _add_bench(sub) -> None:
     p.add_argument("--spectral", action="store_true",
                    help="instead: the spectral filters' exact r x r path vs Chebyshev orders 2/4/8, their Chebyshev "
                         "approximation and dense eigh (B=1, C=64, sides 32 64 96 unless given; docs/spectral.md)")
+    p.add_argument("--vs-snl", nargs="+", type=_positive_int, default=None, metavar="C",
+                   help="with --spectral: instead, Cayley/heat/wavelet forward+backward on their default path "
+                        "against SNL at each of these channel counts C (rank r = C) and --sizes (default 7 10 14 32 "
+                        "64), B=2 unless --batch; --threads: first value; prints the exact form each takes")
     p.add_argument("--eigh-max", type=_positive_int, default=96 * 96,
                    help="--spectral: largest N for the dense eigh rows")
     p.set_defaults(func=cmd_bench)

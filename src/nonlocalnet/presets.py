@@ -25,9 +25,10 @@ import torch
 
 from . import kernels as K
 from . import spectral_filters  # noqa: F401 - registers the spectral filters (cayley, heat, wavelet)
-from .blocks import FUSIONS, OUT_MAPS, OUT_NORMS, Affinity, NonlocalBlock, NonlocalUnit
+from .blocks import FUSIONS, MAX_TAYLOR_ORDER, OUT_MAPS, OUT_NORMS, Affinity, NonlocalBlock, NonlocalUnit  # noqa: F401
 from .filters import FILTERS, filter_options
 from .registry import Registry, did_you_mean
+from .spectral_filters import check_approx_order
 
 
 @dataclass(frozen=True)
@@ -280,6 +281,10 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
                              f"on the 'lowrank' or 'auto' backend, got kernel={kern!r}, backend={backend!r}")
         if kern in lowrank_kernels and backend == "auto" and preset.mode == "positions":
             o["backend"] = "lowrank"  # the exact r x r path, also where `auto` would form a small dense A
+    if "approx_order" in fopts:  # warns with the measured error where the approximation will be used and is coarse
+        check_approx_order(o["filter"], o["order"], o["approx_order"], used=(
+            o["spectral_path"] == "chebyshev" or kern not in K.lowrank_kernels() or backend not in ("auto", "lowrank")
+            or preset.mode != "positions"))
     max_power = probe.max_power if polynomial else None
     if max_power is not None and max_power >= 2 and o["sub_sample"]:
         raise ValueError(f"sub_sample: powers of A (order {max_power}) need a square affinity; "

@@ -104,9 +104,19 @@ def expm(s: torch.Tensor, t: torch.Tensor | float) -> Element:
 
 
 def heat(s: torch.Tensor, t: torch.Tensor | float) -> Element:
-    """The heat kernel ``exp(−t L) = e^{−t} exp(t A)`` of the Laplacian ``L = I − A``."""
+    """The heat kernel ``exp(−t L) = e^{−t} I + U · t e^{−t} φ₁(t S) · Vᵀ`` of the Laplacian ``L = I − A``.
+
+    ``e^{−t} φ₁(tS)`` is the top-right block of ``expm([[t(S − I), I], [0, −t I]])`` (``∫₀¹ e^{(1−σ)t(S−I)}
+    e^{−σt} dσ``): the shift is inside the exponential, so a large ``t`` (e.g. a wavelet scale of 2048) never
+    forms ``e^{tS}`` (which overflows past ``t λ ≈ 709``) to multiply it by ``e^{−t}`` (which underflows)."""
     t = torch.as_tensor(t, dtype=s.dtype, device=s.device)
-    return scale(expm(s, t), torch.exp(-t))
+    r = s.shape[-1]
+    eye = _eye(s)
+    big = torch.zeros(*s.shape[:-2], 2 * r, 2 * r, dtype=s.dtype, device=s.device)
+    big[..., :r, :r] = t * (s - eye)
+    big[..., :r, r:] = eye
+    big[..., r:, r:] = -t * eye
+    return torch.exp(-t), t * torch.linalg.matrix_exp(big)[..., :r, r:]
 
 
 def resolvent(s: torch.Tensor, a: torch.Tensor | complex) -> Element:
@@ -153,6 +163,66 @@ def apply(u: torch.Tensor, v: torch.Tensor, elements: list[Element], z: torch.Te
         a = a.reshape(-1, 1, 1) if a.dim() else a
         out.append(a * z + uw[:, :, i])
     return out
+
+
+def dense_affinity(u: torch.Tensor, v: torch.Tensor, symmetric: bool = False) -> torch.Tensor:
+    """``A = U Vᵀ`` (B, N, N) in float64 (the product in the factors' dtype, as :func:`core_matrix`);
+    ``symmetric``: ``(A + Aᵀ)/2`` (the symmetric normalization, where ``U Vᵀ`` is symmetric up to rounding)."""
+    with torch.autocast(u.device.type if u.device.type in ("cuda", "cpu") else "cpu", enabled=False):
+        a = (u @ v.transpose(1, 2)).to(CORE_DTYPE)
+    return 0.5 * (a + a.transpose(1, 2)) if symmetric else a
+
+
+class _SymmetricFunctions(torch.autograd.Function):
+    """``[f_t(A) Z]`` for a symmetric ``A`` through one ``eigh``; backward by the Daleckii–Krein formula.
+
+    Forward: ``A = Q Λ Qᵀ``, ``f_t(A) Z = Q (f_t(Λ) ∘ QᵀZ)``. Backward (``Ḡ_t = dY_t Zᵀ``, never formed):
+    ``Qᵀ Ḡ_t Q = (Qᵀ dY_t)(QᵀZ)ᵀ``; ``∂/∂A = Q (Σ_t Γ_t ∘ Qᵀ Ḡ_t Q) Qᵀ`` with ``Γ_t[i, j] = f_t[λ_i, λ_j]``
+    the divided differences (``f_t'(λ_i)`` where ``λ_i = λ_j``), which is the derivative of the matrix function
+    itself, smooth at repeated eigenvalues (the eigenvectors' own gradient, which ``eigh``'s autograd uses, is
+    not: it has ``1/(λ_i − λ_j)``); ``∂/∂Z = Q Σ_t f_t(Λ) ∘ (Qᵀ dY_t)``; the scales through
+    ``diag(Qᵀ Ḡ_t Q)·∂f_t(λ)/∂scales``. ``values(scales, λ) -> (T, B, N)`` (differentiable in ``scales``) and
+    ``divided(scales, λ) -> (T, B, N, N)`` come from the filter (:mod:`spectral_filters`)."""
+
+    @staticmethod
+    def forward(ctx, a, scales, z, values, divided):
+        lam, q = torch.linalg.eigh(a)
+        f = values(scales, lam)
+        qz = q.to(z.dtype)
+        w = qz.transpose(1, 2) @ z  # (B, N, c)
+        y = qz.unsqueeze(0) @ (f.to(z.dtype).unsqueeze(-1) * w.unsqueeze(0))  # (T, B, N, c)
+        ctx.save_for_backward(lam, q, scales, w)
+        ctx.fns = values, divided
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        lam, q, scales, w = ctx.saved_tensors
+        values, divided = ctx.fns
+        qz = q.to(gy.dtype)
+        gw = qz.transpose(1, 2).unsqueeze(0) @ gy  # Qᵀ dY_t, (T, B, N, c)
+        with torch.enable_grad():
+            sc = scales.detach().requires_grad_(True)
+            f = values(sc, lam)
+        ga = gs = gz = None
+        if ctx.needs_input_grad[2]:
+            gz = qz @ (f.detach().to(gy.dtype).unsqueeze(-1) * gw).sum(0)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            h = (gw @ w.transpose(1, 2).unsqueeze(0)).to(CORE_DTYPE)  # Qᵀ Ḡ_t Q, (T, B, N, N)
+            if ctx.needs_input_grad[1]:
+                gs = (torch.autograd.grad(f, sc, h.diagonal(dim1=-2, dim2=-1), allow_unused=True)[0]
+                      if f.requires_grad else None)  # no term depends on the scales (e.g. Cayley of order 0)
+                gs = torch.zeros_like(scales) if gs is None else gs
+            if ctx.needs_input_grad[0]:
+                ga = q @ (divided(scales, lam) * h).sum(0) @ q.transpose(1, 2)
+        return ga, gs, gz, None, None
+
+
+def symmetric_functions(a: torch.Tensor, scales: torch.Tensor, z: torch.Tensor, values, divided) -> torch.Tensor:
+    """``[f_t(A) Z]`` (T, B, N, c) for a symmetric dense ``A`` (B, N, N, float64): one ``eigh`` for every term,
+    ``O(N³ + T N² c)``, and a backward of ``O(N³ + T N² c)`` (:class:`_SymmetricFunctions`)."""
+    return _SymmetricFunctions.apply(a, scales, z, values, divided)
 
 
 def eigenvalues(u: torch.Tensor, v: torch.Tensor, symmetric: bool = False) -> torch.Tensor:

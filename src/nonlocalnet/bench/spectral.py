@@ -123,3 +123,54 @@ def run_spectral(sizes=(32, 64, 96), batch: int = 1, channels: int = 64, repeats
         with open(json_path, "w") as f:
             json.dump({"environment": env, "batch": batch, "channels": channels, "rows": rows}, f, indent=1)
     return rows
+
+
+def _fwd_bwd(block, x):
+    def step():
+        block.zero_grad(set_to_none=True)
+        block(x).sum().backward()
+    return step
+
+
+def run_spectral_vs_snl(channels=(256, 512, 1024), sides=(7, 10, 14, 32, 64), batch: int = 2, repeats: int = 3,
+                        threads: int | None = None, json_path: str | None = None) -> list[dict]:
+    """The spectral presets (Cayley, heat, wavelet at their default orders, default ``spectral_path="auto"``)
+    forward + backward against SNL on the same input, per ``C`` (``C_s = C/2``, rank ``r = C``) and side
+    (``N = side²``); the exact form each takes (:func:`spectral_filters.exact_form`: ``core`` r×r or ``dense``
+    N×N); timed interleaved (SNL, Cayley, heat, wavelet, SNL, …), median of ``repeats`` rounds after one warm-up
+    round; ratio = preset / SNL. docs/benchmarks.md, "Spectral filters against SNL"."""
+    if threads:
+        torch.set_num_threads(threads)
+    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+           "threads": torch.get_num_threads()}
+    print(f"# spectral presets vs SNL, forward+backward — torch {env['torch']}, {env['threads']} threads, B={batch}",
+          flush=True)
+    rows = []
+    names = ("snl",) + sf.SPECTRAL_FILTERS
+    for c in channels:
+        for s in sides:
+            torch.manual_seed(0)
+            x = torch.randn(batch, c, s, s, requires_grad=True)
+            blocks = {n: nonlocalnet.build_block(n, c) for n in names}
+            steps = {n: _fwd_bwd(b, x) for n, b in blocks.items()}
+            ts = {n: [] for n in names}
+            for rnd in range(repeats + 1):
+                for n in names:
+                    t0 = time.perf_counter()
+                    steps[n]()
+                    if rnd:
+                        ts[n].append(time.perf_counter() - t0)
+            snl = statistics.median(ts["snl"])
+            line = [f"C={c:<5} N={s}x{s:<3} snl {1e3 * snl:9.1f} ms"]
+            for n in names:
+                med = statistics.median(ts[n])
+                form = None if n == "snl" else sf.exact_form(n, sf.DEFAULT_ORDER[n], s * s, c, c // 2, True)
+                rows.append({"C": c, "N": s * s, "side": s, "case": n, "form": form, "ms": 1e3 * med,
+                             "min_ms": 1e3 * min(ts[n]), "vs_snl": med / snl, "repeats": repeats})
+                if n != "snl":
+                    line.append(f"{n} {1e3 * med:9.1f} ms {med / snl:5.2f}x ({form})")
+            print(" | ".join(line), flush=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"environment": env, "batch": batch, "rows": rows}, f, indent=1)
+    return rows
