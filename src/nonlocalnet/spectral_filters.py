@@ -274,7 +274,10 @@ def _exact_terms(name: str, order: int, scales: torch.Tensor, graph: LowRankGrap
     u, v = graph.u, graph.v
     symmetric = graph.normalization == "symmetric"
     if form is None:
-        form = exact_form(name, order, u.shape[1], u.shape[2], z.shape[-1], symmetric)
+        # under torch.compile the core form (the dense symmetric form's custom backward calls autograd.grad, which
+        # dynamo does not trace); both are exact
+        form = "core" if torch.compiler.is_compiling() else \
+            exact_form(name, order, u.shape[1], u.shape[2], z.shape[-1], symmetric)
     with torch.autocast(z.device.type if z.device.type in ("cuda", "cpu") else "cpu", enabled=False):
         if form == "core":
             s = sp.core_matrix(u, v)  # the r x r algebra in float64, never under autocast
