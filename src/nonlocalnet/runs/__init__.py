@@ -18,6 +18,7 @@ from .build import (
 )
 from .checkpoint import CheckpointError, load_weights, read_metadata, save_weights
 from .config import (
+    SHIPPED,
     BlockPlacement,
     Config,
     ConfigError,
@@ -30,15 +31,19 @@ from .config import (
     config_to_dict,
     dump_config,
     load_config,
+    resolve_config,
+    shipped_names,
 )
 from .layout import checkpoint_config, epoch_checkpoints, read_metrics, resolve_checkpoint
 from .load import Loaded, find_blocks, load_config_only, load_run
+from .shipped import ShippedConfig, copy_config, format_configs, shipped_configs
 
 __all__ = [
-    "BlockPlacement", "CheckpointError", "Config", "ConfigError", "DataConfig", "DatasetError", "Loaded",
+    "SHIPPED", "BlockPlacement", "CheckpointError", "Config", "ConfigError", "DataConfig", "DatasetError", "Loaded",
     "ModelConfig", "RunConfig",
     "TrainConfig", "apply_overrides", "batch_transform", "build_datasets", "build_model_from_config",
     "checkpoint_config", "config_from_dict", "config_to_dict", "dataset_kwargs", "dump_config", "epoch_checkpoints",
     "find_blocks", "input_shape_for", "load_config", "load_config_only", "load_pretrained", "load_run",
-    "load_weights", "num_classes_for", "read_metadata", "read_metrics", "resolve_checkpoint", "save_weights",
+    "load_weights", "num_classes_for", "read_metadata", "read_metrics", "resolve_checkpoint", "resolve_config",
+    "save_weights", "ShippedConfig", "copy_config", "format_configs", "shipped_configs", "shipped_names",
 ]
