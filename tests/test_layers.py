@@ -17,7 +17,8 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "nonlocalnet"
 
 CORE = {"kernels", "affinity", "filters", "spectral", "spectral_filters", "blocks", "presets", "reference", "compat",
         "profiling", "__init__"}
-LEVEL = {"models": 1, "data": 1, "integrations": 1, "runs": 2, "train": 3, "analysis": 3, "bench": 3, "apps": 4, "cli": 5, "__main__": 6}
+LEVEL = {"models": 1, "data": 1, "integrations": 1, "runs": 2, "train": 3, "analysis": 3, "bench": 3, "apps": 4,
+         "cli": 5, "__main__": 6}
 
 
 def _unit(module: str) -> str:
