@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,13 +18,18 @@ import torch
 import yaml
 from test_data import make_cifar10
 
-from nonlocalnet import list_blocks
+from nonlocalnet import NonlocalBlock, list_blocks
 from nonlocalnet.models import build_model, get_module, insert_blocks, inserted_blocks, strip_blocks
 from nonlocalnet.runs import Loaded
 
 pytestmark = pytest.mark.interop
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
+
+from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg  # noqa: E402
+from timm.models.resnet import BasicBlock, ResNet  # noqa: E402
+
+from nonlocalnet.integrations.timm import attn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO_INIT = ("nl", "ns", "cc", "gc", "dnl")  # presets whose new block is the identity (zero-initialized output)
@@ -314,3 +320,72 @@ def test_every_preset_in_tokens_and_channels_last(arch, opts, at, kind):
     for w in wrappers:
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in w.nonlocal_block.parameters()), \
             w.nonlocal_block.name
+
+
+# ----------------------------------------------- timm model definitions with attn_layer = a nonlocalnet factory
+
+
+def _nonlocal(model):
+    return {n: (b.name, b.in_channels) for n, b in model.named_modules() if isinstance(b, NonlocalBlock)}
+
+
+@pytest.mark.parametrize("preset", list_blocks())
+def test_timm_resnet_definition_with_attn_layer(preset):
+    """timm's ResNet builds ``attn_layer(channels, device=, dtype=)`` after each block's last BN (its SE slot)."""
+    m = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, block_args=dict(attn_layer=attn(preset)))
+    assert _nonlocal(m) == {f"layer{i}.0.se": (preset, c) for i, c in zip((1, 2, 3, 4), (64, 128, 256, 512))}
+    x = torch.randn(2, 3, 64, 64)
+    m.eval()
+    y = m(x)
+    assert y.shape == (2, 10) and torch.isfinite(y).all()
+    if preset in ZERO_INIT and preset != "gc":  # timm re-initializes every Conv2d, GC's zero-initialized last too
+        plain = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10)
+        plain.load_state_dict(m.state_dict(), strict=False)
+        assert torch.equal(y, plain.eval()(x))
+    m.train()
+    m(x).square().mean().backward()
+    for name in _nonlocal(m):
+        params = list(get_module(m, name).parameters())
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params), name
+
+
+def test_timm_byobnet_definition_compiles_round_trips_and_trains(tmp_path):
+    def net():
+        cfg = ByoModelCfg(blocks=(ByoBlockCfg(type="basic", d=1, c=32, s=2, gs=0, br=1.0),
+                                  ByoBlockCfg(type="bottle", d=1, c=64, s=2, gs=0, br=0.25)),
+                          stem_chs=16, attn_layer=attn("snl", reduction=4))
+        return ByobNet(cfg, num_classes=4)
+
+    m = net()
+    assert _nonlocal(m) == {"stages.0.0.attn_last": ("snl", 32), "stages.1.0.attn": ("snl", 16)}
+    x, target = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    block = get_module(m, "stages.1.0.attn")
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    losses = []
+    for _ in range(6):  # a few steps on one batch: the loss falls, the block's weights move
+        loss = torch.nn.functional.cross_entropy(m(x), target)
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in block.parameters())
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert any(not torch.equal(before[k], v) for k, v in block.state_dict().items() if v.is_floating_point())
+    m.eval()
+    torch.save(m.state_dict(), tmp_path / "w.pt")
+    m2 = net()
+    m2.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
+    with torch.no_grad():
+        ref = m(x)
+        assert torch.equal(m2.eval()(x), ref)
+        out = torch.compile(m, fullgraph=True, dynamic=False)(x)
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_docs_models_md_timm_example():
+    text = (ROOT / "docs" / "models.md").read_text()
+    section = text.split("## timm model definitions", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert code, "docs/models.md: the timm section has no python example"
+    exec(compile(code[0], "docs/models.md (timm)", "exec"), {})

@@ -1,8 +1,9 @@
 """The package's layers: imports point down only, and no module imports a project module inside a function.
 
 Layers, bottom to top (docs/design.md): core (kernels, affinity, filters, spectral, spectral_filters, blocks,
-presets, reference, compat, profiling) < models, data < runs < train, analysis, bench < apps < cli. A module may
-import its own layer or a lower one; ``models`` and ``data`` do not import each other.
+presets, reference, compat, profiling) < models, data, integrations < runs < train, analysis, bench < apps < cli. A
+module may import its own layer or a lower one; ``models``, ``data`` and ``integrations`` do not import each other
+(``integrations``, the blocks inside other frameworks, imports the core only, and nothing imports it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "nonlocalnet"
 CORE = {"registry", "kernels", "affinity", "filters", "spectral", "spectral_filters", "blocks", "presets", "reference",
         "testing", "compat",
         "profiling", "__init__"}
-LEVEL = {"models": 1, "data": 1, "runs": 2, "train": 3, "analysis": 3, "bench": 3, "apps": 4, "cli": 5, "__main__": 6}
+LEVEL = {"models": 1, "data": 1, "integrations": 1, "runs": 2, "train": 3, "analysis": 3, "bench": 3, "apps": 4,
+         "cli": 5, "__main__": 6}
 
 
 def _unit(module: str) -> str:
@@ -74,6 +76,8 @@ MODULES = _modules()
 
 # The one exception to "no import inside a function": an optional extra, imported lazily where it is used, with a
 # comment on the import line saying so. {module: extra}.
+# (integrations/openmmlab.py imports mmengine, the extra 'openmmlab', at its top in a try: importing that module
+# is what asks for it.)
 OPTIONAL_EXTRAS = {"torchvision": "vision", "timm": "vision", "torch.utils.tensorboard": "tensorboard"}
 
 
@@ -118,7 +122,16 @@ def test_function_level_imports_are_optional_extras(name, path):
 def test_every_layer_is_known():
     units = {_unit(name) for name, _ in MODULES}
     assert units <= {"core", *LEVEL}, units - {"core", *LEVEL}
-    assert {"runs", "train", "analysis", "bench", "apps", "cli"} <= units
+    assert {"runs", "train", "analysis", "bench", "apps", "cli", "integrations"} <= units
+
+
+def test_integrations_import_core_only_and_nothing_imports_them():
+    for name, path in MODULES:
+        targets = {_unit(t) for t, _, _ in _imports(name, path)}
+        if _unit(name) == "integrations":
+            assert targets <= {"core", "integrations"}, (name, targets)
+        else:
+            assert "integrations" not in targets, f"{name} imports nonlocalnet.integrations (an optional top layer)"
 
 
 def test_one_entry_point():

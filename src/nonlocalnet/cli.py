@@ -41,7 +41,9 @@ from nonlocalnet.runs import (
     DatasetError,
     RunDirError,
     Terminated,
+    copy_config,
     dump_config,
+    format_configs,
     load_config,
     load_config_only,
     load_run,
@@ -65,6 +67,14 @@ class UserError(Exception):
 def cmd_blocks(args: argparse.Namespace) -> int:
     for name, preset in PRESETS.items():
         print(f"{name:6} {preset.reference}")
+    return 0
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    if args.copy:
+        print(copy_config(*args.copy))
+        return 0
+    print(format_configs(), end="")
     return 0
 
 
@@ -249,7 +259,9 @@ def _add_train(sub) -> None:
                        description="Train a model from a YAML config (docs/configs.md). Writes config.yaml, "
                                    "metrics.jsonl and checkpoints to run.out. For several GPUs or nodes: "
                                    "torchrun --nproc_per_node N -m nonlocalnet train CONFIG.yaml")
-    p.add_argument("config", help="YAML config file")
+    p.add_argument("config", help="a YAML config file, or the name of a shipped config (`nonlocalnet configs` lists "
+                                   "them), e.g. tao2018/preresnet20_cifar10, with or without .yaml; a path that "
+                                   "exists wins")
     _set_option(p, "the config")
     p.add_argument("--resume", action="store_true",
                    help="continue from run.out/last.safetensors (exactly: same metrics as an uninterrupted run)")
@@ -347,11 +359,24 @@ def _add_analyze(sub) -> None:
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="train baseline / +NL / +SNL on the bundled task and write a report")
     p.add_argument("--out", default="runs", help="root of the run directories (default: runs)")
-    p.add_argument("--configs", default="configs/demo", help="directory with baseline.yaml, nl.yaml, snl.yaml")
+    p.add_argument("--configs", default=None,
+                   help="directory with baseline.yaml, nl.yaml, snl.yaml (default: the shipped demo configs, "
+                        "`nonlocalnet configs`)")
     p.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), help="which configs to train")
     _set_option(p, "every run's config")
     p.add_argument("--no-analysis", action="store_true", help="skip the per-run analysis reports")
     p.set_defaults(func=cmd_demo)
+
+
+def _add_configs(sub) -> None:
+    p = sub.add_parser("configs", help="list the shipped configs by paper, or copy one out to edit",
+                       description="The configs shipped with the package, one folder per paper, with the table row "
+                                   "and the paper's number where a config reproduces one (docs/configs.md). "
+                                   "`nonlocalnet train NAME` trains one by name.")
+    p.add_argument("--copy", nargs=2, metavar=("NAME", "DIR"), default=None,
+                   help="write the shipped config NAME to DIR/<name>.yaml (its base: chain merged in); never "
+                        "overwrites")
+    p.set_defaults(func=cmd_configs)
 
 
 def _add_sweep(sub) -> None:
@@ -359,7 +384,7 @@ def _add_sweep(sub) -> None:
                        description="Train every CONFIG with every seed, one run after another, into "
                                    "OUT/<config name>/seed<k>. Finished runs are skipped and interrupted ones "
                                    "resumed, so the same command continues a killed sweep.")
-    p.add_argument("configs", nargs="+", help="YAML config files")
+    p.add_argument("configs", nargs="+", help="YAML config files or shipped configs' names (`nonlocalnet configs`)")
     p.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..N-1 (default 3)")
     p.add_argument("--seed-list", type=int, nargs="+", default=None, help="explicit seeds instead of --seeds")
     p.add_argument("--out", default="runs/sweep", help="root of the run directories (default runs/sweep)")
@@ -440,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = sub.add_parser("blocks", help="list the nonlocal blocks and the paper each follows")
     p.set_defaults(func=cmd_blocks)
+    _add_configs(sub)
     _add_train(sub)
     _add_analyze(sub)
     _add_demo(sub)

@@ -15,7 +15,7 @@ from pathlib import Path
 from nonlocalnet.analysis.html import curves_figure, img, para, table, write_page
 from nonlocalnet.analysis.output import save_figure
 from nonlocalnet.analysis.report import write_report
-from nonlocalnet.runs import checkpoint_config, load_config, read_metrics
+from nonlocalnet.runs import SHIPPED, checkpoint_config, load_config, read_metrics
 from nonlocalnet.train import train
 
 __all__ = ["DEFAULT_RUNS", "run_demo", "write_demo_report"]
@@ -64,15 +64,16 @@ def write_demo_report(out: Path, runs: dict[str, Path], timings: dict[str, float
     return write_page(out / "report.html", "nonlocalnet demo", body)
 
 
-def run_demo(out_root: str | Path = "runs", configs: str | Path = "configs/demo", runs=DEFAULT_RUNS,
+def run_demo(out_root: str | Path = "runs", configs: str | Path | None = None, runs=DEFAULT_RUNS,
              overrides: list[str] | tuple[str, ...] = (), analyze: bool = True) -> Path:
-    out_root, configs = Path(out_root), Path(configs)
+    """Train ``runs`` from ``configs`` (default: the shipped ``demo`` configs) into ``out_root/demo-<name>``."""
+    out_root, configs = Path(out_root), SHIPPED / "demo" if configs is None else Path(configs)
     run_dirs, timings, analyses = {}, {}, {}
     for name in runs:
         cfg_path = configs / f"{name}.yaml"
         if not cfg_path.is_file():
-            raise FileNotFoundError(f"demo config {cfg_path} not found (run from the repository root, or pass "
-                                    f"--configs DIR)")
+            raise FileNotFoundError(f"demo config {cfg_path} not found (--configs DIR must hold "
+                                    f"{', '.join(f'{r}.yaml' for r in runs)})")
         cfg = load_config(cfg_path, [*overrides, f"run.out={out_root / f'demo-{name}'}"])
         print(f"== demo: training {name} ({cfg.train.epochs} epochs) -> {cfg.run.out}", flush=True)
         t0 = time.perf_counter()

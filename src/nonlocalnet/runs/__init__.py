@@ -18,6 +18,7 @@ from .build import (
 )
 from .checkpoint import CheckpointError, DiskFullError, load_weights, load_weights_into, read_metadata, save_weights
 from .config import (
+    SHIPPED,
     BlockPlacement,
     Config,
     ConfigError,
@@ -30,6 +31,8 @@ from .config import (
     config_to_dict,
     dump_config,
     load_config,
+    resolve_config,
+    shipped_names,
 )
 from .layout import (
     RunDirError,
@@ -41,13 +44,15 @@ from .layout import (
 )
 from .load import Loaded, find_blocks, load_config_only, load_run
 from .lock import RunInUseError, Terminated, run_lock, terminate_on_sigterm
+from .shipped import ShippedConfig, copy_config, format_configs, shipped_configs
 
 __all__ = [
-    "BlockPlacement", "CheckpointError", "Config", "ConfigError", "DataConfig", "DatasetError", "DiskFullError",
-    "Loaded", "ModelConfig", "RunConfig", "RunDirError", "RunInUseError", "Terminated",
+    "SHIPPED", "BlockPlacement", "CheckpointError", "Config", "ConfigError", "DataConfig", "DatasetError",
+    "DiskFullError", "Loaded", "ModelConfig", "RunConfig", "RunDirError", "RunInUseError", "Terminated",
     "TrainConfig", "apply_overrides", "batch_transform", "build_datasets", "build_model_from_config",
     "checkpoint_config", "config_from_dict", "config_to_dict", "dataset_kwargs", "dump_config", "epoch_checkpoints",
     "find_blocks", "input_shape_for", "load_config", "load_config_only", "load_pretrained", "load_run",
     "load_weights", "load_weights_into", "num_classes_for", "read_metadata", "read_metrics", "require_directory",
-    "resolve_checkpoint", "run_lock", "save_weights", "terminate_on_sigterm",
+    "resolve_checkpoint", "resolve_config", "run_lock", "save_weights", "terminate_on_sigterm", "ShippedConfig",
+    "copy_config", "format_configs", "shipped_configs", "shipped_names",
 ]

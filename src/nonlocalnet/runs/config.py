@@ -3,6 +3,10 @@
 Every key has a default; an unknown key is an error that lists the valid keys at its level.  A config file
 may name ``base:`` (a path, relative to the file, or a list of paths) whose content it overrides key by key
 (dicts merge recursively, lists and scalars are replaced).
+
+:func:`load_config` takes a file or the name of a config shipped inside the package (``SHIPPED``, one folder per
+paper: ``tao2018/preresnet20_cifar10``, with or without ``.yaml``); a path that exists wins
+(:func:`resolve_config`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ __all__ = [
     "load_config",
     "load_raw",
     "parse_override",
+    "resolve_config",
+    "shipped_names",
+    "SHIPPED",
 ]
 
 
@@ -411,6 +418,34 @@ def _merge(base: Any, over: Any) -> Any:
     return copy.deepcopy(over)
 
 
+SHIPPED = Path(__file__).resolve().parents[1] / "configs"
+"""The configs shipped as package data: ``SHIPPED/<paper>/<name>.yaml`` (the repository's ``configs/`` links here)."""
+
+
+def shipped_names() -> list[str]:
+    """The shipped configs' names: their paths under :data:`SHIPPED` without ``.yaml`` (``demo/snl``)."""
+    return sorted(p.relative_to(SHIPPED).with_suffix("").as_posix() for p in SHIPPED.rglob("*.yaml"))
+
+
+def resolve_config(config: str | Path) -> Path:
+    """The file of ``config``: a path that exists (it wins), else a shipped config's name (``demo/snl`` or
+    ``demo/snl.yaml``). Neither: a :class:`ConfigError` with the closest shipped names."""
+    path = Path(config)
+    if path.exists():
+        return path
+    name = path.as_posix()
+    for suffix in (".yaml", ".yml"):
+        name = name.removesuffix(suffix)
+    names = shipped_names()
+    if name in names:
+        return SHIPPED / f"{name}.yaml"
+    close = [n for n in names if n.rsplit("/", 1)[-1] == path.stem]
+    close += [n for n in difflib.get_close_matches(name, names, n=3, cutoff=0.6) if n not in close]
+    hint = f"; did you mean {', '.join(close[:3])}?" if close else ""
+    raise ConfigError(f"config {str(config)!r}: no such file, and no shipped config of that name{hint} "
+                      f"(`nonlocalnet configs` lists them)")
+
+
 def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML config file, resolving ``base:`` chains; returns the raw merged dict."""
     path = Path(path)
@@ -497,7 +532,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load ``path`` (or the defaults when None), apply ``overrides`` and validate."""
+    """Load ``path`` (a file, or a shipped config's name: :func:`resolve_config`; the defaults when None), apply
+    ``overrides`` and validate."""
+    if path is not None:
+        path = resolve_config(path)
     raw = load_raw(path) if path is not None else {}
     raw = apply_overrides(raw, overrides)
     try:
