@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nonlocalnet.apps.summary import summarize
+from nonlocalnet.apps.summary import summarize, wilson_interval
 from nonlocalnet.apps.sweep import run_sweep
 from nonlocalnet.cli import main
 from nonlocalnet.runs import ConfigError, read_metrics
@@ -70,6 +70,10 @@ def test_sweep_runs_resumes_and_skips(tmp_path, capsys):
         assert g["epoch_reached"] == [next((r["epoch"] for r in m if r["top1"] >= 50), None) for m in runs]
         assert g["time_per_epoch_s"] == pytest.approx(statistics.fmean(r["time_s"] for m in runs for r in m))
         assert g["params"] > 0 and g["flops"] > 0
+        solving = [f for f in finals if f >= 50]
+        assert g["solved"] == len(solving) and g["solve_rate"] == len(solving) / 2
+        assert g["solve_rate_ci95"] == list(wilson_interval(len(solving), 2))
+        assert g["solved_top1_mean"] == (pytest.approx(statistics.fmean(solving)) if solving else None)
     assert groups["snl"]["params"] > groups["base"]["params"]
     paper = groups["snl"]["paper"]
     assert paper["paper"] == 7.5 and paper["ours"] == pytest.approx(100 - groups["snl"]["final_top1_mean"])
@@ -87,3 +91,22 @@ def test_summarize_errors(tmp_path, capsys):
     configs = _configs(tmp_path)
     with pytest.raises(ConfigError, match="share the name"):
         run_sweep([configs[0], configs[0]], [0], tmp_path / "r")
+
+
+def test_wilson_interval():
+    # the worked examples of Newcombe, "Two-sided confidence intervals for the single proportion: comparison of
+    # seven methods", Statistics in Medicine 17, 1998, method 3 (Wilson score, no continuity correction)
+    for (k, n), (lo, hi) in {(81, 263): (0.2553, 0.3662), (15, 148): (0.0624, 0.1605), (0, 20): (0.0, 0.1611),
+                             (1, 29): (0.0061, 0.1718)}.items():
+        assert wilson_interval(k, n) == (pytest.approx(lo, abs=5e-5), pytest.approx(hi, abs=5e-5))
+    assert wilson_interval(10, 10) == (pytest.approx(10 / (10 + 1.959963984540054 ** 2)), pytest.approx(1.0))
+    assert wilson_interval(0, 10)[0] == 0.0
+    lo, hi = wilson_interval(5, 10)
+    assert lo == pytest.approx(1 - hi) and lo == pytest.approx(0.2366, abs=5e-5)  # symmetric about 1/2
+    for bad in [(3, 2), (-1, 2), (0, 0)]:
+        with pytest.raises(ValueError, match="successes <= trials"):
+            wilson_interval(*bad)
+    with pytest.raises(TypeError, match="must be ints"):
+        wilson_interval(1.5, 2)
+    with pytest.raises(ValueError, match="z must be"):
+        wilson_interval(1, 2, z=float("nan"))

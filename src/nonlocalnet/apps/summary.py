@@ -2,7 +2,9 @@
 
 Runs whose configs differ only in ``train.seed`` (and ``run.*``) form one group — e.g. the seeds of one config
 of a ``nonlocalnet sweep``. Per group: the number of seeds; final and best test top-1 (mean ± sample std);
-how many runs reached ``reach`` % and the mean epoch at which they first did; seconds per epoch; parameters
+how many runs reached ``reach`` % and the mean epoch at which they first did; how many *solved* the task (final
+top-1 >= ``reach``), that success rate with its 95 % Wilson score interval (:func:`wilson_interval`) and the mean
+final top-1 of the solving runs; seconds per epoch; parameters
 and FLOPs (counted on the model built from the config, one sample of the data's input shape); and, where the
 config reproduces a paper's row (its ``paper`` key, docs/configs.md), the paper's number beside ours.
 Writes ``summary.md``, ``summary.json`` and ``curves.png`` (test top-1 per epoch, mean with a ±1 std band).
@@ -35,7 +37,10 @@ from nonlocalnet.runs import (
 )
 from nonlocalnet.runs.layout import CONFIG_FILE
 
-__all__ = ["group_runs", "summarize"]
+__all__ = ["group_runs", "summarize", "wilson_interval"]
+
+#: the two-sided 95 % normal quantile, Phi^-1(0.975)
+Z95 = 1.959963984540054
 
 
 def _identity(cfg) -> str:
@@ -84,6 +89,27 @@ def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def wilson_interval(successes: int, trials: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval (E. B. Wilson, "Probable inference, the law of succession, and statistical
+    inference", JASA 22, 1927) for a binomial proportion: ``(low, high)`` in [0, 1].
+
+    ``(p + z²/2n ± z·sqrt(p(1 − p)/n + z²/4n²)) / (1 + z²/n)`` with ``p = successes / trials``; unlike the
+    normal (Wald) interval it is never empty at 0 or n successes and stays inside [0, 1].
+    """
+    if isinstance(successes, bool) or not isinstance(successes, int) or isinstance(trials, bool) \
+            or not isinstance(trials, int):
+        raise TypeError(f"wilson_interval: successes and trials must be ints, got {successes!r}, {trials!r}")
+    if trials <= 0 or not 0 <= successes <= trials:
+        raise ValueError(f"wilson_interval: need 0 <= successes <= trials and trials > 0, got {successes}/{trials}")
+    if not (isinstance(z, int | float) and math.isfinite(z) and z > 0):
+        raise ValueError(f"wilson_interval: z must be a positive finite number, got {z!r}")
+    n, p = trials, successes / trials
+    denom = 1.0 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
 def _cost(cfg) -> tuple[int, int]:
     nc, _ = num_classes_for(cfg)
     model = build_model_from_config(cfg, nc, load_pretrained_weights=False).eval()
@@ -101,6 +127,8 @@ def _group_stats(g: dict[str, Any], reach: float) -> dict[str, Any]:
     fm, fs = _mean_std(finals)
     bm, bs = _mean_std(bests)
     hit = [e for e in reached if e is not None]
+    solving = [f for f in finals if f >= reach]
+    low, high = wilson_interval(len(solving), len(finals))
     paper = None
     if cfg.paper is not None:
         ours = fm if cfg.paper.metric == "top1" else 100.0 - fm
@@ -112,6 +140,8 @@ def _group_stats(g: dict[str, Any], reach: float) -> dict[str, Any]:
         "best_top1": bests, "best_top1_mean": bm, "best_top1_std": bs,
         "reach": reach, "epoch_reached": reached, "reached": len(hit),
         "epoch_reached_mean": statistics.fmean(hit) if hit else None,
+        "solved": len(solving), "solve_rate": len(solving) / len(finals), "solve_rate_ci95": [low, high],
+        "solved_top1_mean": statistics.fmean(solving) if solving else None,
         "time_per_epoch_s": statistics.fmean(epoch_times) if epoch_times else None,
         "params": params, "flops": flops, "paper": paper,
     }
@@ -123,17 +153,21 @@ def _pm(m: float | None, s: float | None, spec: str = ".1f") -> str:
 
 def format_markdown(rows: list[dict[str, Any]]) -> str:
     reach = rows[0]["reach"] if rows else 0
-    lines = [f"| run | seeds | final top-1 % | best top-1 % | reached {reach:g} % (mean epoch) | s / epoch | "
-             "params (k) | MFLOPs | paper |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [f"| run | seeds | final top-1 % | best top-1 % | reached {reach:g} % (mean epoch) | "
+             f"solved (final ≥ {reach:g} %), 95 % CI | top-1 of solving runs | s / epoch | params (k) | MFLOPs | "
+             "paper |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         p = r["paper"]
         paper = "—" if p is None else (f"{p['source']}: {p['metric']} {p['paper']:g} (ours {p['ours']:.2f})")
         ep = "—" if r["epoch_reached_mean"] is None else f"{r['epoch_reached_mean']:.1f}"
         tpe = "—" if r["time_per_epoch_s"] is None else f"{r['time_per_epoch_s']:.1f}"
+        lo, hi = r["solve_rate_ci95"]
+        solved = f"{r['solved']}/{len(r['seeds'])} [{100 * lo:.0f}–{100 * hi:.0f} %]"
+        stop = "—" if r["solved_top1_mean"] is None else f"{r['solved_top1_mean']:.1f}"
         lines.append(f"| {r['label']} | {len(r['seeds'])} | {_pm(r['final_top1_mean'], r['final_top1_std'])} | "
                      f"{_pm(r['best_top1_mean'], r['best_top1_std'])} | {r['reached']}/{len(r['seeds'])} ({ep}) | "
-                     f"{tpe} | {r['params'] / 1e3:.1f} | {r['flops'] / 1e6:.1f} | {paper} |")
+                     f"{solved} | {stop} | {tpe} | {r['params'] / 1e3:.1f} | {r['flops'] / 1e6:.1f} | {paper} |")
     return "\n".join(lines) + "\n"
 
 
@@ -169,6 +203,8 @@ def summarize(run_dirs: Sequence[str | Path], out: str | Path, *, reach: float =
     data = {"reach": reach, "groups": rows, "figures": [str(figure)],
             "definition": {"final_top1": "test top-1 after the last epoch of each run",
                            "std": "sample standard deviation over seeds (0 for one seed)",
+                           "solved": "runs whose final test top-1 is >= reach",
+                           "solve_rate_ci95": "95 % Wilson score interval of solved / seeds",
                            "flops": "torch.utils.flop_counter, one sample, 2 FLOPs per multiply-add"}}
     write_json(out / "summary.json", data)
     (out / "summary.md").write_text(format_markdown(rows))
