@@ -442,8 +442,8 @@ def resolve_config(config: str | Path) -> Path:
     close = [n for n in names if n.rsplit("/", 1)[-1] == path.stem]
     close += [n for n in difflib.get_close_matches(name, names, n=3, cutoff=0.6) if n not in close]
     hint = f"; did you mean {', '.join(close[:3])}?" if close else ""
-    raise ConfigError(f"config {str(config)!r}: no such file, and no shipped config of that name{hint} "
-                      f"(`nonlocalnet configs` lists them)")
+    raise ConfigError(f"cannot read config file {str(config)!r}: no such file, and no shipped config of that "
+                      f"name{hint} (`nonlocalnet configs` lists them)")
 
 
 def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
