@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from _util import assert_close, randomize
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import nonlocalnet
 from nonlocalnet import reference as ref
 from nonlocalnet.blocks import Affinity
+from nonlocalnet.testing import largest_tensor
 
 
 def _copy(dst: torch.nn.Module, src: torch.nn.Module) -> None:
@@ -208,21 +208,6 @@ def test_channels_last(name):
     assert torch.allclose(y, yc, atol=1e-5, rtol=1e-5)
 
 
-class MaxTensor(TorchDispatchMode):
-    """Records the largest tensor any op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("name,opts", [("snl", {}), ("gsnl", {}), ("cheby", {"order": 3}), ("a2", {}),
                                        ("snl", {"units": 3}), ("nl", {"kernel": "dot_product"}),
                                        ("cgnl", {}), ("cc", {"reduction": 2}), ("nl", {"backend": "sdpa"})])
@@ -230,9 +215,8 @@ def test_fast_paths_never_build_n_by_n(name, opts):
     block = nonlocalnet.build_block(name, 8, **opts)
     x = torch.randn(2, 8, 24, 24, requires_grad=True)
     n = 24 * 24
-    with MaxTensor() as rec:
-        block(x).sum().backward()
-    assert rec.largest < n * n, f"{name} built a tensor of {rec.largest} elements (N² = {n * n})"
+    largest = largest_tensor(block, x)
+    assert largest < n * n, f"{name} built a tensor of {largest} elements (N² = {n * n})"
 
 
 def test_chunked_respects_memory_budget():
@@ -240,10 +224,9 @@ def test_chunked_respects_memory_budget():
     block = nonlocalnet.build_block("nl", 8, kernel="concatenation", normalization="symmetric",
                                     backend="chunked", memory_budget=budget_mib)
     x = torch.randn(2, 8, 32, 32, requires_grad=True)
-    with MaxTensor() as rec:
-        block(x).sum().backward()
-    assert rec.largest * 4 <= budget_mib * 2**20
-    assert rec.largest < 1024 * 1024
+    largest = largest_tensor(block, x)
+    assert largest * 4 <= budget_mib * 2**20
+    assert largest < 1024 * 1024
 
 
 def test_auto_never_exceeds_budget():
