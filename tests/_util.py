@@ -2,9 +2,37 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import torch
+from torch import nn
 
 RTOL = 1e-6
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Tokens(nn.Module):
+    """Tokens (B, 1 + h*w, C): a class token in front of patch tokens, like a ViT (but says nothing about it)."""
+
+    def __init__(self, c=12):
+        super().__init__()
+        self.patch = nn.Conv2d(3, c, 4, stride=4)
+        self.cls = nn.Parameter(torch.randn(1, 1, c))
+        self.blocks = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, c))
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        return self.blocks(torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1))[:, 0]
+
+
+def run_docs_example(doc: str, heading: str) -> None:
+    """Run the first python example of the section ``## heading`` of ``docs/<doc>`` (fails if it has none)."""
+    text = (ROOT / "docs" / doc).read_text()
+    section = text.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert code, f"docs/{doc}: the section {heading!r} has no python example"
+    exec(compile(code[0], f"docs/{doc} ({heading})", "exec"), {})
 
 
 def randomize(block: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.Module:

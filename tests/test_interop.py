@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _util import run_docs_example
 from test_data import make_cifar10
 
 from nonlocalnet import NonlocalBlock, list_blocks
@@ -384,8 +384,4 @@ def test_timm_byobnet_definition_compiles_round_trips_and_trains(tmp_path):
 
 
 def test_docs_models_md_timm_example():
-    text = (ROOT / "docs" / "models.md").read_text()
-    section = text.split("## timm model definitions", 1)[1].split("\n## ", 1)[0]
-    code = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert code, "docs/models.md: the timm section has no python example"
-    exec(compile(code[0], "docs/models.md (timm)", "exec"), {})
+    run_docs_example("models.md", "timm model definitions")

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from _util import Tokens
 from torch import nn
 
 from nonlocalnet.models import (
@@ -452,20 +453,6 @@ class NHWC(nn.Module):
 
     def forward(self, x):  # x (B, 3, H, W)
         return self.head(self.stage(self.embed(x.permute(0, 2, 3, 1))).mean((1, 2)))
-
-
-class Tokens(nn.Module):
-    """Tokens (B, 1 + h*w, C): a class token in front of patch tokens, like a ViT (but says nothing about it)."""
-
-    def __init__(self, c=12):
-        super().__init__()
-        self.patch = nn.Conv2d(3, c, 4, stride=4)
-        self.cls = nn.Parameter(torch.randn(1, 1, c))
-        self.blocks = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, c))
-
-    def forward(self, x):
-        t = self.patch(x).flatten(2).transpose(1, 2)
-        return self.blocks(torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1))[:, 0]
 
 
 def test_channels_last_features_from_layer_widths():

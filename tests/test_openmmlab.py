@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _util import run_docs_example
 from torch import nn
 
 from nonlocalnet import NonlocalBlock, build_block, list_blocks
@@ -179,8 +180,4 @@ def test_mmengine_config_builds_and_trains_a_resnet_with_plugins(tmp_path):
 
 
 def test_docs_models_md_openmmlab_example():
-    text = (ROOT / "docs" / "models.md").read_text()
-    section = text.split("## OpenMMLab", 1)[1].split("\n## ", 1)[0]
-    code = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert code, "docs/models.md: the OpenMMLab section has no python example"
-    exec(compile(code[0], "docs/models.md (OpenMMLab)", "exec"), {})
+    run_docs_example("models.md", "OpenMMLab")

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from _util import Tokens
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -256,32 +257,18 @@ def test_factory_outputs_options_and_failures_are_named(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------- 6. placements
 
 
-class _Tokens(nn.Module):
-    """(B, 1 + h*w, C) tokens behind a class token, saying nothing about it."""
-
-    def __init__(self, c: int = 12):
-        super().__init__()
-        self.patch = nn.Conv2d(3, c, 4, stride=4)
-        self.cls = nn.Parameter(torch.randn(1, 1, c))
-        self.blocks = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, c))
-
-    def forward(self, x):
-        t = self.patch(x).flatten(2).transpose(1, 2)
-        return self.blocks(torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1))[:, 0]
-
-
 def test_placements_check_what_they_state():
     with pytest.raises(ValueError, match=r"grid \[8, 7\] leaves 9 of the L=65 tokens .* confirm it with the "
                                          r"placement key 'prefix_tokens': 9; else correct 'grid' \(e\.g\. grid "
                                          r"\[8, 8\] with 1 prefix token"):
-        insert_blocks(_Tokens(), {"at": "blocks", "block": "nl", "grid": [8, 7]}, input_shape=(3, 32, 32))
-    m = insert_blocks(_Tokens(), {"at": "blocks", "block": "nl", "grid": [8, 7], "prefix_tokens": 9},
+        insert_blocks(Tokens(), {"at": "blocks", "block": "nl", "grid": [8, 7]}, input_shape=(3, 32, 32))
+    m = insert_blocks(Tokens(), {"at": "blocks", "block": "nl", "grid": [8, 7], "prefix_tokens": 9},
                       input_shape=(3, 32, 32))
     assert (m.blocks.layout.spatial, m.blocks.layout.prefix) == ((8, 7), 9)  # confirmed: obeyed
     with pytest.raises(ValueError, match=r"'layout': 'channels_first' reads 17 channels from the features of shape "
                                          r"\(2, 17, 12\), but they look like tokens .*the last dim, 12, is the "
                                          r"channel axis.*'in_channels': 17"):
-        insert_blocks(_Tokens(), {"at": "blocks", "block": "nl", "layout": "channels_first"}, input_shape=(3, 16, 16))
+        insert_blocks(Tokens(), {"at": "blocks", "block": "nl", "layout": "channels_first"}, input_shape=(3, 16, 16))
     spec = {"stage": 1, "after_block": 2, "block": "nl"}
     with pytest.raises(ValueError, match=r"placement at 'stage1.1' \(after it\): 'layout': 'channels_last' reads 32 "
                                          r"channels .*shape \(2, 16, 32, 32\), but they look channels-first .*dim 1, "

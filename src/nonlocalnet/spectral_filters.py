@@ -44,7 +44,7 @@ import torch.nn as nn
 
 from . import spectral as sp
 from .affinity import Graph, LowRankGraph
-from .filters import Filter, chebyshev_terms, register_filter
+from .filters import Filter, chebyshev_interpolation, chebyshev_terms, register_filter
 from .registry import Option, one_of
 
 SPECTRAL_FILTERS = ("cayley", "heat", "wavelet")
@@ -176,12 +176,7 @@ def elements(name: str, order: int, scales: torch.Tensor, s: torch.Tensor) -> li
 def chebyshev_coefficients(name: str, order: int, scales: torch.Tensor, k: int) -> torch.Tensor:
     """``(T, K+1)``: the Chebyshev interpolant of order ``K`` of each ``B_t`` on ``[−1, 1]`` (at the ``K+1``
     Chebyshev nodes), so that ``B_t(λ) ≈ Σ_k coef[t, k] T_k(λ)``; differentiable in ``scales``."""
-    theta = math.pi * (torch.arange(k + 1, dtype=scales.dtype, device=scales.device) + 0.5) / (k + 1)
-    f = responses(name, order, scales, torch.cos(theta))  # (T, K+1)
-    basis = torch.cos(torch.arange(k + 1, dtype=scales.dtype, device=scales.device)[:, None] * theta[None, :])
-    coef = (2.0 / (k + 1)) * f @ basis.T
-    coef[:, 0] = coef[:, 0] / 2
-    return coef
+    return chebyshev_interpolation(lambda lam: responses(name, order, scales, lam), k, scales.dtype, scales.device)
 
 
 def _heat_divided(t: torch.Tensor, li: torch.Tensor, lj: torch.Tensor) -> torch.Tensor:
