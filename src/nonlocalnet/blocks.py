@@ -167,7 +167,7 @@ class Affinity(nn.Module):
                  scale: bool | float, bias: bool, sub_sample: bool, backend: str, memory_budget: float,
                  mode: str = "positions", groups: int = 1, order: int = 0, rbf_gamma: float = 1e-4,
                  whiten: bool = False, unary: bool = False, temperature: float = 1.0, rbf_prefactor: str = "exact",
-                 device=None, dtype=None):
+                 approx: str | None = None, approx_features: int = 64, device=None, dtype=None):
         super().__init__()
         self.kernel, self.normalization, self.backend, self.mode = kernel, normalization, backend, mode
         self.sub_sample, self.dim, self.groups, self.order, self.rbf_gamma = sub_sample, dim, groups, order, rbf_gamma
@@ -189,6 +189,11 @@ class Affinity(nn.Module):
         self.concat = conv1x1(dim, 2 * key_channels, 1, False, **fk) if kern.pretransform == "concat" else None
         # the unary logits m_j = w_m·x_j + b_m (GC's / DNL's conv_mask)
         self.mask = conv1x1(dim, in_channels, 1, True, **fk) if kern.unary or unary else None
+        # a softmax approximation (docs/approximations.md): Performer's random features are drawn once, here, from
+        # torch's generator and saved with the block (`random_features`), so a reloaded block is the same function
+        self.approx, self.approx_features = approx, approx_features
+        if approx == "performer":
+            self.register_buffer("random_features", aff.orthogonal_gaussian(approx_features, feat, **fk))
 
     def reset_parameters(self) -> None:
         for m in (self.theta, self.phi, self.concat, self.mask):
@@ -240,6 +245,8 @@ class PositionsMode(GraphMode):
 
     @staticmethod
     def pairwise(edges: Affinity, kern: Kernel, x: torch.Tensor, spatial: tuple[int, ...], budget: int) -> aff.Graph:
+        if edges.approx is not None:
+            return PositionsMode.approximate(edges, x, spatial)
         if edges.normalization == "symmetric" and kern.factorizable and kern.pointwise and kern.projected and \
                 not edges.sub_sample and not edges.whiten:
             # θ and φ in one GEMM; the symmetric low-rank graph keeps them as one tensor (LowRankGraph `joint`)
@@ -258,6 +265,31 @@ class PositionsMode(GraphMode):
         q, k = kern.transform(q, k)
         return aff.build_graph(edges.kernel, edges.normalization, edges.backend, q=q, k=k,
                                scale=edges.scale_value, budget_bytes=budget)
+
+
+    @staticmethod
+    def approximate(edges: Affinity, x: torch.Tensor, spatial: tuple[int, ...]) -> aff.LowRankGraph:
+        """The softmax graph of an exp kernel approximated (``approx``: Performer's random features or Nyström's
+        landmarks, :mod:`~nonlocalnet.affinity`), factorized ``A ≈ U Vᵀ`` of rank ``approx_features``."""
+        q, k = edges.queries_keys(x, spatial)
+        if edges.approx == "performer":
+            return aff.performer_graph(q, k, edges.random_features, edges.scale_value)
+        return aff.nystrom_graph(q, k, edges.approx_features, edges.scale_value)
+
+
+def _approx(name: str, value: Any) -> str | None:
+    if value is not None and value not in aff.APPROXIMATIONS:
+        raise ValueError(f"{name}: expected None (the exact softmax) or one of "
+                         f"{', '.join(map(repr, aff.APPROXIMATIONS))}, got {value!r}")
+    return value
+
+
+POSITIONS_OPTIONS = {
+    "approx": Option(None, "None (exact), 'performer' (positive orthogonal random features, Choromanski et al., "
+                           "ICLR 2021) or 'nystrom' (segment-mean landmarks, Xiong et al., AAAI 2021): a linear-time "
+                           "approximation of the exp kernels' softmax graph", _approx),
+    "approx_features": Option(64, "m: random features (performer) or landmarks (nystrom) of approx", positive_int),
+}
 
 
 class CrissCrossMode(GraphMode):
@@ -301,7 +333,8 @@ def _taylor_order(value: Any) -> int:
     return value
 
 
-register_graph(PositionsMode("positions", "the graph over all N x N' positions (NL, NS, SNL, A², GC, DNL, ...)"))
+register_graph(PositionsMode("positions", "the graph over all N x N' positions (NL, NS, SNL, A², GC, DNL, ...)",
+                             options=POSITIONS_OPTIONS))
 register_graph(CrissCrossMode("crisscross", "each position and its row and column, masked softmax (CCNet)",
                               kernels="exp", normalizations=("softmax", "row"), backends=("auto", "dense", "chunked"),
                               pairwise_only=True))

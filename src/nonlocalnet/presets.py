@@ -231,7 +231,8 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
                          f"({', '.join(K.exp_kernels())}); kernel {kern!r} takes "
                          f"{', '.join(map(repr, K.valid_normalizations(kern)))}")
     backends = K.valid_backends(kern, norm, mode)
-    if backend not in backends:
+    _check_approx(o, options)
+    if backend not in backends and o.get("approx") is None:
         if mode != "positions":
             raise ValueError(f"backend: {name} supports {', '.join(map(repr, backends))}, got {backend!r}")
         if backend == "lowrank":
@@ -280,16 +281,16 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
                              f"leaves [-1, 1], where the Chebyshev approximation is fitted; use unary=False")
     if probe.exact_lowrank:
         lowrank_kernels = K.lowrank_kernels()
-        if o.get("spectral_path") == "exact" and (kern not in lowrank_kernels or backend not in ("auto", "lowrank")
-                                                  or preset.mode != "positions"):
+        if o.get("spectral_path") == "exact" and o.get("approx") is None and (
+                kern not in lowrank_kernels or backend not in ("auto", "lowrank") or preset.mode != "positions"):
             raise ValueError(f"spectral_path='exact' needs a factorizable kernel ({', '.join(lowrank_kernels)}) "
                              f"on the 'lowrank' or 'auto' backend, got kernel={kern!r}, backend={backend!r}")
         if kern in lowrank_kernels and backend == "auto" and preset.mode == "positions":
             o["backend"] = "lowrank"  # the exact r x r path, also where `auto` would form a small dense A
     if "approx_order" in fopts:  # warns with the measured error where the approximation will be used and is coarse
         check_approx_order(o["filter"], o["order"], o["approx_order"], used=(
-            o["spectral_path"] == "chebyshev" or kern not in K.lowrank_kernels() or backend not in ("auto", "lowrank")
-            or preset.mode != "positions"))
+            o["spectral_path"] == "chebyshev" or (o.get("approx") is None and (
+                kern not in K.lowrank_kernels() or backend not in ("auto", "lowrank") or preset.mode != "positions"))))
     max_power = probe.max_power if polynomial else None
     if max_power is not None and max_power >= 2 and o["sub_sample"]:
         raise ValueError(f"sub_sample: powers of A (order {max_power}) need a square affinity; "
@@ -351,6 +352,30 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
     return o
 
 
+def _check_approx(o: dict[str, Any], given: dict[str, Any]) -> None:
+    """``approx`` (positions graphs): a factorized approximation of the softmax of an exp kernel, so only with
+    such a kernel, the softmax (row) normalization and the backends that mean "as the block computes it"."""
+    approx = o.get("approx")
+    if approx is None:
+        if "approx_features" in given:
+            raise ValueError("approx_features: the number of random features or landmarks of approx='performer' or "
+                             "'nystrom'; give approx too (approx=None is the exact softmax)")
+        return
+    kern = K.KERNELS[o["kernel"]]
+    if not kern.exp or kern.unary:
+        exp = ", ".join(k for k in K.exp_kernels() if not K.KERNELS[k].unary)
+        why = (" (a factorizable kernel: its graph is already low-rank, exactly)" if kern.factorizable
+               else "")
+        raise ValueError(f"approx={approx!r} approximates the softmax of an exp kernel ({exp}); kernel "
+                         f"{o['kernel']!r} is not one{why}")
+    if o["normalization"] not in ("softmax", "row"):
+        raise ValueError(f"approx={approx!r} approximates the softmax (row) normalization, got normalization="
+                         f"{o['normalization']!r}; use normalization='softmax'")
+    if o["backend"] not in ("auto", "lowrank"):
+        raise ValueError(f"backend: approx={approx!r} builds its own factorized graph (the 'lowrank' backend); use "
+                         f"backend='auto' or 'lowrank', got {o['backend']!r}")
+
+
 def build_block(name: str, in_channels: int, *, dim: int = 2, device: torch.device | str | None = None,
                 dtype: torch.dtype | None = None, **options: Any) -> NonlocalBlock:
     """Build a nonlocal block ``(B, C, *S) -> (B, C, *S)`` with ``len(S) == dim``.
@@ -372,7 +397,8 @@ def build_block(name: str, in_channels: int, *, dim: int = 2, device: torch.devi
         scale=o["scale"], bias=o["bias"], sub_sample=o["sub_sample"], backend=o["backend"],
         memory_budget=o["memory_budget"], mode=preset.mode, groups=o.get("groups", 1),
         order=o.get("taylor_order", 0), rbf_gamma=o.get("rbf_gamma", 1e-4), whiten=o["whiten"], unary=o["unary"],
-        temperature=o["temperature"], rbf_prefactor=o.get("rbf_prefactor", "exact"), **fk,
+        temperature=o["temperature"], rbf_prefactor=o.get("rbf_prefactor", "exact"), approx=o.get("approx"),
+        approx_features=o.get("approx_features", 64), **fk,
     )
     fspec = FILTERS[o["filter"]]
     units = [
