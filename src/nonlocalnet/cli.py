@@ -31,8 +31,8 @@ from nonlocalnet.apps.summary import summarize
 from nonlocalnet.apps.sweep import run_sweep
 from nonlocalnet.bench import bench_device, check_dense_cap, run_naive, training_throughput
 from nonlocalnet.bench import run as run_bench
-from nonlocalnet.bench.naive import CASES as NAIVE_CASES
 from nonlocalnet.bench.approx import run_approx
+from nonlocalnet.bench.naive import CASES as NAIVE_CASES
 from nonlocalnet.bench.spectral import run_spectral, run_spectral_vs_snl
 from nonlocalnet.kernels import BACKENDS
 from nonlocalnet.presets import PRESETS
@@ -172,7 +172,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   json_path=args.json, processes=args.processes)
         return 0
     if args.approx:
-        run_approx(sides=args.sizes or (16, 32, 64, 128), video=args.video if args.sizes else (args.video or [(4, 32, 32)]),
+        run_approx(sides=args.sizes or (16, 32, 64, 128),
+                   video=args.video if args.sizes else (args.video or [(4, 32, 32)]),
                    features=args.features or (16, 32, 64, 128, 256), logit_scales=args.logit_scales or (1.0, 3.0),
                    channels=args.channels or 64, batch=args.batch or 1, repeats=args.repeats or 3,
                    threads=(args.threads or [1])[0], json_path=args.json)
