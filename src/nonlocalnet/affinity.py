@@ -22,6 +22,11 @@ Each backend answers that product differently, all exactly:
 - :class:`SumGraph` — a sum of graphs, ``A = Σ_i A_i`` (DNL: whitened pairwise + unary); each product
   ``A V = Σ_i A_i V`` runs on each term's own backend.
 
+Not exact, and only where a block asks for it (``approx``, docs/approximations.md): :func:`performer_graph`
+(positive orthogonal random features) and :func:`nystrom_graph` (segment-mean landmarks) approximate the softmax
+graph of an exp kernel by a :class:`LowRankGraph` of rank ``m``; exact is then the approximation itself, against
+:mod:`nonlocalnet.reference`'s literal formulas.
+
 Degrees and normalizers are computed in float32 under autocast. Zero degrees give zero rows
 (the official SNL code's convention), never NaN or inf.
 """

@@ -160,7 +160,9 @@ class Affinity(nn.Module):
     ``kernel``: a registered :class:`~nonlocalnet.kernels.Kernel`. Parameters: ``theta``, ``phi`` (1×1 convs
     ``C → C_k``; ``None`` for a kernel that uses ``X`` itself, e.g. ``gaussian``), ``concat`` (``2C_k → 1``, no
     bias; the concatenation kernel) and ``mask`` (``C → 1``: the unary logits of GC and DNL), each ``None`` where the
-    graph has no such part.
+    graph has no such part. ``approx`` (``None``, ``"performer"``, ``"nystrom"``; docs/approximations.md): the softmax
+    graph approximated with ``approx_features`` random features or landmarks; Performer's features are the buffer
+    ``random_features`` ``(m, C_k)``, drawn here and saved in the state dict (``reset_parameters`` keeps them).
     """
 
     def __init__(self, in_channels: int, key_channels: int, *, dim: int, kernel: str, normalization: str,
