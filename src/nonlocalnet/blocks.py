@@ -399,7 +399,8 @@ class UnitConfig:
     ``filter``: ``"A"`` (the one-term filter ``A Z W``), ``"fixed"`` (another fixed polynomial), ``"learnable"``
     (a polynomial with learnable coefficients), ``"function"`` (not a polynomial: a spectral filter, a user's
     matrix function). ``sub_sample``: the key nodes are not the query positions — sub-sampled keys (Wang et al.'s
-    max-pool, APNB's pyramid) or a bipartite graph's learned slots (External Attention). A new way of building units adds a field here; until a structured path declares the
+    max-pool, APNB's pyramid) or a bipartite graph's learned slots (External Attention). A new way of building units
+    adds a field here; until a structured path declares the
     values it handles for that field, no unit is taken off the generic path by it."""
 
     fusion: str
@@ -532,8 +533,9 @@ class NonlocalUnit(nn.Module):
         z = self.values(x, channels_first=isinstance(graph, aff.LowRankGraph))
         z_keys = aff.sample_keys(z, spatial, self.pool_sizes) if self.sub_sample else None
         if self.memory is not None:  # the key nodes are memory slots: their values are learned (M_v)
-            mv = self.memory.weight.flatten(1).t()  # (S, C_v)
-            z_keys = mv.to(z.dtype).expand(z.shape[0], *mv.shape)
+            # (S, C_v), a fresh copy: a view of the weight made under no_grad would carry requires_grad but no grad_fn
+            mv = self.memory.weight.flatten(1).t().to(z.dtype, memory_format=torch.contiguous_format, copy=True)
+            z_keys = mv.expand(z.shape[0], *mv.shape)
         return self.filter(graph, z, z_keys)
 
     def responses(self, lam: torch.Tensor) -> torch.Tensor:

@@ -387,9 +387,10 @@ def build_block(name: str, in_channels: int, *, dim: int = 2, device: torch.devi
     (:data:`COMMON`: ``reduction``, ``kernel``, ``normalization``, ``scale``, ``bias``, ``sub_sample``, ``units``,
     ``recurrence``, ``filter``, ``out_norm``, ``zero_init``, ``backend``, ``memory_budget`` (MiB),
     ``value_channels``, ``out_proj``, ``norm_groups``, ``key_channels``, ``whiten``, ``unary``, ``temperature``,
-    ``value_proj``, ``out_map``, ``bottleneck_channels``, ``fusion``, ``pool_sizes``), the filter's (:data:`FILTERS`, e.g.
-    ``order``; the spectral filters' ``spectral_path`` and ``approx_order``) and the graph mode's (CGNL's
-    ``groups``, ``taylor_order``, ``rbf_gamma``, ``rbf_prefactor``); :func:`block_options` lists them for a block.
+    ``value_proj``, ``out_map``, ``bottleneck_channels``, ``fusion``, ``pool_sizes``), the filter's
+    (:data:`FILTERS`, e.g. ``order``; the spectral filters' ``spectral_path`` and ``approx_order``) and the graph
+    mode's (CGNL's ``groups``, ``taylor_order``, ``rbf_gamma``, ``rbf_prefactor``; External Attention's
+    ``memory_size``); :func:`block_options` lists them for a block.
     ``device``/``dtype``: where and in which dtype the parameters are created (PyTorch's factory arguments).
     """
     o = resolve_options(name, in_channels, dim, options)
