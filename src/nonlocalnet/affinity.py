@@ -136,7 +136,26 @@ def pooled_shape(spatial: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(s // 2 for s in spatial)
 
 
-_ADAPTIVE_AVG = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+def adaptive_bins(length: int, size: int, like: torch.Tensor) -> torch.Tensor:
+    """The ``(size, length)`` averaging matrix of PyTorch's adaptive pooling bins along one axis: bin ``i`` is the
+    mean over ``[floor(i·L/s), ceil((i+1)·L/s))``. Built from tensor ops (traced by ``torch.export`` and ONNX, which
+    has no adaptive pooling for sizes that do not divide the input)."""
+    i = torch.arange(size, device=like.device)
+    start, end = (i * length) // size, ((i + 1) * length + size - 1) // size
+    j = torch.arange(length, device=like.device)
+    inside = (j >= start[:, None]) & (j < end[:, None])
+    return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
+
+
+def adaptive_pool_tokens(t: torch.Tensor, spatial: tuple[int, ...], grid: tuple[int, ...]) -> torch.Tensor:
+    """Adaptive average pooling of tokens ``(B, N, c)`` laid out on ``spatial`` to ``grid`` bins (row-major), equal
+    to ``F.adaptive_avg_pool{d}d``: the mean over a product of per-axis bins is the product of per-axis means, so it
+    is one small matrix product per axis (:func:`adaptive_bins`), ``O(N·c·s)``."""
+    b, _, c = t.shape
+    g = t.reshape(b, *spatial, c)
+    for axis, (length, size) in enumerate(zip(spatial, grid)):
+        g = movedim(torch.matmul(adaptive_bins(length, size, g), movedim(g, 1 + axis, -2)), -2, 1 + axis)
+    return g.reshape(b, -1, c)
 
 
 def pyramid_pool_tokens(t: torch.Tensor, spatial: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
@@ -144,11 +163,7 @@ def pyramid_pool_tokens(t: torch.Tensor, spatial: tuple[int, ...], sizes: tuple[
     Segmentation", ICCV 2019, §3.2, Eq. 6-7): tokens ``(B, N, c)`` laid out on ``spatial`` average-pooled adaptively
     to ``s^d`` bins for each ``s`` in ``sizes`` (PyTorch's adaptive bins, as the authors' ``PSPModule``), the bins
     concatenated in that order: ``(B, N', c)`` with ``N' = Σ_s s^d`` (110 for 1, 3, 6, 8 in 2-D)."""
-    dim = len(spatial)
-    b, _, c = t.shape
-    grid = movedim(t.reshape(b, *spatial, c), -1, 1)
-    pooled = [_ADAPTIVE_AVG[dim](grid, (s,) * dim).reshape(b, c, -1) for s in sizes]
-    return torch.cat(pooled, -1).transpose(1, 2)
+    return torch.cat([adaptive_pool_tokens(t, spatial, (s,) * len(spatial)) for s in sizes], 1)
 
 
 def sample_keys(t: torch.Tensor, spatial: tuple[int, ...], pool_sizes: tuple[int, ...] | None) -> torch.Tensor:
