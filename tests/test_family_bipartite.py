@@ -1,11 +1,13 @@
-"""Blocks whose keys are not the positions: APNB (pyramid-pooled keys and values, sub-sampling generalised) and
-External Attention (a bipartite graph against learned memory slots), each against a literal re-implementation of
-the authors' forward written here with torch.nn.functional only, the dense reference, and the public check."""
+"""Blocks whose keys are not the positions: APNB (pyramid-pooled keys and values, sub-sampling generalised),
+External Attention (a bipartite graph against learned memory slots) and Agent Attention (positions through n pooled
+agents: A²'s low-rank structure), each against a literal re-implementation of the authors' forward written here with
+torch.nn.functional only, the dense reference, and the public check."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ from torch.testing import assert_close
 
 import nonlocalnet
 from nonlocalnet import reference as ref
+from nonlocalnet.blocks import NonlocalUnit
 from nonlocalnet.testing import check_block, largest_tensor, randomize
 
 DT = torch.float64
@@ -188,8 +191,79 @@ def test_external_option_errors():
         nonlocalnet.build_block("nl", 8, memory_size=4)
 
 
+# --------------------------------------------------------------------------------------- Agent Attention
+def agent_attention(x, wq, bq, wk, bk, wv, bv, wp, bp, grid):
+    """The Agent Attention authors' AgentAttention.forward for one head, without their depthwise conv and position
+    biases: agents = AdaptiveAvgPool2d(grid) of the query map, agent_attn = softmax(agents·scale @ kᵀ),
+    agent_v = agent_attn @ v, q_attn = softmax(q·scale @ agentsᵀ), out = proj(q_attn @ agent_v); plus the input."""
+    b, c, h, w = x.shape
+    tok = x.reshape(b, c, -1).transpose(1, 2)
+    q, k, v = tok @ wq.T + bq, tok @ wk.T + bk, tok @ wv.T + bv
+    scale = q.shape[-1] ** -0.5
+    agents = F.adaptive_avg_pool2d(q.transpose(1, 2).reshape(b, -1, h, w), grid).reshape(b, q.shape[-1], -1)
+    agents = agents.transpose(1, 2)
+    agent_v = torch.softmax(agents * scale @ k.transpose(1, 2), -1) @ v
+    out = torch.softmax(q * scale @ agents.transpose(1, 2), -1) @ agent_v
+    return (out @ wp.T + bp).transpose(1, 2).reshape(b, c, h, w) + x
+
+
+@pytest.mark.parametrize("agents,grid", [(49, (7, 7)), (4, (2, 2)), ((2, 3), (2, 3))])
+def test_agent_equals_the_authors_module(agents, grid):
+    block = randomize(nonlocalnet.build_block("agent", 8, agents=agents))
+    e, u = block.edges, block.units[0]
+    assert e.agent_grid == grid and e.theta.weight.shape == (8, 8, 1, 1)  # one head over all C channels
+    x = torch.randn(2, 8, 5, 6, dtype=DT)
+    want = agent_attention(x, sq(e.theta), e.theta.bias, sq(e.phi), e.phi.bias, sq(u.g), u.g.bias,
+                           sq(u.w[0]), u.w[0].bias, grid)
+    assert_close(block(x), want, rtol=1e-10, atol=1e-10)
+    assert_close(ref.forward(block, x), want, rtol=1e-10, atol=1e-10)
+
+
+def test_agent_is_low_rank_checked_and_never_n_by_n(monkeypatch):
+    report = check_block("agent")
+    assert max(v for k, v in report.items() if k != "largest_tensor") < 1e-12
+    block = randomize(nonlocalnet.build_block("agent", 8, agents=9))
+    assert block.units[0]._paths[0] == "_lowrank_cf"
+    x = torch.randn(2, 8, 6, 7, dtype=DT)
+    graph = block.build_graph(x)
+    assert graph.backend == "lowrank" and graph.u.shape == (2, 42, 9) and graph.unit_rows  # A = P Vᵀ, rank n
+    assert_close(block.affinity(x), ref.affinity(block, x), rtol=1e-12, atol=1e-14)
+    assert_close(block.affinity(x).sum(-1), torch.ones(2, 42, dtype=DT))  # rows of both factors sum to 1
+    want = ref.forward(block, x)
+
+    def generic(*args, **kwargs):
+        raise AssertionError("the generic filter path was taken")
+
+    monkeypatch.setattr(NonlocalUnit, "filter_terms", generic)
+    assert_close(block(x), want, rtol=1e-10, atol=1e-10)
+    monkeypatch.undo()
+    n = 24 * 24
+    assert largest_tensor(nonlocalnet.build_block("agent", 8), torch.randn(2, 8, 24, 24)) < n * n
+
+
+def test_agent_grids_filters_and_errors():
+    assert nonlocalnet.build_block("agent", 8, dim=1).edges.agent_grid == (49,)
+    assert nonlocalnet.build_block("agent", 8, dim=3).edges.agent_grid == (1, 7, 7)  # 49 is not a cube
+    assert nonlocalnet.build_block("agent", 8, dim=3, agents=8).edges.agent_grid == (2, 2, 2)
+    # higher orders on the square rank-n graph, and pooled keys (the agents still come from every query)
+    assert check_block("agent", agents=4, filter="cheby", order=3, dims=(1, 2), gradcheck=False)["2d"] < 1e-12
+    assert check_block("agent", agents=4, sub_sample=True, dims=(2, 3), gradcheck=False)["3d"] < 1e-12
+    # the heat filter, exact through the r x r core (A is not symmetric: the reference's matrix exponential)
+    block = randomize(nonlocalnet.build_block("agent", 8, agents=4, filter="heat"))
+    x = torch.randn(2, 8, 4, 5, dtype=DT)
+    assert_close(block(x), ref.forward(block, x, spectral_method="expm"), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match=r"agents: 5 agents do not form a 2-D grid"):
+        nonlocalnet.build_block("agent", 8, agents=5)
+    with pytest.raises(ValueError, match=r"agents: a grid of 3 sizes"):
+        nonlocalnet.build_block("agent", 8, agents=(2, 2, 2))
+    with pytest.raises(ValueError, match=r"agents: expected a positive int"):
+        nonlocalnet.build_block("agent", 8, agents=0)
+    with pytest.raises(ValueError, match=r"normalization"):
+        nonlocalnet.build_block("agent", 8, normalization="row")
+
+
 # --------------------------------------------------------------------------------------- both
-@pytest.mark.parametrize("name", ["apnb", "external"])
+@pytest.mark.parametrize("name", ["apnb", "external", "agent"])
 def test_listed_analyzed_and_benched(name, tmp_path):
     from nonlocalnet.analysis import Batch, run_affinity, run_attention, run_cost, run_filter, run_spectrum
     from nonlocalnet.bench import run as bench_run
@@ -201,22 +275,29 @@ def test_listed_analyzed_and_benched(name, tmp_path):
     insert_blocks(net, {"stage": 1, "after_block": 2, "block": name}, input_shape=(3, 16, 16))
     loaded = Loaded.from_model(net, input_shape=(3, 16, 16))
     batch = Batch.from_tensor(torch.randn(2, 3, 16, 16))
-    n_keys = {"apnb": 110, "external": 64}[name]
+    n_keys = {"apnb": 110, "external": 64, "agent": 256}[name]
     aff = run_affinity(loaded, tmp_path / "aff", batch=batch)
     rec = aff["blocks"][0]
-    assert (rec["n"], rec["n_keys"]) == (256, n_keys) and "powers undefined" in rec["note"]
+    assert (rec["n"], rec["n_keys"]) == (256, n_keys)
+    assert ("powers undefined" in rec.get("note", "")) == (name != "agent")  # agent's graph is square
     assert abs(rec["row_sums"]["min"] - 1) < 1e-6 and abs(rec["row_sums"]["max"] - 1) < 1e-6
     att = run_attention(loaded, tmp_path / "att", batch=batch, images=1)
-    assert att["blocks"][0]["key_shape"] is None  # key nodes that are not a grid: rows over the N' nodes
-    assert len(att["blocks"][0]["images"][0]["queries"][0]["row"]) == n_keys
+    # key nodes that are not a grid: rows over the N' nodes; agent's keys are the positions
+    assert att["blocks"][0]["key_shape"] == ([16, 16] if name == "agent" else None)
+    row = np.asarray(att["blocks"][0]["images"][0]["queries"][0]["row"])
+    assert row.size == n_keys and abs(row.sum() - 1) < 1e-6
     assert list((tmp_path / "att").glob("*.png"))
     filt = run_filter(loaded, tmp_path / "filt", batch=batch, images=1)
-    assert "no eigenvalues" in filt["blocks"][0]["lambda_note"]
+    if name == "agent":  # eigenvalues through the r x r core: rank n = 49, the other N - 49 are 0
+        assert "r x r core" in filt["blocks"][0]["lambda_histogram"]["source"]
+    else:
+        assert "no eigenvalues" in filt["blocks"][0]["lambda_note"]
     spec = run_spectrum(loaded, tmp_path / "spec")
     assert spec["blocks"][0]["matrices"][0]["w_shape"] == [16, 16]
     cost = run_cost(loaded, tmp_path / "cost")
     assert cost["blocks"][0]["n_keys"] == n_keys and cost["blocks"][0]["flops_auto"] > 0
     rows = bench_run(blocks=[name], sizes=[8], batch=1, channels=16, modes=["fwd"], repeats=1)
     assert rows and all(r.time_ms > 0 for r in rows)
-    assert {r.taken for r in rows if r.backend == "auto"} == {"sdpa" if name == "apnb" else "bipartite"}
+    assert {r.taken for r in rows if r.backend == "auto"} == {{"apnb": "sdpa", "external": "bipartite",
+                                                               "agent": "lowrank"}[name]}
     assert math.isfinite(rows[0].peak_mib)

@@ -167,9 +167,11 @@ class Affinity(nn.Module):
                  scale: bool | float, bias: bool, sub_sample: bool, backend: str, memory_budget: float,
                  mode: str = "positions", groups: int = 1, order: int = 0, rbf_gamma: float = 1e-4,
                  whiten: bool = False, unary: bool = False, temperature: float = 1.0, rbf_prefactor: str = "exact",
-                 pool_sizes: tuple[int, ...] | None = None, memory_size: int = 0, device=None, dtype=None):
+                 pool_sizes: tuple[int, ...] | None = None, memory_size: int = 0,
+                 agents: int | tuple[int, ...] | None = None, device=None, dtype=None):
         super().__init__()
         self.kernel, self.normalization, self.backend, self.mode = kernel, normalization, backend, mode
+        self.agent_grid = None if agents is None else agent_grid(agents, dim)  # Agent Attention's pooled grid
         self.pool_sizes = None if pool_sizes is None else tuple(pool_sizes)  # APNB's pyramid (sub_sample's pooling)
         self.sub_sample, self.dim, self.groups, self.order, self.rbf_gamma = sub_sample, dim, groups, order, rbf_gamma
         self.whiten, self.unary, self.temperature, self.rbf_prefactor = whiten, unary, temperature, rbf_prefactor
@@ -310,6 +312,55 @@ class MemoryMode(GraphMode):
         return aff.BipartiteGraph(a)
 
 
+def agent_grid(agents: int | tuple[int, ...], dim: int) -> tuple[int, ...]:
+    """The grid the agents are pooled to: a tuple is the grid itself (``dim`` sizes); ``n`` agents are ``(n,)`` in
+    1-D, ``k × k`` in 2-D (``k² = n``: the authors' ``AdaptiveAvgPool2d((√n, √n))``), ``k × k × k`` in 3-D when ``n``
+    is a cube, else ``1 × k × k`` (a ``k × k`` grid pooled over the whole clip)."""
+    if isinstance(agents, tuple):
+        if len(agents) != dim:
+            raise ValueError(f"agents: a grid of {len(agents)} sizes {agents} for a dim={dim} block; give {dim} sizes "
+                             f"or a number of agents")
+        return agents
+    if dim == 1:
+        return (agents,)
+    for grid in [(round(agents ** (1 / dim)),) * dim] + ([(1, round(agents ** 0.5), round(agents ** 0.5))]
+                                                          if dim == 3 else []):
+        if math.prod(grid) == agents:
+            return grid
+    raise ValueError(f"agents: {agents} agents do not form a {dim}-D grid (k^{dim}"
+                     f"{' or 1 x k x k' if dim == 3 else ''} agents, e.g. {4 ** dim}); give such a number or the grid "
+                     f"as a tuple of {dim} sizes")
+
+
+def _agents_option(name: str, value: Any) -> int | tuple[int, ...]:
+    if isinstance(value, list):
+        value = tuple(value)
+    ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 1) or (
+        isinstance(value, tuple) and value and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                                   for v in value))
+    if not ok:
+        raise ValueError(f"{name}: expected a positive int (the number of agents, pooled to a grid) or a tuple of "
+                         f"positive ints (the grid), got {value!r}")
+    return value
+
+
+class AgentsMode(GraphMode):
+    """Agent Attention's graph (Han, Ye, Han, Xia, Pan, Wan, Song, Huang, "Agent Attention: On the Integration of
+    Softmax and Linear Attention", ECCV 2024, §3.2): ``n`` agent tokens ``Ag`` pooled from the queries (adaptive
+    average pooling of the query map to :func:`agent_grid`), then ``A = softmax(s·θ Agᵀ) softmax(s·Ag φᵀ)``, each
+    factor the embedded Gaussian with its row softmax: ``A = P Vᵀ`` with ``P`` ``(N × n)`` softmax over the agents
+    and ``V`` ``(N' × n)`` softmax over the positions — A²'s low-rank structure (rows of ``P`` sum to 1), so the
+    low-rank path and the exact r × r filters apply, never an ``N × N`` tensor."""
+
+    def build(self, edges: Affinity, x: torch.Tensor, spatial: tuple[int, ...], budget: int) -> aff.Graph:
+        q, k = edges.queries_keys(x, spatial)
+        agents = aff.adaptive_pool_tokens(q, spatial, edges.agent_grid).transpose(1, 2)  # (B, C_s, n)
+        s = edges.scale_value
+        p = torch.softmax(torch.matmul(q, agents) * s, -1)  # (B, N, n): each query over the agents
+        v = torch.softmax(torch.matmul(k, agents) * s, 1)  # (B, N', n): each agent over the key positions
+        return aff.LowRankGraph(p, v, "none", unit_rows=True)
+
+
 RBF_PREFACTORS = ("exact", "constant")
 MAX_TAYLOR_ORDER = 32  # CGNL's Gaussian kernel
 
@@ -342,6 +393,14 @@ register_graph(MemoryMode(
     "Attention): a bipartite N x S graph", kernels=("embedded_gaussian",), normalizations=("double",),
     backends=("auto",), pairwise_only=True, bipartite=True,
     options={"memory_size": Option(64, "S, the number of learned memory slots (the graph is N x S)", positive_int)}))
+
+
+register_graph(AgentsMode(
+    "agents", "queries and keys through n agents pooled from the queries, softmax(θ Agᵀ) softmax(Ag φᵀ) (Agent "
+    "Attention): rank n", kernels=("embedded_gaussian",), normalizations=("softmax",), backends=("auto", "lowrank"),
+    pairwise_only=True,
+    options={"agents": Option(49, "the number of agent tokens n (a k^d grid; 1 x k x k in 3-D), or the grid",
+                              _agents_option)}))
 
 
 class _CrissCrossDense(aff.PairwiseKernel):

@@ -136,6 +136,12 @@ for _preset in [
                            '(N x S; softmax over positions, then l1 over slots), F = A M_v W, Y = X + BN(F)',
                dict(kernel="embedded_gaussian", normalization="double", reduction=1, filter="nl", value_proj=False,
                     out_norm="bn", zero_init=False), mode="memory"),
+        Preset("agent", 'Han, Ye, Han, Xia, Pan, Wan, Song, Huang, "Agent Attention: On the Integration of Softmax '
+                        'and Linear Attention", ECCV 2024, §3.2: A = softmax(θ Agᵀ/√C_s) softmax(Ag φᵀ/√C_s) with '
+                        'n = 49 agents Ag pooled from the queries (rank n, never N x N), F = A Z W, Y = X + F '
+                        '(without their depthwise-conv and position-bias terms)',
+               dict(kernel="embedded_gaussian", normalization="softmax", scale=True, reduction=1, filter="nl",
+                    out_norm="none", zero_init=False), mode="agents"),
 ]:
     register_block(_preset)
 
@@ -402,7 +408,7 @@ def build_block(name: str, in_channels: int, *, dim: int = 2, device: torch.devi
         memory_budget=o["memory_budget"], mode=preset.mode, groups=o.get("groups", 1),
         order=o.get("taylor_order", 0), rbf_gamma=o.get("rbf_gamma", 1e-4), whiten=o["whiten"], unary=o["unary"],
         temperature=o["temperature"], rbf_prefactor=o.get("rbf_prefactor", "exact"), pool_sizes=o["pool_sizes"],
-        memory_size=o.get("memory_size", 0), **fk,
+        memory_size=o.get("memory_size", 0), agents=o.get("agents"), **fk,
     )
     fspec = FILTERS[o["filter"]]
     units = [

@@ -34,6 +34,8 @@ Equations (docs/framework.md and these papers):
   Eq. 6-7): keys and values averaged over the adaptive bins of each pyramid level, by loops
 - External Attention (Guo, Liu, Mu, Hu, TPAMI 2022, Eq. 5): ``M = exp(θ M_kᵀ)``, each column divided by its sum
   over the positions, then each row by ``1e-9 +`` its sum over the memory slots; ``F = A M_v W``
+- Agent Attention (Han et al., ECCV 2024, §3.2): agents ``Ag`` = the queries averaged over adaptive bins (loops),
+  ``A = D⁻¹exp(s θ Agᵀ) · D⁻¹exp(s Ag φᵀ)``, both factors formed
 - DNL (Yin et al., "Disentangled Non-Local Neural Networks", ECCV 2020, arXiv 2006.06668, Eq. 12):
   ``softmax((θ−μ_θ)(φ−μ_φ)ᵀ/(√C_s τ)) + 1·softmax(w_m X)ᵀ``
 """
@@ -89,19 +91,23 @@ def pool(t: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
     return out.reshape(b, -1, c)
 
 
-def pyramid_pool(t: torch.Tensor, spatial: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
-    """APNB's pyramid sampling by explicit loops (Zhu, Xu, Huang, Bai, ICCV 2019, Eq. 6-7): for each ``s`` in
-    ``sizes`` the mean over each of the ``s^d`` adaptive bins — bin ``i`` of an axis of length ``L`` covers
-    ``[floor(i·L/s), ceil((i+1)·L/s))`` — bins in row-major order, the sizes one after the other."""
+def adaptive_pool(t: torch.Tensor, spatial: tuple[int, ...], grid: tuple[int, ...]) -> torch.Tensor:
+    """Adaptive average pooling by explicit loops: the mean over each bin of ``grid`` (row-major), bin ``i`` of an
+    axis of length ``L`` pooled to ``s`` covering ``[floor(i·L/s), ceil((i+1)·L/s))``."""
     b, _, c = t.shape
-    grid = t.reshape(b, *spatial, c)
+    g = t.reshape(b, *spatial, c)
     out = []
-    for size in sizes:
-        for idx in itertools.product(*[range(size)] * len(spatial)):
-            sl = tuple(slice((i * n) // size, -((-(i + 1) * n) // size)) for i, n in zip(idx, spatial))
-            window = grid[(slice(None), *sl)].reshape(b, -1, c)
-            out.append(window.sum(1) / window.shape[1])
+    for idx in itertools.product(*[range(s) for s in grid]):
+        sl = tuple(slice((i * n) // s, -((-(i + 1) * n) // s)) for i, n, s in zip(idx, spatial, grid))
+        window = g[(slice(None), *sl)].reshape(b, -1, c)
+        out.append(window.sum(1) / window.shape[1])
     return torch.stack(out, 1)
+
+
+def pyramid_pool(t: torch.Tensor, spatial: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
+    """APNB's pyramid sampling (Zhu, Xu, Huang, Bai, ICCV 2019, Eq. 6-7): for each ``s`` in ``sizes`` the
+    ``s^d`` adaptive bins (:func:`adaptive_pool`), the sizes one after the other."""
+    return torch.cat([adaptive_pool(t, spatial, (s,) * len(spatial)) for s in sizes], 1)
 
 
 def sample_keys(t: torch.Tensor, spatial: tuple[int, ...], pool_sizes: tuple[int, ...] | None) -> torch.Tensor:
@@ -147,6 +153,13 @@ def affinity_tokens(graph, x: torch.Tensor, spatial: tuple[int, ...]) -> torch.T
         q = _lin(graph.theta, x)
         k = _mat(graph.memory)[None].expand(x.shape[0], -1, -1)  # (B, S, C_k)
         return normalize(KERNELS[kernel].literal(q, k, graph.scale_value), norm)
+    if getattr(graph, "agent_grid", None) is not None:  # Agent Attention: queries -> agents -> keys
+        q, k = _lin(graph.theta, x), _lin(graph.phi, x)
+        if graph.sub_sample:
+            k = sample_keys(k, spatial, graph.pool_sizes)
+        ag = adaptive_pool(q, spatial, graph.agent_grid)  # (B, n, C_s)
+        lit, s = KERNELS[kernel].literal, graph.scale_value
+        return normalize(lit(q, ag, s), "row") @ normalize(lit(ag, k, s), "row")
     if graph.theta is not None:
         q, k = _lin(graph.theta, x), _lin(graph.phi, x)
     else:
