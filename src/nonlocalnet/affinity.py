@@ -160,7 +160,7 @@ def adaptive_pool_tokens(t: torch.Tensor, spatial: tuple[int, ...], grid: tuple[
 
 def pyramid_pool_tokens(t: torch.Tensor, spatial: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
     """APNB's pyramid sampling (Zhu, Xu, Huang, Bai, "Asymmetric Non-local Neural Networks for Semantic
-    Segmentation", ICCV 2019, §3.2, Eq. 6-7): tokens ``(B, N, c)`` laid out on ``spatial`` average-pooled adaptively
+    Segmentation", ICCV 2019): tokens ``(B, N, c)`` laid out on ``spatial`` average-pooled adaptively
     to ``s^d`` bins for each ``s`` in ``sizes`` (PyTorch's adaptive bins, as the authors' ``PSPModule``), the bins
     concatenated in that order: ``(B, N', c)`` with ``N' = Σ_s s^d`` (110 for 1, 3, 6, 8 in 2-D)."""
     return torch.cat([adaptive_pool_tokens(t, spatial, (s,) * len(spatial)) for s in sizes], 1)

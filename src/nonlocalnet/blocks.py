@@ -296,7 +296,8 @@ class ChannelsMode(GraphMode):
 
 class MemoryMode(GraphMode):
     """External Attention's bipartite graph (Guo, Liu, Mu, Hu, "Beyond Self-attention: External Attention using Two
-    Linear Layers for Visual Tasks", TPAMI 2022, Eq. 5): the ``N`` positions against ``S`` learned memory slots
+    Linear Layers for Visual Tasks", TPAMI 2022, external attention with double normalization): the ``N`` positions
+    against ``S`` learned memory slots
     ``M_k`` (``edges.memory``, ``S × C_k``), ``M_ij = exp(s·θ_i·m_j)`` normalized by ``double``: softmax over the
     positions, then each row l1-normalized over the slots. The values at the slots are each unit's ``memory``
     (``M_v``, ``S × C_v``), so ``F = A M_v W``; ``O(N·S·C)``, the ``N × S`` matrix is the graph itself."""
@@ -346,7 +347,7 @@ def _agents_option(name: str, value: Any) -> int | tuple[int, ...]:
 
 class AgentsMode(GraphMode):
     """Agent Attention's graph (Han, Ye, Han, Xia, Pan, Wan, Song, Huang, "Agent Attention: On the Integration of
-    Softmax and Linear Attention", ECCV 2024, §3.2): ``n`` agent tokens ``Ag`` pooled from the queries (adaptive
+    Softmax and Linear Attention", ECCV 2024): ``n`` agent tokens ``Ag`` pooled from the queries (adaptive
     average pooling of the query map to :func:`agent_grid`), then ``A = softmax(s·θ Agᵀ) softmax(s·Ag φᵀ)``, each
     factor the embedded Gaussian with its row softmax: ``A = P Vᵀ`` with ``P`` ``(N × n)`` softmax over the agents
     and ``V`` ``(N' × n)`` softmax over the positions — A²'s low-rank structure (rows of ``P`` sum to 1), so the

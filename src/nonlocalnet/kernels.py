@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 NORMALIZATIONS = ("softmax", "count", "row", "symmetric", "none", "double")
 # External Attention's double normalization (Guo, Liu, Mu, Hu, "Beyond Self-attention: External Attention using Two
-# Linear Layers for Visual Tasks", TPAMI 2022, Eq. 5; their code's 1e-9): softmax over the N positions (the queries),
+# Linear Layers for Visual Tasks", TPAMI 2022; their code's 1e-9): softmax over the N positions (the queries),
 # then each row l1-normalized over the N' keys, A_ij = C_ij / (DOUBLE_NORM_EPS + Σ_j' C_ij'). Only the graph modes
 # that declare it take it (the bipartite ``memory`` mode); the position graphs do not.
 MODE_ONLY_NORMALIZATIONS = ("double",)

@@ -127,18 +127,21 @@ for _preset in [
                             'rank C_s, never N x N), F = A Z W, Y = X + F',
                dict(kernel="double_attention", normalization="none", filter="nl", out_norm="none", zero_init=False)),
         Preset("apnb", 'Zhu, Xu, Huang, Bai, "Asymmetric Non-local Neural Networks for Semantic Segmentation", ICCV '
-                       '2019, §3.2, Eq. 6-7 (APNB): NL with keys and values pyramid-pooled (adaptive average pools to '
-                       's^d bins, s = 1, 3, 6, 8: N\' = 110 in 2-D), A = softmax(θφᵀ/√C_s), Y = X + A Z W (W zero)',
+                       '2019, the asymmetric pyramid non-local block (APNB): NL with keys and values '
+                       'pyramid-pooled (adaptive average pools to s^d bins, s = 1, 3, 6, 8: N\' = 110 in 2-D), '
+                       'A = softmax(θφᵀ/√C_s), Y = X + A Z W (W zero)',
                dict(filter="nl", sub_sample=True, pool_sizes=(1, 3, 6, 8), scale=True, out_norm="none",
                     zero_init=True)),
         Preset("external", 'Guo, Liu, Mu, Hu, "Beyond Self-attention: External Attention using Two Linear Layers for '
-                           'Visual Tasks", TPAMI 2022, Eq. 5: A = DoubleNorm(θ M_kᵀ) against S learned memory slots '
-                           '(N x S; softmax over positions, then l1 over slots), F = A M_v W, Y = X + BN(F)',
+                           'Visual Tasks", TPAMI 2022, external attention: A = DoubleNorm(θ M_kᵀ) against S '
+                           'learned memory slots (N x S; softmax over positions, then l1 over slots), '
+                           'F = A M_v W, Y = X + BN(F)',
                dict(kernel="embedded_gaussian", normalization="double", reduction=1, filter="nl", value_proj=False,
                     out_norm="bn", zero_init=False), mode="memory"),
         Preset("agent", 'Han, Ye, Han, Xia, Pan, Wan, Song, Huang, "Agent Attention: On the Integration of Softmax '
-                        'and Linear Attention", ECCV 2024, §3.2: A = softmax(θ Agᵀ/√C_s) softmax(Ag φᵀ/√C_s) with '
-                        'n = 49 agents Ag pooled from the queries (rank n, never N x N), F = A Z W, Y = X + F '
+                        'and Linear Attention", ECCV 2024, agent attention: A = softmax(θ Agᵀ/√C_s) '
+                        'softmax(Ag φᵀ/√C_s) with n = 49 agents Ag pooled from the queries (rank n, never '
+                        'N x N), F = A Z W, Y = X + F '
                         '(without their depthwise-conv and position-bias terms)',
                dict(kernel="embedded_gaussian", normalization="softmax", scale=True, reduction=1, filter="nl",
                     out_norm="none", zero_init=False), mode="agents"),

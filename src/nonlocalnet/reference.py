@@ -31,10 +31,10 @@ Equations (docs/framework.md and these papers):
   arXiv 1904.11492, Eq. 4): ``A = 1·aᵀ``, ``a = softmax(w_m X)``, the bottleneck ``conv → LayerNorm → ReLU →
   conv``, fusion ``X ⊙ σ(F_mul) + F_add``
 - APNB (Zhu, Xu, Huang, Bai, "Asymmetric Non-local Neural Networks for Semantic Segmentation", ICCV 2019,
-  Eq. 6-7): keys and values averaged over the adaptive bins of each pyramid level, by loops
-- External Attention (Guo, Liu, Mu, Hu, TPAMI 2022, Eq. 5): ``M = exp(θ M_kᵀ)``, each column divided by its sum
-  over the positions, then each row by ``1e-9 +`` its sum over the memory slots; ``F = A M_v W``
-- Agent Attention (Han et al., ECCV 2024, §3.2): agents ``Ag`` = the queries averaged over adaptive bins (loops),
+  the pyramid sampling): keys and values averaged over the adaptive bins of each pyramid level, by loops
+- External Attention (Guo, Liu, Mu, Hu, TPAMI 2022, the double normalization): ``M = exp(θ M_kᵀ)``, each column
+  divided by its sum over the positions, then each row by ``1e-9 +`` its sum over the memory slots; ``F = A M_v W``
+- Agent Attention (Han et al., ECCV 2024): agents ``Ag`` = the queries averaged over adaptive bins (loops),
   ``A = D⁻¹exp(s θ Agᵀ) · D⁻¹exp(s Ag φᵀ)``, both factors formed
 - DNL (Yin et al., "Disentangled Non-Local Neural Networks", ECCV 2020, arXiv 2006.06668, Eq. 12):
   ``softmax((θ−μ_θ)(φ−μ_φ)ᵀ/(√C_s τ)) + 1·softmax(w_m X)ᵀ``
@@ -105,7 +105,7 @@ def adaptive_pool(t: torch.Tensor, spatial: tuple[int, ...], grid: tuple[int, ..
 
 
 def pyramid_pool(t: torch.Tensor, spatial: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
-    """APNB's pyramid sampling (Zhu, Xu, Huang, Bai, ICCV 2019, Eq. 6-7): for each ``s`` in ``sizes`` the
+    """APNB's pyramid sampling (Zhu, Xu, Huang, Bai, ICCV 2019): for each ``s`` in ``sizes`` the
     ``s^d`` adaptive bins (:func:`adaptive_pool`), the sizes one after the other."""
     return torch.cat([adaptive_pool(t, spatial, (s,) * len(spatial)) for s in sizes], 1)
 
