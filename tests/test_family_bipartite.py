@@ -80,6 +80,11 @@ def test_apnb_pools_with_adaptive_bins():
     t = torch.randn(2, 5 * 7, 3, dtype=DT)
     want = psp(t.transpose(1, 2).reshape(2, 3, 5, 7), (1, 3, 6)).transpose(1, 2)
     assert_close(ref.pyramid_pool(t, (5, 7), (1, 3, 6)), want, rtol=1e-12, atol=1e-12)
+    from nonlocalnet import affinity as aff  # the ONNX-export form (bin matrices) equals the adaptive pools
+    for spatial, grid in [((5, 7), (3, 6)), ((2, 3, 4), (1, 7, 2)), ((9,), (4,))]:
+        tt = torch.randn(2, math.prod(spatial), 3, dtype=DT)
+        assert_close(aff.adaptive_pool_matrices(tt, spatial, grid), aff.adaptive_pool_tokens(tt, spatial, grid),
+                     rtol=1e-12, atol=1e-12)
     t3 = torch.randn(1, 2 * 3 * 4, 2, dtype=DT)
     got = ref.pyramid_pool(t3, (2, 3, 4), (2,))
     grid = t3.reshape(1, 2, 3, 4, 2)

@@ -138,8 +138,7 @@ def pooled_shape(spatial: tuple[int, ...]) -> tuple[int, ...]:
 
 def adaptive_bins(length: int, size: int, like: torch.Tensor) -> torch.Tensor:
     """The ``(size, length)`` averaging matrix of PyTorch's adaptive pooling bins along one axis: bin ``i`` is the
-    mean over ``[floor(i·L/s), ceil((i+1)·L/s))``. Built from tensor ops (traced by ``torch.export`` and ONNX, which
-    has no adaptive pooling for sizes that do not divide the input)."""
+    mean over ``[floor(i·L/s), ceil((i+1)·L/s))``, built from tensor ops (what ONNX export traces)."""
     i = torch.arange(size, device=like.device)
     start, end = (i * length) // size, ((i + 1) * length + size - 1) // size
     j = torch.arange(length, device=like.device)
@@ -147,10 +146,23 @@ def adaptive_bins(length: int, size: int, like: torch.Tensor) -> torch.Tensor:
     return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
 
 
+_ADAPTIVE_AVG = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+
+
 def adaptive_pool_tokens(t: torch.Tensor, spatial: tuple[int, ...], grid: tuple[int, ...]) -> torch.Tensor:
-    """Adaptive average pooling of tokens ``(B, N, c)`` laid out on ``spatial`` to ``grid`` bins (row-major), equal
-    to ``F.adaptive_avg_pool{d}d``: the mean over a product of per-axis bins is the product of per-axis means, so it
-    is one small matrix product per axis (:func:`adaptive_bins`), ``O(N·c·s)``."""
+    """Adaptive average pooling of tokens ``(B, N, c)`` laid out on ``spatial`` to ``grid`` bins (row-major):
+    ``F.adaptive_avg_pool{d}d`` on the channels-last view; under ONNX export (which has no adaptive pooling for
+    sizes that do not divide the input) the same means as per-axis bin matrices (:func:`adaptive_pool_matrices`)."""
+    if torch.onnx.is_in_onnx_export():
+        return adaptive_pool_matrices(t, spatial, grid)
+    b, _, c = t.shape
+    pooled = _ADAPTIVE_AVG[len(spatial)](movedim(t.reshape(b, *spatial, c), -1, 1), tuple(grid))
+    return movedim(pooled, 1, -1).reshape(b, -1, c)
+
+
+def adaptive_pool_matrices(t: torch.Tensor, spatial: tuple[int, ...], grid: tuple[int, ...]) -> torch.Tensor:
+    """:func:`adaptive_pool_tokens` as one small matrix product per axis (:func:`adaptive_bins`): the mean over a
+    product of per-axis bins is the product of per-axis means."""
     b, _, c = t.shape
     g = t.reshape(b, *spatial, c)
     for axis, (length, size) in enumerate(zip(spatial, grid)):
