@@ -43,6 +43,13 @@ def test_sub_sampled_keys(approx, m):
     assert max(v for k, v in report.items() if k[0].isdigit()) < 1e-12
 
 
+@pytest.mark.parametrize("approx,m", [("performer", 5), ("nystrom", 1)])
+def test_pyramid_pooled_keys(approx, m):
+    """APNB's keys (the pyramid of pooled grids) under the approximation: N' keys, not N."""
+    report = check_block("apnb", approx=approx, approx_features=m)
+    assert max(v for k, v in report.items() if k[0].isdigit()) < 1e-12
+
+
 @pytest.mark.parametrize("approx,m", APPROX)
 def test_the_structured_low_rank_path_runs_on_them(approx, m, monkeypatch):
     """The approximate graph is a LowRankGraph, and the polynomial filters take the one-GEMM path on it."""

@@ -19,6 +19,8 @@ Each backend answers that product differently, all exactly:
 - :class:`ChannelGraph` — CGNL's graph over positions × channels (Yue et al. 2018), factorized.
 - :class:`UnaryGraph` — the query-independent graph ``A = 1·aᵀ``, ``a = softmax(w_m·x_j + b_m)`` (GC's
   attention pooling, DNL's unary term; kernel ``unary``): rank 1, ``O(N·c)``, never ``N × N'``.
+- :class:`BipartiteGraph` — a graph from the positions to ``N'`` other nodes (External Attention's memory slots),
+  held as its thin ``N × N'`` matrix.
 - :class:`SumGraph` — a sum of graphs, ``A = Σ_i A_i`` (DNL: whitened pairwise + unary); each product
   ``A V = Σ_i A_i V`` runs on each term's own backend.
 
@@ -137,6 +139,54 @@ def pooled_shape(spatial: tuple[int, ...]) -> tuple[int, ...]:
     if len(spatial) == 3:
         return (spatial[0], spatial[1] // 2, spatial[2] // 2)
     return tuple(s // 2 for s in spatial)
+
+
+def adaptive_bins(length: int, size: int, like: torch.Tensor) -> torch.Tensor:
+    """The ``(size, length)`` averaging matrix of PyTorch's adaptive pooling bins along one axis: bin ``i`` is the
+    mean over ``[floor(i·L/s), ceil((i+1)·L/s))``, built from tensor ops (what ONNX export traces)."""
+    i = torch.arange(size, device=like.device)
+    start, end = (i * length) // size, ((i + 1) * length + size - 1) // size
+    j = torch.arange(length, device=like.device)
+    inside = (j >= start[:, None]) & (j < end[:, None])
+    return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
+
+
+_ADAPTIVE_AVG = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+
+
+def adaptive_pool_tokens(t: torch.Tensor, spatial: tuple[int, ...], grid: tuple[int, ...]) -> torch.Tensor:
+    """Adaptive average pooling of tokens ``(B, N, c)`` laid out on ``spatial`` to ``grid`` bins (row-major):
+    ``F.adaptive_avg_pool{d}d`` on the channels-last view; under ONNX export (which has no adaptive pooling for
+    sizes that do not divide the input) the same means as per-axis bin matrices (:func:`adaptive_pool_matrices`)."""
+    if torch.onnx.is_in_onnx_export():
+        return adaptive_pool_matrices(t, spatial, grid)
+    b, _, c = t.shape
+    pooled = _ADAPTIVE_AVG[len(spatial)](movedim(t.reshape(b, *spatial, c), -1, 1), tuple(grid))
+    return movedim(pooled, 1, -1).reshape(b, -1, c)
+
+
+def adaptive_pool_matrices(t: torch.Tensor, spatial: tuple[int, ...], grid: tuple[int, ...]) -> torch.Tensor:
+    """:func:`adaptive_pool_tokens` as one small matrix product per axis (:func:`adaptive_bins`): the mean over a
+    product of per-axis bins is the product of per-axis means."""
+    b, _, c = t.shape
+    g = t.reshape(b, *spatial, c)
+    for axis, (length, size) in enumerate(zip(spatial, grid)):
+        g = movedim(torch.matmul(adaptive_bins(length, size, g), movedim(g, 1 + axis, -2)), -2, 1 + axis)
+    return g.reshape(b, -1, c)
+
+
+def pyramid_pool_tokens(t: torch.Tensor, spatial: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
+    """APNB's pyramid sampling (Zhu, Xu, Huang, Bai, "Asymmetric Non-local Neural Networks for Semantic
+    Segmentation", ICCV 2019): tokens ``(B, N, c)`` laid out on ``spatial`` average-pooled adaptively
+    to ``s^d`` bins for each ``s`` in ``sizes`` (PyTorch's adaptive bins, as the authors' ``PSPModule``), the bins
+    concatenated in that order: ``(B, N', c)`` with ``N' = Σ_s s^d`` (110 for 1, 3, 6, 8 in 2-D)."""
+    return torch.cat([adaptive_pool_tokens(t, spatial, (s,) * len(spatial)) for s in sizes], 1)
+
+
+def sample_keys(t: torch.Tensor, spatial: tuple[int, ...], pool_sizes: tuple[int, ...] | None) -> torch.Tensor:
+    """The key side of a sub-sampled graph: Wang et al.'s 2× max-pool (:func:`pool_tokens`, ``pool_sizes=None``)
+    or APNB's pyramid of adaptive average pools (:func:`pyramid_pool_tokens`)."""
+    return pool_tokens(t, spatial) if pool_sizes is None else pyramid_pool_tokens(t, spatial, pool_sizes)
 
 
 # --------------------------------------------------------------------------------------- graphs
@@ -665,6 +715,24 @@ class UnaryGraph(Graph):
 
     def dense(self) -> torch.Tensor:
         return self.a[:, None, :].expand(self.a.shape[0], self.n, self.n_keys).clone()
+
+
+class BipartiteGraph(Graph):
+    """A graph between the ``N`` positions and ``N'`` other nodes (External Attention's ``S`` learned memory slots),
+    held as its ``(B, N, N')`` matrix: with ``N' = S`` fixed and small it is the thin factor itself (``A V`` costs
+    ``O(N·S·c)``, no ``N × N`` tensor). Built by the ``memory`` graph mode (:mod:`nonlocalnet.blocks`)."""
+
+    backend = "bipartite"
+
+    def __init__(self, a: torch.Tensor):
+        self.a = a
+        self.n, self.n_keys = a.shape[1], a.shape[2]
+
+    def matmul(self, v: torch.Tensor) -> torch.Tensor:
+        return mm(self.a, v)
+
+    def dense(self) -> torch.Tensor:
+        return self.a
 
 
 class SumGraph(Graph):

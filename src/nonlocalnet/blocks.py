@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from . import affinity as aff
 from .filters import Filter, Polynomial, lowrank_terms, polynomial_responses
-from .kernels import GRAPH_MODES, KERNELS, GraphMode, Kernel, register_graph
+from .kernels import DOUBLE_NORM_EPS, GRAPH_MODES, KERNELS, GraphMode, Kernel, register_graph
 from .registry import Option, one_of, positive_int, positive_number
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -169,9 +169,13 @@ class Affinity(nn.Module):
                  scale: bool | float, bias: bool, sub_sample: bool, backend: str, memory_budget: float,
                  mode: str = "positions", groups: int = 1, order: int = 0, rbf_gamma: float = 1e-4,
                  whiten: bool = False, unary: bool = False, temperature: float = 1.0, rbf_prefactor: str = "exact",
-                 approx: str | None = None, approx_features: int = 64, device=None, dtype=None):
+                 pool_sizes: tuple[int, ...] | None = None, memory_size: int = 0,
+                 agents: int | tuple[int, ...] | None = None, approx: str | None = None, approx_features: int = 64,
+                 device=None, dtype=None):
         super().__init__()
         self.kernel, self.normalization, self.backend, self.mode = kernel, normalization, backend, mode
+        self.agent_grid = None if agents is None else agent_grid(agents, dim)  # Agent Attention's pooled grid
+        self.pool_sizes = None if pool_sizes is None else tuple(pool_sizes)  # APNB's pyramid (sub_sample's pooling)
         self.sub_sample, self.dim, self.groups, self.order, self.rbf_gamma = sub_sample, dim, groups, order, rbf_gamma
         self.whiten, self.unary, self.temperature, self.rbf_prefactor = whiten, unary, temperature, rbf_prefactor
         self.memory_budget = memory_budget  # MiB
@@ -187,7 +191,9 @@ class Affinity(nn.Module):
         self.scale = scale
         fk = dict(device=device, dtype=dtype)
         self.theta = conv1x1(dim, in_channels, key_channels, bias, **fk) if uses_projection else None
-        self.phi = conv1x1(dim, in_channels, key_channels, bias, **fk) if uses_projection else None
+        # External Attention: the keys are a learned memory M_k (S × C_k, a 1×1 conv on the queries), not positions
+        self.phi = conv1x1(dim, in_channels, key_channels, bias, **fk) if uses_projection and not memory_size else None
+        self.memory = conv1x1(dim, key_channels, memory_size, False, **fk) if memory_size else None
         self.concat = conv1x1(dim, 2 * key_channels, 1, False, **fk) if kern.pretransform == "concat" else None
         # the unary logits m_j = w_m·x_j + b_m (GC's / DNL's conv_mask)
         self.mask = conv1x1(dim, in_channels, 1, True, **fk) if kern.unary or unary else None
@@ -198,7 +204,7 @@ class Affinity(nn.Module):
             self.register_buffer("random_features", aff.orthogonal_gaussian(approx_features, feat, **fk))
 
     def reset_parameters(self) -> None:
-        for m in (self.theta, self.phi, self.concat, self.mask):
+        for m in (self.theta, self.phi, self.concat, self.mask, self.memory):
             if m is not None:
                 m.reset_parameters()
 
@@ -215,7 +221,7 @@ class Affinity(nn.Module):
         else:
             q = k = x
         if self.sub_sample:
-            k = aff.pool_tokens(k, spatial)
+            k = aff.sample_keys(k, spatial, self.pool_sizes)
         if self.whiten:  # DNL's whitened pairwise term: queries and keys minus their means over positions
             q, k = q - q.mean(1, keepdim=True), k - k.mean(1, keepdim=True)
         return q, k
@@ -267,7 +273,6 @@ class PositionsMode(GraphMode):
         q, k = kern.transform(q, k)
         return aff.build_graph(edges.kernel, edges.normalization, edges.backend, q=q, k=k,
                                scale=edges.scale_value, budget_bytes=budget)
-
 
     @staticmethod
     def approximate(edges: Affinity, x: torch.Tensor, spatial: tuple[int, ...]) -> aff.LowRankGraph:
@@ -323,6 +328,74 @@ class ChannelsMode(GraphMode):
                    edges.scale, edges.rbf_prefactor)
 
 
+class MemoryMode(GraphMode):
+    """External Attention's bipartite graph (Guo, Liu, Mu, Hu, "Beyond Self-attention: External Attention using Two
+    Linear Layers for Visual Tasks", TPAMI 2022, external attention with double normalization): the ``N`` positions
+    against ``S`` learned memory slots
+    ``M_k`` (``edges.memory``, ``S × C_k``), ``M_ij = exp(s·θ_i·m_j)`` normalized by ``double``: softmax over the
+    positions, then each row l1-normalized over the slots. The values at the slots are each unit's ``memory``
+    (``M_v``, ``S × C_v``), so ``F = A M_v W``; ``O(N·S·C)``, the ``N × S`` matrix is the graph itself."""
+
+    def build(self, edges: Affinity, x: torch.Tensor, spatial: tuple[int, ...], budget: int) -> aff.Graph:
+        q = project(edges.theta, x)
+        logits = project(edges.memory, q)  # θ M_kᵀ (B, N, S)
+        if edges.scale_value != 1.0:
+            logits = logits * edges.scale_value
+        with aff.full_precision(x.device.type):  # the two normalizers in float32 under autocast
+            a = torch.softmax(aff.float32(logits), dim=1)  # over the N positions
+            a = a / (a.sum(-1, keepdim=True) + DOUBLE_NORM_EPS)  # each row over the S slots
+        return aff.BipartiteGraph(a)
+
+
+def agent_grid(agents: int | tuple[int, ...], dim: int) -> tuple[int, ...]:
+    """The grid the agents are pooled to: a tuple is the grid itself (``dim`` sizes); ``n`` agents are ``(n,)`` in
+    1-D, ``k × k`` in 2-D (``k² = n``: the authors' ``AdaptiveAvgPool2d((√n, √n))``), ``k × k × k`` in 3-D when ``n``
+    is a cube, else ``1 × k × k`` (a ``k × k`` grid pooled over the whole clip)."""
+    if isinstance(agents, tuple):
+        if len(agents) != dim:
+            raise ValueError(f"agents: a grid of {len(agents)} sizes {agents} for a dim={dim} block; give {dim} sizes "
+                             f"or a number of agents")
+        return agents
+    if dim == 1:
+        return (agents,)
+    for grid in [(round(agents ** (1 / dim)),) * dim] + ([(1, round(agents ** 0.5), round(agents ** 0.5))]
+                                                          if dim == 3 else []):
+        if math.prod(grid) == agents:
+            return grid
+    raise ValueError(f"agents: {agents} agents do not form a {dim}-D grid (k^{dim}"
+                     f"{' or 1 x k x k' if dim == 3 else ''} agents, e.g. {4 ** dim}); give such a number or the grid "
+                     f"as a tuple of {dim} sizes")
+
+
+def _agents_option(name: str, value: Any) -> int | tuple[int, ...]:
+    if isinstance(value, list):
+        value = tuple(value)
+    ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 1) or (
+        isinstance(value, tuple) and value and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                                   for v in value))
+    if not ok:
+        raise ValueError(f"{name}: expected a positive int (the number of agents, pooled to a grid) or a tuple of "
+                         f"positive ints (the grid), got {value!r}")
+    return value
+
+
+class AgentsMode(GraphMode):
+    """Agent Attention's graph (Han, Ye, Han, Xia, Pan, Wan, Song, Huang, "Agent Attention: On the Integration of
+    Softmax and Linear Attention", ECCV 2024): ``n`` agent tokens ``Ag`` pooled from the queries (adaptive
+    average pooling of the query map to :func:`agent_grid`), then ``A = softmax(s·θ Agᵀ) softmax(s·Ag φᵀ)``, each
+    factor the embedded Gaussian with its row softmax: ``A = P Vᵀ`` with ``P`` ``(N × n)`` softmax over the agents
+    and ``V`` ``(N' × n)`` softmax over the positions — A²'s low-rank structure (rows of ``P`` sum to 1), so the
+    low-rank path and the exact r × r filters apply, never an ``N × N`` tensor."""
+
+    def build(self, edges: Affinity, x: torch.Tensor, spatial: tuple[int, ...], budget: int) -> aff.Graph:
+        q, k = edges.queries_keys(x, spatial)
+        agents = aff.adaptive_pool_tokens(q, spatial, edges.agent_grid).transpose(1, 2)  # (B, C_s, n)
+        s = edges.scale_value
+        p = torch.softmax(torch.matmul(q, agents) * s, -1)  # (B, N, n): each query over the agents
+        v = torch.softmax(torch.matmul(k, agents) * s, 1)  # (B, N', n): each agent over the key positions
+        return aff.LowRankGraph(p, v, "none", unit_rows=True)
+
+
 RBF_PREFACTORS = ("exact", "constant")
 MAX_TAYLOR_ORDER = 32  # CGNL's Gaussian kernel
 
@@ -349,6 +422,21 @@ register_graph(ChannelsMode(
              "rbf_gamma": Option(1e-4, "γ of the RBF exp(-γ(t-p)²)", positive_number),
              "rbf_prefactor": Option("exact", "exact per-node prefactors, or the CGNL authors' constant exp(-2γ)",
                                      one_of(*RBF_PREFACTORS))}))
+
+
+register_graph(MemoryMode(
+    "memory", "the positions against S learned memory slots, softmax over positions then l1 over slots (External "
+    "Attention): a bipartite N x S graph", kernels=("embedded_gaussian",), normalizations=("double",),
+    backends=("auto",), pairwise_only=True, bipartite=True,
+    options={"memory_size": Option(64, "S, the number of learned memory slots (the graph is N x S)", positive_int)}))
+
+
+register_graph(AgentsMode(
+    "agents", "queries and keys through n agents pooled from the queries, softmax(θ Agᵀ) softmax(Ag φᵀ) (Agent "
+    "Attention): rank n", kernels=("embedded_gaussian",), normalizations=("softmax",), backends=("auto", "lowrank"),
+    pairwise_only=True,
+    options={"agents": Option(49, "the number of agent tokens n (a k^d grid; 1 x k x k in 3-D), or the grid",
+                              _agents_option)}))
 
 
 class _CrissCrossDense(aff.PairwiseKernel):
@@ -405,7 +493,9 @@ class UnitConfig:
 
     ``filter``: ``"A"`` (the one-term filter ``A Z W``), ``"fixed"`` (another fixed polynomial), ``"learnable"``
     (a polynomial with learnable coefficients), ``"function"`` (not a polynomial: a spectral filter, a user's
-    matrix function). A new way of building units adds a field here; until a structured path declares the
+    matrix function). ``sub_sample``: the key nodes are not the query positions — sub-sampled keys (Wang et al.'s
+    max-pool, APNB's pyramid) or a bipartite graph's learned slots (External Attention). A new way of building units
+    adds a field here; until a structured path declares the
     values it handles for that field, no unit is taken off the generic path by it."""
 
     fusion: str
@@ -460,8 +550,9 @@ class NonlocalUnit(nn.Module):
                  bias: bool, out_norm: str, zero_init: bool, norm_groups: int = 1, out_proj: bool = True,
                  proj_groups: int = 1, sub_sample: bool = False, value_proj: bool = True, out_map: str = "linear",
                  bottleneck_channels: int = 1, fusion: str = "add", spectral: Filter | None = None,
-                 device=None, dtype=None):
+                 pool_sizes: tuple[int, ...] | None = None, memory_size: int = 0, device=None, dtype=None):
         super().__init__()
+        self.pool_sizes = None if pool_sizes is None else tuple(pool_sizes)
         if not isinstance(filter, Filter):  # a coefficient matrix (T, K+1) of a fixed polynomial, or (T, 1) beside
             filter = spectral if spectral is not None else Polynomial(filter)  # a spectral filter (older callers)
         self.sub_sample, self.fusion, self.out_map, self.zero_init = sub_sample, fusion, out_map, zero_init
@@ -472,6 +563,8 @@ class NonlocalUnit(nn.Module):
         if self.spectral is None:
             object.__setattr__(self, "_fixed_filter", filter)  # not a submodule: nothing to save or move
         self.g = conv1x1(dim, in_channels, value_channels, bias, **fk) if value_proj else None
+        # the values at the key nodes of a bipartite graph: External Attention's M_v (S × C_v, as a 1×1 conv S → C_v)
+        self.memory = conv1x1(dim, memory_size, value_channels, False, **fk) if memory_size else None
 
         def maps() -> nn.ModuleList:
             if not out_proj:
@@ -496,7 +589,7 @@ class NonlocalUnit(nn.Module):
                                   .tolist())
         self.config = UnitConfig(
             fusion=fusion, out_map=out_map, map_groups=proj_groups, maps=bool(out_proj), value_proj=value_proj,
-            value_bias=bool(value_proj and bias), sub_sample=sub_sample, norm=out_norm,
+            value_bias=bool(value_proj and bias), sub_sample=sub_sample or bool(memory_size), norm=out_norm,
             filter="A" if fixed and self.coef_rows == ((0.0, 1.0),) else "fixed" if fixed
             else "learnable" if rows is not None else "function")
         # the structured paths that handle this unit (by what each declares it handles; docs/design.md)
@@ -518,7 +611,7 @@ class NonlocalUnit(nn.Module):
 
     def reset_parameters(self) -> None:
         """Re-initialize every parameter as a new unit's (the zero-init of the output included)."""
-        for m in [self.g, *self.w, *(self.w_mul or [])]:
+        for m in [self.g, self.memory, *self.w, *(self.w_mul or [])]:
             if m is not None:
                 m.reset_parameters()
         self.norm.reset_parameters()
@@ -533,7 +626,11 @@ class NonlocalUnit(nn.Module):
     def filter_terms(self, x: torch.Tensor, graph: aff.Graph, spatial: tuple[int, ...]) -> list[torch.Tensor]:
         """The generic path: ``[B_t(A) Z]`` from the filter on ``graph.matmul`` (always correct)."""
         z = self.values(x, channels_first=isinstance(graph, aff.LowRankGraph))
-        z_keys = aff.pool_tokens(z, spatial) if self.sub_sample else None
+        z_keys = aff.sample_keys(z, spatial, self.pool_sizes) if self.sub_sample else None
+        if self.memory is not None:  # the key nodes are memory slots: their values are learned (M_v)
+            # (S, C_v), a fresh copy: a view of the weight made under no_grad would carry requires_grad but no grad_fn
+            mv = self.memory.weight.flatten(1).t().to(z.dtype, memory_format=torch.contiguous_format, copy=True)
+            z_keys = mv.expand(z.shape[0], *mv.shape)
         return self.filter(graph, z, z_keys)
 
     def responses(self, lam: torch.Tensor) -> torch.Tensor:
@@ -846,7 +943,7 @@ class NonlocalBlock(nn.Module):
                 any(getattr(u.norm, "kind", None) in ("bn", "bn_relu") for u in self.units):
             raise ValueError(f"x: shape {tuple(x.shape)} gives BatchNorm a single value per channel (batch x positions "
                              "= 1), which has no batch statistics in training mode; use a larger batch or block.eval()")
-        if self.edges.sub_sample:
+        if self.edges.sub_sample and self.edges.pool_sizes is None:  # APNB's adaptive pools take any size
             pooled = aff.pooled_shape(spatial)
             if any(p == 0 for p in pooled):
                 raise ValueError(

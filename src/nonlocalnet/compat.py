@@ -1,4 +1,4 @@
-"""Bring trained weights from the two most used public nonlocal implementations into our blocks.
+"""Bring trained weights from public nonlocal implementations into our blocks.
 
 - :func:`from_official_snl` — the SNL authors' ``Stage`` (classification part of the SNL_ICCV2021 code of
   L. Zhu et al., "Unifying Nonlocal Blocks for Neural Networks", ICCV 2021, arXiv:2108.02451): a shared
@@ -7,6 +7,9 @@
   ``ContextBlock`` (GCNet), as mmsegmentation / mmdetection checkpoints hold them.
 - :func:`from_cgnl` — the CGNL authors' ``SpatialCGNL`` (dot product) and ``SpatialCGNLx`` (Gaussian RBF, Taylor).
 - :func:`from_timm` — timm's ``NonLocalAttn``.
+- :func:`from_efficient_attention` — the Efficient Attention authors' ``EfficientAttention`` (one head).
+- :func:`from_external_attention` — the External Attention authors' ``External_attention`` (their final ReLU after
+  the residual applied by the caller).
 
 Each returns a block built with :func:`nonlocalnet.build_block` whose output equals the original module's,
 in eval and in train mode (BatchNorm batch statistics and running-stat updates included). Only the
@@ -29,8 +32,8 @@ import torch.nn as nn
 
 from .presets import build_block
 
-__all__ = ["from_official_snl", "from_mmcv", "from_cgnl", "from_timm", "OFFICIAL_UNITS", "MMCV_MODES",
-           "MMCV_MODULES", "CGNL_KERNELS"]
+__all__ = ["from_official_snl", "from_mmcv", "from_cgnl", "from_timm", "from_efficient_attention",
+           "from_external_attention", "OFFICIAL_UNITS", "MMCV_MODES", "MMCV_MODULES", "CGNL_KERNELS"]
 
 OFFICIAL_UNITS = ("snl", "ns", "nl")
 MMCV_MODES = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
@@ -580,3 +583,73 @@ def from_timm(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, use_scale: 
             "units.0.w.0.weight": sd["z.weight"], "units.0.w.0.bias": sd["z.bias"]}
     ours.update(_bn(sd, "norm", "units.0.norm.bn"))
     return _load(block, ours, sd["t.weight"], sd, what, prefix)
+
+
+# --------------------------------------------------------------------------------------- Efficient / External
+def from_efficient_attention(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, head_count: int = 1,
+                             prefix: str = "") -> nn.Module:
+    """A block equal to the Efficient Attention authors' ``EfficientAttention(in_channels, key_channels, head_count,
+    value_channels)`` (Shen, Zhang, Zhao, Yi, Li, "Efficient Attention: Attention with Linear Complexities", WACV
+    2021; the cmsflash/efficient-attention module): our ``efficient`` preset.
+
+    Keys: ``queries``, ``keys`` (``C_k×C×1×1`` with bias), ``values`` (``C_v×C×1×1``), ``reprojection``
+    (``C×C_v×1×1``). ``head_count`` is a constructor argument, not in the state dict: only 1 is converted (the
+    ``efficient`` preset is one graph over all ``C_k`` channels; ``head_count > 1`` softmaxes each group of
+    ``C_k / h`` channels on its own, which our blocks do not express).
+    """
+    if isinstance(head_count, bool) or not isinstance(head_count, int) or head_count < 1:
+        raise ValueError(f"head_count: expected a positive int, got {head_count!r}")
+    if head_count != 1:
+        raise NotImplementedError(f"head_count={head_count}: only head_count=1 converts (the efficient preset is one "
+                                  "softmax over all key channels; multi-head graphs are not a block option)")
+    what = "from_efficient_attention(EfficientAttention)"
+    sd = _select(state_dict, prefix, what)
+    names = ("queries", "keys", "values", "reprojection")
+    _check_keys(sd, [f"{m}.{p}" for m in names for p in ("weight", "bias")], [], what, prefix, [])
+    ck, c, dim = _conv1x1(sd, "queries.weight", what, prefix)
+    cv = int(sd["values.weight"].shape[0])
+    ones = (1,) * dim
+    shapes: dict[str, Any] = {"queries.bias": (ck,), "keys.weight": (ck, c, *ones), "keys.bias": (ck,),
+                              "values.weight": (cv, c, *ones), "values.bias": (cv,),
+                              "reprojection.weight": (c, cv, *ones), "reprojection.bias": (c,)}
+    _check_shapes(sd, shapes, what, prefix, _shape_context(sd, "queries.weight", prefix, C=c, C_k=ck, dim=dim))
+    block = build_block("efficient", c, dim=dim, key_channels=ck, value_channels=cv, bias=True)
+    ours = {"edges.theta.weight": sd["queries.weight"], "edges.theta.bias": sd["queries.bias"],
+            "edges.phi.weight": sd["keys.weight"], "edges.phi.bias": sd["keys.bias"],
+            "units.0.g.weight": sd["values.weight"], "units.0.g.bias": sd["values.bias"],
+            "units.0.w.0.weight": sd["reprojection.weight"], "units.0.w.0.bias": sd["reprojection.bias"]}
+    return _load(block, ours, sd["queries.weight"], sd, what, prefix)
+
+
+def from_external_attention(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, prefix: str = "") -> nn.Module:
+    """A block for the External Attention authors' ``External_attention(c)`` (Guo, Liu, Mu, Hu, "Beyond
+    Self-attention: External Attention using Two Linear Layers for Visual Tasks", TPAMI 2022; the EANet module):
+    our ``external`` preset, ``relu(block(x))`` equal to their output (their module ends with a ReLU after the
+    residual sum, which is not part of our block: apply it after, as in the code that used theirs).
+
+    Keys: ``conv1.{weight,bias}`` (``C×C×1×1``: the queries), ``linear_0.weight`` (``S×C×1``, ``M_k``),
+    ``linear_1.weight`` (``C×S×1``, ``M_v``), ``conv2.0.weight`` (``C×C×1×1``, no bias) and the BatchNorm
+    ``conv2.1.{weight,bias,running_mean,running_var[,num_batches_tracked]}``. ``S`` (their ``k = 64``) becomes
+    ``memory_size``; the output map's bias (theirs has none) is 0.
+    """
+    what = "from_external_attention(External_attention)"
+    sd = _select(state_dict, prefix, what)
+    required = ["conv1.weight", "conv1.bias", "linear_0.weight", "linear_1.weight", "conv2.0.weight"] + \
+        [f"conv2.1.{n}" for n in _BN_KEYS]
+    _check_keys(sd, required, [f"conv2.1.{n}" for n in _BN_OPTIONAL], what, prefix, [])
+    c, cin, dim = _conv1x1(sd, "conv1.weight", what, prefix)
+    s = int(sd["linear_0.weight"].shape[0])
+    ones = (1,) * dim
+    shapes: dict[str, Any] = {"conv1.weight": (c, c, *ones), "conv1.bias": (c,), "linear_0.weight": (s, c, 1),
+                              "linear_1.weight": (c, s, 1), "conv2.0.weight": (c, c, *ones),
+                              "conv2.1.num_batches_tracked": ()}
+    shapes.update({f"conv2.1.{n}": (c,) for n in _BN_KEYS})
+    _check_shapes(sd, shapes, what, prefix, _shape_context(sd, "linear_0.weight", prefix, C=c, S=s, dim=dim))
+    block = build_block("external", c, dim=dim, memory_size=s)
+    w = sd["conv2.0.weight"]
+    ours = {"edges.theta.weight": sd["conv1.weight"], "edges.theta.bias": sd["conv1.bias"],
+            "edges.memory.weight": sd["linear_0.weight"].reshape(s, c, *ones),
+            "units.0.memory.weight": sd["linear_1.weight"].reshape(c, s, *ones),
+            "units.0.w.0.weight": w, "units.0.w.0.bias": torch.zeros(c, dtype=w.dtype, device=w.device)}
+    ours.update(_bn(sd, "conv2.1", "units.0.norm.bn"))
+    return _load(block, ours, w, sd, what, prefix)

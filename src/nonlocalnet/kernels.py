@@ -32,7 +32,13 @@ from .registry import Option, Registry
 if TYPE_CHECKING:  # pragma: no cover
     from .affinity import Graph
 
-NORMALIZATIONS = ("softmax", "count", "row", "symmetric", "none")
+NORMALIZATIONS = ("softmax", "count", "row", "symmetric", "none", "double")
+# External Attention's double normalization (Guo, Liu, Mu, Hu, "Beyond Self-attention: External Attention using Two
+# Linear Layers for Visual Tasks", TPAMI 2022; their code's 1e-9): softmax over the N positions (the queries),
+# then each row l1-normalized over the N' keys, A_ij = C_ij / (DOUBLE_NORM_EPS + Σ_j' C_ij'). Only the graph modes
+# that declare it take it (the bipartite ``memory`` mode); the position graphs do not.
+MODE_ONLY_NORMALIZATIONS = ("double",)
+DOUBLE_NORM_EPS = 1e-9
 BACKENDS = ("auto", "dense", "lowrank", "sdpa", "chunked")
 PRETRANSFORMS = ("none", "relu", "softmax", "concat", "custom")
 
@@ -89,7 +95,8 @@ class Kernel:
         kernel takes softmax only."""
         if self.unary:
             return ("softmax",)
-        return NORMALIZATIONS if self.exp else tuple(n for n in NORMALIZATIONS if n != "softmax")
+        common = tuple(n for n in NORMALIZATIONS if n not in MODE_ONLY_NORMALIZATIONS)
+        return common if self.exp else tuple(n for n in common if n != "softmax")
 
     @property
     def pointwise(self) -> bool:
@@ -172,7 +179,10 @@ class GraphMode:
     ``options``: the options only this mode takes (CGNL's ``groups``, ...), as :class:`~nonlocalnet.registry.Option`
     specs. A mode's :meth:`build` turns the :class:`~nonlocalnet.blocks.Affinity` module's parameters and a stage
     input into a :class:`~nonlocalnet.affinity.Graph` operator; ``pairwise_only``: the mode has no unary term
-    (DNL's) and no whitening. ``doc``: one line for ``nonlocalnet blocks`` and error messages.
+    (DNL's) and no whitening. ``bipartite``: the key nodes are not positions (External Attention's learned memory
+    slots): ``A`` is ``N × N'`` with ``N'`` set by the mode, so, as with sub-sampled keys, only filters of order ≤ 1
+    apply, with the values at the key nodes given by the unit (its ``memory``). ``doc``: one line for
+    ``nonlocalnet blocks`` and error messages.
     """
 
     name: str
@@ -182,6 +192,7 @@ class GraphMode:
     backends: tuple[str, ...] | None = None
     options: Mapping[str, Option] = field(default_factory=dict)
     pairwise_only: bool = False
+    bipartite: bool = False
 
     def kernel_names(self) -> tuple[str, ...]:
         if self.kernels is None:

@@ -50,6 +50,7 @@ COMMON = dict(
     memory_budget=256, value_channels=None, out_proj=True, norm_groups=None,
     key_channels=None, whiten=False, unary=False, temperature=1.0, value_proj=True, out_map="linear",
     bottleneck_channels=None, fusion="add",
+    pool_sizes=None,
 )
 
 PRESETS: Registry[Preset] = Registry("block", "name")
@@ -125,6 +126,25 @@ for _preset in [
                             'positions, then a reprojection and the residual: A = ρ_q(Q) ρ_k(K)ᵀ (A²\'s graph, '
                             'rank C_s, never N x N), F = A Z W, Y = X + F',
                dict(kernel="double_attention", normalization="none", filter="nl", out_norm="none", zero_init=False)),
+        Preset("apnb", 'Zhu, Xu, Huang, Bai, "Asymmetric Non-local Neural Networks for Semantic Segmentation", ICCV '
+                       '2019, the asymmetric pyramid non-local block (APNB): NL with keys and values '
+                       'pyramid-pooled (adaptive average pools to s^d bins, s = 1, 3, 6, 8: N\' = 110 in 2-D), '
+                       'A = softmax(θφᵀ/√C_s), Y = X + A Z W (W zero)',
+               dict(filter="nl", sub_sample=True, pool_sizes=(1, 3, 6, 8), scale=True, out_norm="none",
+                    zero_init=True)),
+        Preset("external", 'Guo, Liu, Mu, Hu, "Beyond Self-attention: External Attention using Two Linear Layers for '
+                           'Visual Tasks", TPAMI 2022, external attention: A = DoubleNorm(θ M_kᵀ) against S '
+                           'learned memory slots (N x S; softmax over positions, then l1 over slots), '
+                           'F = A M_v W, Y = X + BN(F)',
+               dict(kernel="embedded_gaussian", normalization="double", reduction=1, filter="nl", value_proj=False,
+                    out_norm="bn", zero_init=False), mode="memory"),
+        Preset("agent", 'Han, Ye, Han, Xia, Pan, Wan, Song, Huang, "Agent Attention: On the Integration of Softmax '
+                        'and Linear Attention", ECCV 2024, agent attention: A = softmax(θ Agᵀ/√C_s) '
+                        'softmax(Ag φᵀ/√C_s) with n = 49 agents Ag pooled from the queries (rank n, never '
+                        'N x N), F = A Z W, Y = X + F '
+                        '(without their depthwise-conv and position-bias terms)',
+               dict(kernel="embedded_gaussian", normalization="softmax", scale=True, reduction=1, filter="nl",
+                    out_norm="none", zero_init=False), mode="agents"),
 ]:
     register_block(_preset)
 
@@ -189,6 +209,16 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
     for key in ("bias", "sub_sample", "zero_init", "out_proj"):
         if not isinstance(o[key], bool):
             raise TypeError(f"{key}: expected a bool, got {o[key]!r}")
+    ps = o["pool_sizes"]  # how sub_sample pools: None is Wang et al.'s 2x max-pool, a tuple APNB's pyramid
+    if ps is not None:
+        if not isinstance(ps, (tuple, list)) or not ps or \
+                any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in ps):
+            raise ValueError(f"pool_sizes: expected a non-empty tuple of positive ints (APNB's pyramid of adaptive "
+                             f"average pools, e.g. (1, 3, 6, 8)) or None, got {ps!r}")
+        if not o["sub_sample"]:
+            raise ValueError("pool_sizes: sets how sub_sample=True pools the keys and values (APNB's pyramid); "
+                             "pass sub_sample=True, or pool_sizes=None")
+        o["pool_sizes"] = tuple(ps)
     if not isinstance(o["scale"], bool):
         _positive_number("scale", o["scale"], "a bool (True: 1/sqrt(C_s)) or a positive finite multiplier")
     _positive_number("memory_budget", o["memory_budget"], "a positive finite number of MiB")
@@ -268,6 +298,13 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
     with torch.random.fork_rng(devices=[]):  # a filter whose init draws numbers: the block's init stays the same
         probe = fspec.make(**fopts)
     polynomial = probe.chebyshev() is not None
+    if mode_spec.bipartite:  # the key nodes are not positions (External Attention's memory slots): A is N x S
+        if o["sub_sample"]:
+            raise ValueError(f"sub_sample: {name}'s keys are learned memory slots, not positions; use "
+                             f"sub_sample=False")
+        if not polynomial or (probe.max_power or 0) >= 2:
+            raise ValueError(f"filter: {name}'s graph is N x S (positions x memory slots), not square: only filters "
+                             f"of order <= 1 apply (nl, ns, snl), got filter={o['filter']!r}")
     if not polynomial:  # a matrix function of A (the spectral filters): a square graph over the positions
         if preset.mode == "channels":
             raise ValueError(f"filter={o['filter']!r}: spectral filters act on the graph over positions; cgnl's graph "
@@ -384,9 +421,10 @@ def build_block(name: str, in_channels: int, *, dim: int = 2, device: torch.devi
     (:data:`COMMON`: ``reduction``, ``kernel``, ``normalization``, ``scale``, ``bias``, ``sub_sample``, ``units``,
     ``recurrence``, ``filter``, ``out_norm``, ``zero_init``, ``backend``, ``memory_budget`` (MiB),
     ``value_channels``, ``out_proj``, ``norm_groups``, ``key_channels``, ``whiten``, ``unary``, ``temperature``,
-    ``value_proj``, ``out_map``, ``bottleneck_channels``, ``fusion``), the filter's (:data:`FILTERS`, e.g.
-    ``order``; the spectral filters' ``spectral_path`` and ``approx_order``) and the graph mode's (CGNL's
-    ``groups``, ``taylor_order``, ``rbf_gamma``, ``rbf_prefactor``); :func:`block_options` lists them for a block.
+    ``value_proj``, ``out_map``, ``bottleneck_channels``, ``fusion``, ``pool_sizes``), the filter's
+    (:data:`FILTERS`, e.g. ``order``; the spectral filters' ``spectral_path`` and ``approx_order``) and the graph
+    mode's (CGNL's ``groups``, ``taylor_order``, ``rbf_gamma``, ``rbf_prefactor``; External Attention's
+    ``memory_size``); :func:`block_options` lists them for a block.
     ``device``/``dtype``: where and in which dtype the parameters are created (PyTorch's factory arguments).
     """
     o = resolve_options(name, in_channels, dim, options)
@@ -397,7 +435,8 @@ def build_block(name: str, in_channels: int, *, dim: int = 2, device: torch.devi
         scale=o["scale"], bias=o["bias"], sub_sample=o["sub_sample"], backend=o["backend"],
         memory_budget=o["memory_budget"], mode=preset.mode, groups=o.get("groups", 1),
         order=o.get("taylor_order", 0), rbf_gamma=o.get("rbf_gamma", 1e-4), whiten=o["whiten"], unary=o["unary"],
-        temperature=o["temperature"], rbf_prefactor=o.get("rbf_prefactor", "exact"), approx=o.get("approx"),
+        temperature=o["temperature"], rbf_prefactor=o.get("rbf_prefactor", "exact"), pool_sizes=o["pool_sizes"],
+        memory_size=o.get("memory_size", 0), agents=o.get("agents"), approx=o.get("approx"),
         approx_features=o.get("approx_features", 64), **fk,
     )
     fspec = FILTERS[o["filter"]]
@@ -406,7 +445,8 @@ def build_block(name: str, in_channels: int, *, dim: int = 2, device: torch.devi
                      bias=o["bias"], out_norm=o["out_norm"], zero_init=o["zero_init"], norm_groups=o["norm_groups"],
                      out_proj=o["out_proj"], proj_groups=o.get("groups", 1), sub_sample=o["sub_sample"],
                      value_proj=o["value_proj"], out_map=o["out_map"],
-                     bottleneck_channels=o["bottleneck_channels"] or 1, fusion=o["fusion"], **fk)
+                     bottleneck_channels=o["bottleneck_channels"] or 1, fusion=o["fusion"],
+                     pool_sizes=o["pool_sizes"], memory_size=o.get("memory_size", 0), **fk)
         for _ in range(o["units"])
     ]
     shown = {k: v for k, v in o.items() if k in options}

@@ -30,6 +30,12 @@ Equations (docs/framework.md and these papers):
 - GC (Cao et al., "GCNet: Non-local Networks Meet Squeeze-Excitation Networks and Beyond", ICCVW 2019,
   arXiv 1904.11492, Eq. 4): ``A = 1·aᵀ``, ``a = softmax(w_m X)``, the bottleneck ``conv → LayerNorm → ReLU →
   conv``, fusion ``X ⊙ σ(F_mul) + F_add``
+- APNB (Zhu, Xu, Huang, Bai, "Asymmetric Non-local Neural Networks for Semantic Segmentation", ICCV 2019,
+  the pyramid sampling): keys and values averaged over the adaptive bins of each pyramid level, by loops
+- External Attention (Guo, Liu, Mu, Hu, TPAMI 2022, the double normalization): ``M = exp(θ M_kᵀ)``, each column
+  divided by its sum over the positions, then each row by ``1e-9 +`` its sum over the memory slots; ``F = A M_v W``
+- Agent Attention (Han et al., ECCV 2024): agents ``Ag`` = the queries averaged over adaptive bins (loops),
+  ``A = D⁻¹exp(s θ Agᵀ) · D⁻¹exp(s Ag φᵀ)``, both factors formed
 - DNL (Yin et al., "Disentangled Non-Local Neural Networks", ECCV 2020, arXiv 2006.06668, Eq. 12):
   ``softmax((θ−μ_θ)(φ−μ_φ)ᵀ/(√C_s τ)) + 1·softmax(w_m X)ᵀ``
 """
@@ -42,7 +48,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .kernels import KERNELS
+from .kernels import DOUBLE_NORM_EPS, KERNELS
 
 LIBRARY_SPECTRAL = ("cayley", "heat", "wavelet")  # the spectral filters whose literal forms are written out here
 
@@ -85,6 +91,30 @@ def pool(t: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
     return out.reshape(b, -1, c)
 
 
+def adaptive_pool(t: torch.Tensor, spatial: tuple[int, ...], grid: tuple[int, ...]) -> torch.Tensor:
+    """Adaptive average pooling by explicit loops: the mean over each bin of ``grid`` (row-major), bin ``i`` of an
+    axis of length ``L`` pooled to ``s`` covering ``[floor(i·L/s), ceil((i+1)·L/s))``."""
+    b, _, c = t.shape
+    g = t.reshape(b, *spatial, c)
+    out = []
+    for idx in itertools.product(*[range(s) for s in grid]):
+        sl = tuple(slice((i * n) // s, -((-(i + 1) * n) // s)) for i, n, s in zip(idx, spatial, grid))
+        window = g[(slice(None), *sl)].reshape(b, -1, c)
+        out.append(window.sum(1) / window.shape[1])
+    return torch.stack(out, 1)
+
+
+def pyramid_pool(t: torch.Tensor, spatial: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
+    """APNB's pyramid sampling (Zhu, Xu, Huang, Bai, ICCV 2019): for each ``s`` in ``sizes`` the
+    ``s^d`` adaptive bins (:func:`adaptive_pool`), the sizes one after the other."""
+    return torch.cat([adaptive_pool(t, spatial, (s,) * len(spatial)) for s in sizes], 1)
+
+
+def sample_keys(t: torch.Tensor, spatial: tuple[int, ...], pool_sizes: tuple[int, ...] | None) -> torch.Tensor:
+    """Sub-sampled keys: Wang et al.'s max-pool (``pool_sizes=None``) or APNB's pyramid."""
+    return pool(t, spatial) if pool_sizes is None else pyramid_pool(t, spatial, pool_sizes)
+
+
 def normalize(m: torch.Tensor, normalization: str) -> torch.Tensor:
     """The normalization table of docs/framework.md ("Step 1"), literally."""
     if normalization in ("softmax", "row"):
@@ -99,6 +129,9 @@ def normalize(m: torch.Tensor, normalization: str) -> torch.Tensor:
         return torch.diag_embed(dinv) @ mh @ torch.diag_embed(dinv)
     if normalization == "none":
         return m
+    if normalization == "double":  # External Attention: over the queries (positions), then l1 over the keys
+        c = m / m.sum(1, keepdim=True)
+        return c / (DOUBLE_NORM_EPS + c.sum(-1, keepdim=True))
     raise ValueError(normalization)
 
 
@@ -116,12 +149,23 @@ def crisscross_mask(spatial: tuple[int, ...]) -> torch.Tensor:
 def affinity_tokens(graph, x: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
     """Dense ``A`` (B, N, N') of an :class:`~nonlocalnet.blocks.Affinity` module on tokens ``x``."""
     kernel, norm = graph.kernel, graph.normalization
+    if getattr(graph, "memory", None) is not None:  # External Attention: the keys are the memory rows M_k
+        q = _lin(graph.theta, x)
+        k = _mat(graph.memory)[None].expand(x.shape[0], -1, -1)  # (B, S, C_k)
+        return normalize(KERNELS[kernel].literal(q, k, graph.scale_value), norm)
+    if getattr(graph, "agent_grid", None) is not None:  # Agent Attention: queries -> agents -> keys
+        q, k = _lin(graph.theta, x), _lin(graph.phi, x)
+        if graph.sub_sample:
+            k = sample_keys(k, spatial, graph.pool_sizes)
+        ag = adaptive_pool(q, spatial, graph.agent_grid)  # (B, n, C_s)
+        lit, s = KERNELS[kernel].literal, graph.scale_value
+        return normalize(lit(q, ag, s), "row") @ normalize(lit(ag, k, s), "row")
     if graph.theta is not None:
         q, k = _lin(graph.theta, x), _lin(graph.phi, x)
     else:
         q, k = x, x
     if graph.sub_sample:
-        k = pool(k, spatial)
+        k = sample_keys(k, spatial, getattr(graph, "pool_sizes", None))
     if getattr(graph, "whiten", False):
         q = q - q.sum(1, keepdim=True) / q.shape[1]
         k = k - k.sum(1, keepdim=True) / k.shape[1]
@@ -364,8 +408,10 @@ def forward(block, x: torch.Tensor, spectral_method: str = "eigh") -> torch.Tens
                     zk = pool(z, spatial) if graph.sub_sample else z
                     basis = [z, _cgnl_apply(graph, stage_input, zk)]
                     assert order <= 1
+                elif getattr(unit, "memory", None) is not None:  # the values at the memory slots: M_v
+                    basis = [z, a @ _mat(unit.memory).T]
                 elif graph.sub_sample:
-                    basis = [z, a @ pool(z, spatial)]
+                    basis = [z, a @ sample_keys(z, spatial, getattr(graph, "pool_sizes", None))]
                 else:
                     basis = [t @ z for t in chebyshev_matrices(a, order)]
                 terms = [sum(coef[t, k] * basis[k] for k in range(order + 1)) for t in range(coef.shape[0])]

@@ -132,8 +132,8 @@ def run_affinity(loaded: Loaded, out: Path, *, data_root: str | None = None, spl
         rec["symmetric"] = sym is not None and sym < 1e-10
         rec["stats"] = power_statistics(mats, max_power, bins)
         if not rec["stats"]["square"]:
-            rec["note"] = (f"A is N x N' = {a.shape[1]} x {a.shape[2]} (sub-sampled keys): powers undefined, "
-                           "only A shown")
+            rec["note"] = (f"A is N x N' = {a.shape[1]} x {a.shape[2]} (keys are not the positions: sub-sampled "
+                           "or memory slots): powers undefined, only A shown")
         rec["row_sums"] = {"min": float(a.sum(-1).min()), "max": float(a.sum(-1).max())}
         figures.append(_plot(rec, out))
         blocks.append(rec)

@@ -75,7 +75,11 @@ def _upsample(m: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return F.interpolate(t, size=hw, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def _key_grid(block, spatial: tuple[int, ...]) -> tuple[int, ...]:
+def _key_grid(block, spatial: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The grid the key nodes lie on; ``None`` when they are not a grid (APNB's pyramid bins, External Attention's
+    memory slots): their rows are then shown as a bar chart over the ``N'`` key nodes."""
+    if block.edges.graph_mode.bipartite or getattr(block.edges, "pool_sizes", None) is not None:
+        return None
     if block.edges.sub_sample:
 
         return pooled_shape(spatial)
@@ -109,7 +113,7 @@ def run_attention(loaded: Loaded, out: Path, *, data_root: str | None = None, sp
         spatial = tuple(int(s) for s in xin.shape[2:])
         keys = _key_grid(block, spatial)
         rec: dict[str, Any] = {"block": name, "preset": block.name, "feature_shape": list(spatial),
-                               "key_shape": list(keys), "images": []}
+                               "key_shape": None if keys is None else list(keys), "images": []}
         has_graph = not is_channel_graph(block) and block.dim >= 2
         if not has_graph:
             rec["note"] = ("cgnl: no N x N' position graph (its graph is over positions x channels); feature maps "
@@ -155,16 +159,18 @@ def run_attention(loaded: Loaded, out: Path, *, data_root: str | None = None, sp
                                          "selected": how, "response_norm": float(r2[qy, qx])}
                 if a is not None:
                     q = (t_mid * hf * wf if t_mid is not None else 0) + qy * wf + qx
-                    row = a[b, q].reshape(keys)
+                    row = a[b, q] if keys is None else a[b, q].reshape(keys)
                     if row.ndim == 3:
                         row = row[min(row.shape[0] - 1, t_mid * row.shape[0] // spatial[0])]
                     q_rec.update(query_index=int(q), row_sum=float(row.sum()), row_max=float(row.max()),
                                  row=np.round(row, 8).tolist())
-                    up = _upsample(row, img_hw)
                     axa = axes[b][col]
-                    axa.imshow(img)
-                    axa.imshow(up, cmap="jet", alpha=0.5)
-                    axa.plot([cx], [cy], "o", ms=7, mfc=c, mec="k", mew=1.0)
+                    if keys is None:  # key nodes that are not a grid: the row over them
+                        axa.bar(np.arange(row.shape[0]), row, width=1.0, color=c)
+                    else:
+                        axa.imshow(img)
+                        axa.imshow(_upsample(row, img_hw), cmap="jet", alpha=0.5)
+                        axa.plot([cx], [cy], "o", ms=7, mfc=c, mec="k", mew=1.0)
                     axa.set_title(f"A[q=({qy},{qx}), :]  max {row.max():.3g}", fontsize=8)
                     col += 1
                 img_rec["queries"].append(q_rec)
@@ -194,7 +200,8 @@ def run_attention(loaded: Loaded, out: Path, *, data_root: str | None = None, sp
         figures.append(save_figure(fig, out / f"attention_{safe_name(name)}.png"))
         records.append(rec)
     return write_result(out / "attention.json", loaded, "attention", batch.info,
-                        definition={"row": "A[q, :] on the key grid, from the block's input X (float64)",
+                        definition={"row": "A[q, :] on the key grid (over the N' key nodes when they are not a grid: "
+                                           "pyramid bins, memory slots), from the block's input X (float64)",
                                     "saliency": "||Y_q - X_q|| over channels (the block's response at q)",
                                     "feature maps": "channel L2 norm ||X_i||, ||Y_i||, ||Y_i - X_i||"},
                         blocks=records, figures=figures)

@@ -130,7 +130,8 @@ def affinity_spectrum(block, x: torch.Tensor) -> tuple[np.ndarray, bool, str] | 
             return (lam.reshape(-1) if real else lam.real.reshape(-1)), real, source
     a = dense_affinity(block, x)
     if a.shape[1] != a.shape[2]:
-        return f"A is {a.shape[1]} x {a.shape[2]} (sub-sampled keys): no eigenvalues"
+        return (f"A is {a.shape[1]} x {a.shape[2]} (keys are not the positions: sub-sampled or memory slots): "
+                "no eigenvalues")
     lam, sym = affinity_eigenvalues(a)
     return lam, sym, ("dense eigh: A symmetric" if sym else "dense: A not symmetric, real parts of its eigenvalues")
 

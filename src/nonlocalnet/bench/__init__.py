@@ -330,6 +330,8 @@ def _naive_bytes(block, shape: tuple[int, ...], mode: str) -> int:
     if e.mode != "positions" or e.kernel in ("double_attention", "unary"):
         return 0
     nk = n // (2 ** min(2, len(shape) - 2)) if e.sub_sample else n
+    if getattr(e, "pool_sizes", None) is not None:  # APNB's pyramid: N' = Σ s^d whatever N
+        nk = sum(s ** (len(shape) - 2) for s in e.pool_sizes)
     per = 2 * e.theta.out_channels + 2 if e.kernel == "concatenation" else 3
     return b * n * nk * 4 * per * (2 if mode == "fwd+bwd" else 1)
 

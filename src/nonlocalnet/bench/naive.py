@@ -29,6 +29,14 @@ Papers and the formulation each public implementation uses:
 - GC: Cao et al., "GCNet: Non-local Networks Meet Squeeze-Excitation Networks and Beyond", ICCVW 2019 (arXiv
   1904.11492), Eq. 4 (mmcv's ``ContextBlock``): ``softmax(w_m x)`` pooling by ``bmm``, the bottleneck on
   ``(B, C, 1, 1)``, fusion by addition (and/or a sigmoid gate).
+- APNB: Zhu, Xu, Huang, Bai, "Asymmetric Non-local Neural Networks for Semantic Segmentation", ICCV 2019 (the
+  authors' ``PSPModule`` / ``_SelfAttentionBlock``): keys and values projected, then ``adaptive_avg_pool`` to each
+  pyramid size, flattened and concatenated, ``softmax(θᵀ psp(φ) / √C_k)`` formed ``(B, N, N')``.
+- External Attention: Guo, Liu, Mu, Hu, TPAMI 2022 (EANet's ``External_attention``): ``conv1``, ``linear_0`` as a
+  ``conv1d``, softmax over the positions, ``/ (1e-9 + sum over the slots)``, ``linear_1``, ``conv2`` + BN.
+- Agent Attention: Han et al., ECCV 2024 (the authors' ``AgentAttention`` for one head, no depthwise conv or
+  position biases): agents ``adaptive_avg_pool`` of the query map, ``softmax(Ag Kᵀ) V`` then ``softmax(Q Agᵀ)`` of
+  that, both by ``matmul`` on ``(B, N, C)`` tokens.
 - DNL: Yin et al., "Disentangled Non-Local Neural Networks", ECCV 2020 (arXiv 2006.06668), Eq. 12: whitened
   ``θ``, ``φ`` by their means over positions, ``softmax(θᵀφ / (√C_k τ))`` formed, plus the unary
   ``softmax(w_m x)`` pooled by ``bmm``.
@@ -63,6 +71,9 @@ CASES: dict[str, tuple[str, dict]] = {
     "cc": ("cc", {}),
     "gc": ("gc", {}),
     "dnl": ("dnl", {}),
+    "apnb": ("apnb", {}),
+    "external": ("external", {}),
+    "agent": ("agent", {}),
 }
 
 
@@ -264,6 +275,65 @@ def _gc(block, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+_ADAPTIVE = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+
+
+def _one_nl_unit(block, what: str) -> None:
+    unit = block.units[0]
+    if len(block.units) != 1 or block.recurrence != 1 or unit.coef_rows != ((0.0, 1.0),) or not len(unit.w):
+        raise ValueError(f"the naive {what} baseline is one unit with the 'nl' filter and its output map (the "
+                         "authors' block)")
+
+
+def _apnb(block, x: torch.Tensor) -> torch.Tensor:
+    """APNB: project, then pyramid-pool the keys and values (the authors' PSPModule), softmax formed."""
+    e, unit = block.edges, block.units[0]
+    _one_nl_unit(block, "APNB")
+    if e.kernel != "embedded_gaussian" or e.normalization not in ("softmax", "row"):
+        raise ValueError("the naive APNB baseline is its embedded Gaussian softmax")
+    b, d = x.shape[0], x.dim() - 2
+
+    def psp(t):
+        return torch.cat([_ADAPTIVE[d](t, (s,) * d).reshape(b, t.shape[1], -1) for s in e.pool_sizes], -1)
+
+    value = psp(unit.g(x)).permute(0, 2, 1)  # (B, S, C_v)
+    query = e.theta(x).reshape(b, e.theta.out_channels, -1).permute(0, 2, 1)  # (B, N, C_k)
+    sim = F.softmax(e.scale_value * torch.matmul(query, psp(e.phi(x))), dim=-1)  # (B, N, S)
+    context = torch.matmul(sim, value).permute(0, 2, 1).reshape(b, -1, *x.shape[2:])
+    return _norm(unit, unit.w[0](context)) + x
+
+
+def _external(block, x: torch.Tensor) -> torch.Tensor:
+    """External Attention as EANet computes it (channels-first, the memories as 1-D convolutions)."""
+    e, unit = block.edges, block.units[0]
+    _one_nl_unit(block, "External Attention")
+    b = x.shape[0]
+    t = e.theta(x).reshape(b, e.theta.out_channels, -1)  # (B, C_k, N)
+    attn = F.conv1d(t, e.memory.weight.reshape(*e.memory.weight.shape[:2], 1))  # (B, S, N)
+    if e.scale_value != 1.0:
+        attn = attn * e.scale_value
+    attn = F.softmax(attn, dim=-1)
+    attn = attn / (1e-9 + attn.sum(dim=1, keepdim=True))
+    z = F.conv1d(attn, unit.memory.weight.reshape(*unit.memory.weight.shape[:2], 1))  # (B, C_v, N)
+    return _norm(unit, unit.w[0](z.reshape(b, -1, *x.shape[2:]))) + x
+
+
+def _agent(block, x: torch.Tensor) -> torch.Tensor:
+    """Agent Attention, one head, as the authors' AgentAttention computes it (without its dwc and biases)."""
+    e, unit = block.edges, block.units[0]
+    _one_nl_unit(block, "Agent Attention")
+    b = x.shape[0]
+    qm, km, vm = e.theta(x), e.phi(x), unit.g(x)
+    if e.sub_sample:
+        km, vm = _pool(km), _pool(vm)
+    q, k, v = (t.reshape(b, t.shape[1], -1).permute(0, 2, 1) for t in (qm, km, vm))  # (B, N, C)
+    agents = _ADAPTIVE[x.dim() - 2](qm, e.agent_grid).reshape(b, qm.shape[1], -1).permute(0, 2, 1)  # (B, n, C)
+    s = e.scale_value
+    agent_v = torch.matmul(F.softmax(torch.matmul(agents * s, k.transpose(1, 2)), dim=-1), v)  # (B, n, C_v)
+    out = torch.matmul(F.softmax(torch.matmul(q * s, agents.transpose(1, 2)), dim=-1), agent_v)  # (B, N, C_v)
+    return _norm(unit, unit.w[0](out.permute(0, 2, 1).reshape(b, -1, *x.shape[2:]))) + x
+
+
 def naive_forward(block, x: torch.Tensor) -> torch.Tensor:
     """``block(x)`` computed the way the preset's public code computes it (module docstring), with the block's
     weights. Supports what the presets and :data:`CASES` use; anything else is a ``ValueError``."""
@@ -282,6 +352,12 @@ def naive_forward(block, x: torch.Tensor) -> torch.Tensor:
         return _cgnl(block, x)
     if e.mode == "crisscross":
         return _cc(block, x)
+    if e.mode == "memory":
+        return _external(block, x)
+    if e.mode == "agents":
+        return _agent(block, x)
+    if getattr(e, "pool_sizes", None) is not None:
+        return _apnb(block, x)
     if e.kernel == "double_attention":
         if len(block.units) != 1 or block.recurrence != 1 or unit.coef_rows != ((0.0, 1.0),):
             raise ValueError("the naive A² baseline is one unit with the 'nl' filter (Chen et al.'s block)")
