@@ -118,7 +118,7 @@ def test_performer_features_are_a_buffer_that_reloads_to_the_same_function():
 
 
 def test_orthogonal_features_estimate_the_exponential_without_bias():
-    """E[φ(x)·φ(y)] = exp(x·y) (Performers, Lemma 1): the softmax estimate converges as m grows, as with i.i.d.
+    """E[φ(x)·φ(y)] = exp(x·y) (Performers, FAVOR+): the softmax estimate converges as m grows, as with i.i.d.
     Gaussian features (a QR without the sign correction does not: its first rows are biased)."""
     gen = torch.Generator().manual_seed(0)
     q = 0.2 * torch.randn(1, 64, 8, generator=gen, dtype=torch.float64)

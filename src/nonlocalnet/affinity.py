@@ -833,8 +833,8 @@ def build_graph(kernel: str, normalization: str, backend: str, *, q: torch.Tenso
 # graphs (the structured path of the polynomial filters, the r x r core of the spectral ones).
 #
 # - Choromanski et al., "Rethinking Attention with Performers", ICLR 2021 (FAVOR+): positive random features,
-#   Lemma 1: exp(xᵀy) = E_w[φ(x)ᵀφ(y)], φ(x) = exp(Wx − ‖x‖²/2)/√m, w ~ N(0, I_d), with orthogonal random features
-#   (§2.4: the rows of W drawn as blocks of d orthogonal directions, each row's length that of a Gaussian vector);
+#   exp(xᵀy) = E_w[φ(x)ᵀφ(y)], φ(x) = exp(Wx − ‖x‖²/2)/√m, w ~ N(0, I_d), with orthogonal random features
+#   (the rows of W drawn as blocks of d orthogonal directions, each row's length that of a Gaussian vector);
 #   A ≈ D⁻¹ φ(Q) φ(K)ᵀ, D = diag(φ(Q) φ(K)ᵀ 1).
 # - Xiong et al., "Nyströmformer: A Nyström-Based Algorithm for Approximating Self-Attention", AAAI 2021: landmarks
 #   Q̃, K̃ = segment means of the queries and keys (m segments of consecutive positions), A ≈ softmax(s Q K̃ᵀ)
@@ -846,7 +846,7 @@ PINV_ITERATIONS = 6
 
 def orthogonal_gaussian(m: int, d: int, dtype: torch.dtype | None = None, device=None,
                         generator: torch.Generator | None = None) -> torch.Tensor:
-    """``(m, d)`` orthogonal random features (Choromanski et al., ICLR 2021, §2.4): stacked blocks of ``d`` orthogonal
+    """``(m, d)`` orthogonal random features (Choromanski et al., ICLR 2021): stacked blocks of ``d`` orthogonal
     directions (the Q of a QR of a Gaussian ``d × d``), each row scaled by the norm of an independent Gaussian
     ``d``-vector, so every row is marginally ``N(0, I_d)`` and the rows of a block are orthogonal (Q's columns
     sign-corrected by ``R``'s diagonal, so that Q is Haar-distributed). Drawn in float64

@@ -197,7 +197,7 @@ def affinity_tokens(graph, x: torch.Tensor, spatial: tuple[int, ...]) -> torch.T
 
 
 def performer_affinity(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, s: float) -> torch.Tensor:
-    """Choromanski et al., "Rethinking Attention with Performers", ICLR 2021, Lemma 1 (positive random features):
+    """Choromanski et al., "Rethinking Attention with Performers", ICLR 2021 (FAVOR+, positive random features):
     ``M̂_ij = φ(√s q_i)·φ(√s k_j)``, ``φ(x) = exp(Wx − ‖x‖²/2)/√m`` with the block's features ``W`` ``(m, d)``, the
     random-feature estimate of ``exp(s q_i·k_j)``; ``A = D⁻¹ M̂`` (the ``N × N'`` matrix formed, no stabilizer)."""
     m = w.shape[0]
