@@ -455,11 +455,17 @@ _GC_BRANCHES = {"channel_add": "w", "channel_mul": "w_mul"}
 
 def _mmcv_context_block(state_dict: Any, prefix: str) -> nn.Module:
     """mmcv's ``ContextBlock`` (Cao et al., "GCNet: Non-local Networks Meet Squeeze-Excitation Networks and
-    Beyond", ICCVW 2019, arXiv 1904.11492) with ``pooling_type="att"``: our ``gc`` preset.
+    Beyond", ICCVW 2019, arXiv 1904.11492): our ``gc`` preset.
 
-    Keys: ``conv_mask.{weight,bias}`` (``1×C×1×1``) and, per fusion type present (detected from the keys),
-    ``channel_add_conv.{0,1,3}.{weight,bias}`` / ``channel_mul_conv.*``: conv ``C→P``, ``LayerNorm([P, 1, 1])``,
-    ReLU, conv ``P→C``. ``P`` (``int(C·ratio)``) comes from the shapes.
+    Keys: ``conv_mask.{weight,bias}`` (``1×C×1×1``; ``pooling_type="att"``, GCNet's default) and, per fusion type
+    present (detected from the keys), ``channel_add_conv.{0,1,3}.{weight,bias}`` / ``channel_mul_conv.*``: conv
+    ``C→P``, ``LayerNorm([P, 1, 1])``, ReLU, conv ``P→C``. ``P`` (``int(C·ratio)``) comes from the shapes.
+
+    Without ``conv_mask.*`` the block is ``pooling_type="avg"``: the context is the mean over the positions,
+    ``A = 11ᵀ/N`` — GC's graph with the logits ``m_j = 0``, since the softmax of equal logits is exactly ``1/N``.
+    It is built as ``gc`` with the mask conv's weight and bias zero and frozen (``requires_grad=False``), so that
+    training it keeps the mean, as mmcv's module has no mask to train (a state dict does not record the freeze:
+    after loading one into a fresh ``gc`` block, call ``block.edges.mask.requires_grad_(False)``).
     """
     what = "from_mmcv(module='ContextBlock')"
     sd = _select(state_dict, prefix, what)
@@ -467,38 +473,43 @@ def _mmcv_context_block(state_dict: Any, prefix: str) -> nn.Module:
     if not present:
         raise ValueError(f"{what}: no fusion branch: expected keys 'channel_add_conv.*' and/or 'channel_mul_conv.*'; "
                          f"got keys {_fmt_keys(prefix + k for k in sd)}")
-    if "conv_mask.weight" not in sd and "conv_mask.bias" not in sd:
-        raise NotImplementedError(
-            f"{what}: no 'conv_mask.*' keys: this is pooling_type='avg' (context = mean over positions, A = 11ᵀ/N), "
-            "which nonlocalnet's gc preset does not express; only pooling_type='att' (GCNet's default) converts")
-    required = ["conv_mask.weight", "conv_mask.bias"] + [f"{f}_conv.{i}.{p}" for f in present for i in (0, 1, 3)
-                                                          for p in ("weight", "bias")]
+    avg = "conv_mask.weight" not in sd and "conv_mask.bias" not in sd  # pooling_type="avg"
+    required = [] if avg else ["conv_mask.weight", "conv_mask.bias"]
+    required += [f"{f}_conv.{i}.{p}" for f in present for i in (0, 1, 3) for p in ("weight", "bias")]
     _check_keys(sd, required, [], what, prefix, [])
-    one, c, dim = _conv1x1(sd, "conv_mask.weight", what, prefix)
-    if one != 1:
-        raise ValueError(f"{what}: {prefix}conv_mask.weight has shape {tuple(sd['conv_mask.weight'].shape)}, "
-                         f"expected (1, C, 1, 1) (one attention logit per position)")
     first = f"{present[0]}_conv.0.weight"
-    planes = _conv1x1(sd, first, what, prefix)[0]
+    planes, c, dim = _conv1x1(sd, first, what, prefix)
+    if not avg:
+        one, c, dim = _conv1x1(sd, "conv_mask.weight", what, prefix)
+        if one != 1:
+            raise ValueError(f"{what}: {prefix}conv_mask.weight has shape {tuple(sd['conv_mask.weight'].shape)}, "
+                             f"expected (1, C, 1, 1) (one attention logit per position)")
     ones = (1,) * dim
-    shapes: dict[str, Any] = {"conv_mask.bias": (1,)}
+    shapes: dict[str, Any] = {} if avg else {"conv_mask.bias": (1,)}
     for f in present:
         shapes.update({f"{f}_conv.0.weight": (planes, c, *ones), f"{f}_conv.0.bias": (planes,),
                        f"{f}_conv.1.weight": [(planes, *ones), (planes,)], f"{f}_conv.1.bias": [(planes, *ones),
                                                                                                (planes,)],
                        f"{f}_conv.3.weight": (c, planes, *ones), f"{f}_conv.3.bias": (c,)})
-    _check_shapes(sd, shapes, what, prefix, _shape_context(sd, "conv_mask.weight", prefix, C=c, dim=dim) +
-                  f"; from {prefix}{first}: planes = {planes}")
+    context = (_shape_context(sd, first, prefix, C=c, planes=planes, dim=dim) if avg else
+               _shape_context(sd, "conv_mask.weight", prefix, C=c, dim=dim) + f"; from {prefix}{first}: planes = "
+               f"{planes}")
+    _check_shapes(sd, shapes, what, prefix, context)
     fusion = "add_mul" if len(present) == 2 else present[0].split("_")[1]
     block = build_block("gc", c, dim=dim, fusion=fusion, bottleneck_channels=planes, bias=True, zero_init=False)
-    ours = {"edges.mask.weight": sd["conv_mask.weight"], "edges.mask.bias": sd["conv_mask.bias"]}
+    like = sd[first]
+    ours = ({"edges.mask.weight": like.new_zeros(1, c, *ones), "edges.mask.bias": like.new_zeros(1)} if avg else
+            {"edges.mask.weight": sd["conv_mask.weight"], "edges.mask.bias": sd["conv_mask.bias"]})
     for f in present:
         dst = f"units.0.{_GC_BRANCHES[f]}.0"
         ours.update({f"{dst}.conv1.weight": sd[f"{f}_conv.0.weight"], f"{dst}.conv1.bias": sd[f"{f}_conv.0.bias"],
                      f"{dst}.norm.weight": sd[f"{f}_conv.1.weight"].reshape(planes),
                      f"{dst}.norm.bias": sd[f"{f}_conv.1.bias"].reshape(planes),
                      f"{dst}.conv2.weight": sd[f"{f}_conv.3.weight"], f"{dst}.conv2.bias": sd[f"{f}_conv.3.bias"]})
-    return _load(block, ours, sd["conv_mask.weight"], sd, what, prefix)
+    block = _load(block, ours, like, sd, what, prefix)
+    if avg:  # the mean stays the mean under training: mmcv's avg-pooling block has no mask to learn
+        block.edges.mask.requires_grad_(False)
+    return block
 
 
 # --------------------------------------------------------------------------------------- CGNL authors
