@@ -7,6 +7,7 @@
   ``ContextBlock`` (GCNet), as mmsegmentation / mmdetection checkpoints hold them.
 - :func:`from_cgnl` — the CGNL authors' ``SpatialCGNL`` (dot product) and ``SpatialCGNLx`` (Gaussian RBF, Taylor).
 - :func:`from_timm` — timm's ``NonLocalAttn``.
+- :func:`from_mmseg_dnl` — mmsegmentation's ``DisentangledNonLocal2d`` (``DNLHead``'s block).
 
 Each returns a block built with :func:`nonlocalnet.build_block` whose output equals the original module's,
 in eval and in train mode (BatchNorm batch statistics and running-stat updates included). Only the
@@ -30,12 +31,13 @@ import torch.nn as nn
 from .presets import build_block
 
 __all__ = ["from_official_snl", "from_mmcv", "from_cgnl", "from_timm", "OFFICIAL_UNITS", "MMCV_MODES",
-           "MMCV_MODULES", "CGNL_KERNELS"]
+           "MMCV_MODULES", "CGNL_KERNELS", "from_mmseg_dnl", "MMSEG_DNL_MODES"]
 
 OFFICIAL_UNITS = ("snl", "ns", "nl")
 MMCV_MODES = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
 MMCV_MODULES = ("NonLocal", "CrissCrossAttention", "ContextBlock")
 CGNL_KERNELS = ("dot_product", "gaussian")
+MMSEG_DNL_MODES = ("embedded_gaussian", "dot_product")
 
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var")
 _BN_OPTIONAL = ("num_batches_tracked",)  # absent from very old checkpoints; the block then keeps 0
@@ -591,3 +593,93 @@ def from_timm(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, use_scale: 
             "units.0.w.0.weight": sd["z.weight"], "units.0.w.0.bias": sd["z.bias"]}
     ours.update(_bn(sd, "norm", "units.0.norm.bn"))
     return _load(block, ours, sd["t.weight"], sd, what, prefix)
+
+
+# --------------------------------------------------------------------------------------- mmseg DNL
+def from_mmseg_dnl(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, mode: str = "embedded_gaussian",
+                   use_scale: bool = True, temperature: float = 0.05, fold_norm: bool = False,
+                   prefix: str = "") -> nn.Module:
+    """A block equal to mmsegmentation's ``DisentangledNonLocal2d`` (the block of its ``DNLHead``; Yin et al.,
+    "Disentangled Non-Local Neural Networks", ECCV 2020, arXiv 2006.06668): our ``dnl`` preset.
+
+    mmseg's block is mmcv's ``NonLocal2d`` plus ``conv_mask`` (``C → 1``): queries and keys minus their means over
+    the positions, the pairwise softmax of ``θφᵀ/(√C_s·τ)`` (``embedded_gaussian``; ``√C_s`` when ``use_scale``)
+    or ``θφᵀ/N`` (``dot_product``, no τ), the unary term ``softmax(conv_mask(X))ᵀ g(X)``, and
+    ``Y = X + conv_out(y) + conv_out(u)``: ``conv_out`` applied to each term **separately** (``u`` broadcast over
+    the positions). mmseg has no learnable scale on the pairwise term (the DNL authors' code does: ``dnl`` with
+    ``pairwise_gamma=True``). ``mode``, ``use_scale`` and ``temperature`` (DNLHead's defaults) are not in a state
+    dict.
+
+    Keys: ``g.conv.*``, ``theta.conv.*``, ``phi.conv.*`` (``C_s×C×1×1`` with bias), ``conv_mask.{weight,bias}``,
+    ``conv_out.conv.weight`` (``C×C_s×1×1``), ``conv_out.conv.bias`` (without a norm), ``conv_out.bn.*`` with
+    mmseg's ``norm_cfg`` (BatchNorm/SyncBN). As ``conv_out`` is affine without a norm, ``W y + b + W u + b =
+    W(y + u) + 2b``: our block with ``out_norm="none"`` and the bias ``2b``, equal in train and eval mode. With a
+    BatchNorm the two terms are normalized separately (in train mode with their own batch statistics), which no
+    single output map expresses: ``fold_norm=True`` folds the running statistics into the conv, ``W' = s·W``,
+    ``b' = 2(β − s·μ) (+ 2s·b)``, ``s = γ/√(σ² + ε)`` (ε = 1e-5, mmcv's) — equal in eval mode only, and the block
+    has no BatchNorm; without it such a state dict is refused.
+    """
+    if mode not in MMSEG_DNL_MODES:
+        raise ValueError(f"mode: expected one of {', '.join(map(repr, MMSEG_DNL_MODES))} (DNLHead's modes), "
+                         f"got {mode!r}")
+    _bool("use_scale", use_scale)
+    _bool("fold_norm", fold_norm)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 or \
+            temperature == float("inf"):
+        raise ValueError(f"temperature: expected a positive finite number (DNLHead's, 0.05 by default), "
+                         f"got {temperature!r}")
+    what = f"from_mmseg_dnl(mode={mode!r})"
+    sd = _select(state_dict, prefix, what)
+    if any(k.startswith("conv_out.gn.") for k in sd):
+        raise ValueError(f"{what}: a GroupNorm after conv_out ('conv_out.gn.*') normalizes each term with its own "
+                         "per-sample statistics, which neither a single output map nor a fold expresses")
+    has_bn = any(k.startswith("conv_out.bn.") for k in sd)
+    if has_bn and not fold_norm:
+        raise ValueError(f"{what}: conv_out has a BatchNorm ('conv_out.bn.*'), which mmseg applies to the pairwise "
+                         "and the unary term separately (in train mode with each term's own batch statistics); no "
+                         "single block equals that in train mode. Pass fold_norm=True to fold its running "
+                         "statistics into the conv: the block then equals the module in eval mode")
+    required = [f"{m}.conv.{p}" for m in ("g", "theta", "phi") for p in ("weight", "bias")]
+    required += ["conv_mask.weight", "conv_mask.bias", "conv_out.conv.weight"]
+    optional: list[str] = []
+    if has_bn:
+        required += [f"conv_out.bn.{n}" for n in _BN_KEYS]
+        optional += ["conv_out.conv.bias"] + [f"conv_out.bn.{n}" for n in _BN_OPTIONAL]
+    else:
+        required.append("conv_out.conv.bias")
+    hints = []
+    if any(k.startswith(("g.0.", "phi.0.")) for k in sd):
+        hints.append("Keys 'g.0.conv.*' / 'phi.0.conv.*' are a sub-sampled NonLocal2d: mmseg's DNL block cannot "
+                     "sub-sample (its unary term pools the full-size g).")
+    if "gamma" in sd:
+        hints.append("A 'gamma' is the DNL authors' pairwise scale, not mmseg's layout: build_block('dnl', C, "
+                     "pairwise_gamma=True) holds it as 'edges.gamma'.")
+    _check_keys(sd, required, optional, what, prefix, hints)
+    cs, c, dim = _conv1x1(sd, "g.conv.weight", what, prefix)
+    ones = (1,) * dim
+    shapes: dict[str, Any] = {"g.conv.bias": (cs,), "theta.conv.weight": (cs, c, *ones), "theta.conv.bias": (cs,),
+                              "phi.conv.weight": (cs, c, *ones), "phi.conv.bias": (cs,),
+                              "conv_mask.weight": (1, c, *ones), "conv_mask.bias": (1,),
+                              "conv_out.conv.weight": (c, cs, *ones), "conv_out.conv.bias": (c,),
+                              "conv_out.bn.num_batches_tracked": ()}
+    shapes.update({f"conv_out.bn.{n}": (c,) for n in _BN_KEYS})
+    _check_shapes(sd, shapes, what, prefix, _shape_context(sd, "g.conv.weight", prefix, C=c, C_s=cs, dim=dim))
+    r = _reduction(c, cs, prefix + "g.conv.weight", what)
+    embedded = mode == "embedded_gaussian"
+    block = build_block("dnl", c, dim=dim, reduction=r, kernel=mode, normalization="softmax" if embedded else "count",
+                        scale=bool(use_scale and embedded), temperature=float(temperature) if embedded else 1.0,
+                        bias=True, out_norm="none", zero_init=False)
+    w, b = sd["conv_out.conv.weight"], sd.get("conv_out.conv.bias")
+    if has_bn:
+        with torch.no_grad():
+            s_ = sd["conv_out.bn.weight"] / torch.sqrt(sd["conv_out.bn.running_var"] + 1e-5)
+            shift = sd["conv_out.bn.bias"] - s_ * sd["conv_out.bn.running_mean"]
+            if b is not None:
+                shift = shift + s_ * b
+            w, b = w * s_.reshape(c, *(1,) * (w.dim() - 1)), shift
+    ours = {"edges.theta.weight": sd["theta.conv.weight"], "edges.theta.bias": sd["theta.conv.bias"],
+            "edges.phi.weight": sd["phi.conv.weight"], "edges.phi.bias": sd["phi.conv.bias"],
+            "edges.mask.weight": sd["conv_mask.weight"], "edges.mask.bias": sd["conv_mask.bias"],
+            "units.0.g.weight": sd["g.conv.weight"], "units.0.g.bias": sd["g.conv.bias"],
+            "units.0.w.0.weight": w, "units.0.w.0.bias": 2 * b}  # conv_out's bias, once per term
+    return _load(block, ours, sd["g.conv.weight"], sd, what, prefix)
