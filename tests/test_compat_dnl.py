@@ -1,8 +1,10 @@
-"""from_mmseg_dnl against a literal re-implementation of mmsegmentation's ``DisentangledNonLocal2d`` (DNLHead's
-block; Yin et al., "Disentangled Non-Local Neural Networks", ECCV 2020), written from its parameter layout and
-forward on the raw state-dict tensors with torch.nn.functional only: mmcv's NonLocal2d projections, queries and keys
-minus their means over the positions, the tempered pairwise softmax, the unary term of ``conv_mask``, and
-``conv_out`` applied to each term separately. float64, rtol 1e-6."""
+"""from_mmseg_dnl and from_official_dnl against literal re-implementations, written from each module's parameter
+layout and forward on the raw state-dict tensors with torch.nn.functional only (Yin et al., "Disentangled Non-Local
+Neural Networks", ECCV 2020). mmsegmentation's ``DisentangledNonLocal2d`` (DNLHead's block): mmcv's NonLocal2d
+projections, queries and keys minus their means over the positions, the tempered pairwise softmax, the unary term
+of ``conv_mask``, and ``conv_out`` applied to each term separately. The DNL authors' ``NonLocal2d_bn``
+(whiten_type ['channel'], with_gc, with or without use_out and out_bn), whose pairwise term is scaled by a learnable
+``gamma``. float64, rtol 1e-6."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from _util import assert_close
 
-from nonlocalnet.compat import from_mmseg_dnl
+from nonlocalnet.compat import from_mmseg_dnl, from_official_dnl
 
 DT = torch.float64
 
@@ -124,3 +126,91 @@ def test_mmseg_dnl_errors():
     bad = dict(sd, gamma=torch.zeros(1, dtype=DT))
     with pytest.raises(ValueError, match="unexpected keys \\['gamma'\\].*pairwise_gamma=True"):
         from_mmseg_dnl(bad)
+
+
+# --------------------------------------------------------------------------------------- the DNL authors' block
+def official_state(c=16, p=8, use_out=False, out_bn=False, gamma=0.6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sd = {"gamma": torch.tensor([gamma], dtype=DT)}
+    for m in ("conv_query", "conv_key"):
+        sd[f"{m}.weight"], sd[f"{m}.bias"] = randn(p, c, 1, 1, g=g), randn(p, g=g)
+    if use_out:
+        sd["conv_value.weight"], sd["conv_value.bias"] = randn(p, c, 1, 1, g=g), randn(p, g=g)
+        sd["conv_out.weight"] = randn(c, p, 1, 1, g=g)
+    else:
+        sd["conv_value.weight"] = randn(c, c, 1, 1, g=g)
+    sd["conv_mask.weight"], sd["conv_mask.bias"] = randn(1, c, 1, 1, g=g), randn(1, g=g)
+    if out_bn:
+        sd.update({"out_bn.weight": 1 + randn(c, g=g), "out_bn.bias": randn(c, g=g),
+                   "out_bn.running_mean": randn(c, g=g), "out_bn.running_var": 0.5 + randn(c, g=g).abs(),
+                   "out_bn.num_batches_tracked": torch.tensor(3)})
+    return sd
+
+
+def official_dnl(sd, x, temperature=0.05, train=False):
+    """_NonLocalNd_bn.forward with downsample=False, whiten_type=['channel'], with_gc=True, with_unary=False."""
+    b, c, h, w = x.shape
+
+    def conv(name, t):
+        return F.conv2d(t, sd[f"{name}.weight"], sd.get(f"{name}.bias"))
+
+    q = conv("conv_query", x).reshape(b, -1, h * w)  # (B, P, N)
+    k = conv("conv_key", x).reshape(b, -1, h * w)
+    v = conv("conv_value", x).reshape(b, -1, h * w)
+    q, k = q - q.mean(2, keepdim=True), k - k.mean(2, keepdim=True)
+    sim = torch.softmax(q.transpose(1, 2) @ k / q.shape[1] ** 0.5 / temperature, 2)  # (B, N, N)
+    out = sd["gamma"] * (sim @ v.transpose(1, 2)).transpose(1, 2).reshape(b, -1, h, w)
+    mask = torch.softmax(conv("conv_mask", x).reshape(b, 1, h * w), 2)
+    out = out + (v @ mask.transpose(1, 2)).unsqueeze(-1)  # (B, C_v, 1, 1), broadcast
+    if "conv_out.weight" in sd:
+        out = F.conv2d(out, sd["conv_out.weight"])
+    if "out_bn.weight" in sd:
+        out = F.batch_norm(out, sd["out_bn.running_mean"].clone(), sd["out_bn.running_var"].clone(),
+                           sd["out_bn.weight"], sd["out_bn.bias"], training=train, eps=1e-5)
+    return out + x
+
+
+@pytest.mark.parametrize("use_out, out_bn", [(False, False), (True, False), (True, True), (False, True)])
+def test_official_dnl(use_out, out_bn):
+    sd = official_state(use_out=use_out, out_bn=out_bn)
+    block = from_official_dnl({"nlm.ctb." + k: v for k, v in sd.items()}, prefix="nlm.ctb.")
+    x = randn(2, 16, 5, 6, g=torch.Generator().manual_seed(1), std=1.0)
+    for train in (False, True):
+        block.train(train)
+        assert_close(block(x), official_dnl(sd, x, train=train))
+    assert_close(block.edges.gamma, sd["gamma"])
+    frozen = {n for n, t in block.named_parameters() if not t.requires_grad}
+    assert frozen == ({"units.0.w.0.bias"} if use_out else {"units.0.g.bias"})
+    # γ's gradient equals the literal module's
+    leaf = sd["gamma"].clone().requires_grad_(True)
+    wt = randn(2, 16, 5, 6, g=torch.Generator().manual_seed(2), std=1.0)
+    (official_dnl({**sd, "gamma": leaf}, x, train=True) * wt).sum().backward()
+    block.zero_grad()
+    (block.train()(x) * wt).sum().backward()
+    assert_close(block.edges.gamma.grad, leaf.grad)
+
+
+def test_official_dnl_gamma_zero_is_the_unary_term_alone():
+    sd = official_state(gamma=0.0, seed=3)
+    block = from_official_dnl(sd, temperature=0.2)
+    x = randn(1, 16, 4, 4, g=torch.Generator().manual_seed(1), std=1.0)
+    assert_close(block(x), official_dnl(sd, x, temperature=0.2))
+    a = torch.softmax(block.edges.unary_logits(x.flatten(2).transpose(1, 2)), -1)
+    assert_close(block.affinity(x), a[:, None, :].expand(1, 16, 16))
+
+
+def test_official_dnl_errors():
+    sd = official_state()
+    with pytest.raises(NotImplementedError, match="downsample=True"):
+        from_official_dnl(sd, downsample=True)
+    with pytest.raises(NotImplementedError, match="whiten_type 'bn'"):
+        from_official_dnl(dict(sd, **{"key_bn.running_mean": torch.zeros(8, dtype=DT)}))
+    with pytest.raises(ValueError, match=r"missing keys \['conv_mask.weight', 'conv_mask.bias'\].*with_gc=False"):
+        from_official_dnl({k: v for k, v in sd.items() if not k.startswith("conv_mask")})
+    with pytest.raises(ValueError, match=r"missing keys \['gamma'\]"):
+        from_official_dnl({k: v for k, v in sd.items() if k != "gamma"})
+    bad = dict(sd, **{"conv_value.weight": torch.zeros(8, 16, 1, 1, dtype=DT)})
+    with pytest.raises(ValueError, match=r"'conv_value.weight' has shape \(8, 16, 1, 1\), expected \(16, 16, 1, 1\)"):
+        from_official_dnl(bad)
+    with pytest.raises(ValueError, match="temperature"):
+        from_official_dnl(sd, temperature=-1)

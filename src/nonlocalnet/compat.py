@@ -8,6 +8,7 @@
 - :func:`from_cgnl` — the CGNL authors' ``SpatialCGNL`` (dot product) and ``SpatialCGNLx`` (Gaussian RBF, Taylor).
 - :func:`from_timm` — timm's ``NonLocalAttn``.
 - :func:`from_mmseg_dnl` — mmsegmentation's ``DisentangledNonLocal2d`` (``DNLHead``'s block).
+- :func:`from_official_dnl` — the DNL authors' ``NonLocal2d_bn`` (with the learnable scale of the pairwise term).
 
 Each returns a block built with :func:`nonlocalnet.build_block` whose output equals the original module's,
 in eval and in train mode (BatchNorm batch statistics and running-stat updates included). Only the
@@ -31,7 +32,7 @@ import torch.nn as nn
 from .presets import build_block
 
 __all__ = ["from_official_snl", "from_mmcv", "from_cgnl", "from_timm", "OFFICIAL_UNITS", "MMCV_MODES",
-           "MMCV_MODULES", "CGNL_KERNELS", "from_mmseg_dnl", "MMSEG_DNL_MODES"]
+           "MMCV_MODULES", "CGNL_KERNELS", "from_mmseg_dnl", "MMSEG_DNL_MODES", "from_official_dnl"]
 
 OFFICIAL_UNITS = ("snl", "ns", "nl")
 MMCV_MODES = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
@@ -683,3 +684,80 @@ def from_mmseg_dnl(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, mode: 
             "units.0.g.weight": sd["g.conv.weight"], "units.0.g.bias": sd["g.conv.bias"],
             "units.0.w.0.weight": w, "units.0.w.0.bias": 2 * b}  # conv_out's bias, once per term
     return _load(block, ours, sd["g.conv.weight"], sd, what, prefix)
+
+
+# --------------------------------------------------------------------------------------- DNL authors
+def from_official_dnl(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, temperature: float = 0.05,
+                      downsample: bool = False, prefix: str = "") -> nn.Module:
+    """A block equal to the DNL authors' ``NonLocal2d_bn`` (``_NonLocalNd_bn``; Yin et al., "Disentangled Non-Local
+    Neural Networks", ECCV 2020, arXiv 2006.06668, code DNL-Semantic-Segmentation) with ``whiten_type=['channel']``
+    and ``with_gc=True``, their DNL configs' settings: our ``dnl`` preset with ``pairwise_gamma=True``.
+
+    Their forward: ``q, k`` (``conv_query``, ``conv_key``, ``P×C×1×1`` with bias) minus their means over the
+    positions, ``S = softmax(qᵀk/(√P·τ))``, ``out = gamma·(V Sᵀ) + V·softmax(conv_mask(X))`` (``V = conv_value(X)``,
+    ``gamma`` zero at init), then ``conv_out`` (``use_out=True``: ``V`` has ``P`` channels, ``conv_out`` ``P → C``
+    without bias; ``use_out=False``: ``conv_value`` is ``C → C`` without bias and there is no ``conv_out``), then
+    ``out_bn`` (BatchNorm2d) if present, ``Y = X + out``. ``use_out`` and ``out_bn`` are read from the keys;
+    ``temperature`` (their configs' ``temp``, 0.05; their class's default is 1.0) is not in a state dict.
+
+    The biases their convs lack (``conv_value`` with ``use_out=False``, ``conv_out``) are ours zero and frozen
+    (``requires_grad=False``), so the block trains as theirs does. Refused: ``downsample=True`` (their max-pooled
+    keys, values and mask input; our unary term pools over every position), the ``bn``/``bn_affine`` whitening
+    (``key_bn``/``query_bn`` keys), a block without ``conv_mask`` (``with_gc=False``). Their ``with_unary`` term (the
+    query mean against the keys) holds no parameters, so a state dict cannot show it: it is not converted.
+    """
+    _bool("downsample", downsample)
+    if downsample:
+        raise NotImplementedError("from_official_dnl: downsample=True (keys, values and the mask input max-pooled) "
+                                  "is not expressed by nonlocalnet's dnl, whose unary term pools over every position")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 or \
+            temperature == float("inf"):
+        raise ValueError(f"temperature: expected a positive finite number (their configs' temp, 0.05), "
+                         f"got {temperature!r}")
+    what = "from_official_dnl(NonLocal2d_bn)"
+    sd = _select(state_dict, prefix, what)
+    if any(k.startswith(("key_bn", "query_bn")) for k in sd):
+        raise NotImplementedError(f"{what}: whiten_type 'bn' / 'bn_affine' (keys 'key_bn*', 'query_bn*') is not "
+                                  "converted; only whiten_type=['channel'] (queries and keys minus their means)")
+    use_out = "conv_out.weight" in sd
+    out_bn = any(k.startswith("out_bn.") for k in sd)
+    required = ["gamma", "conv_query.weight", "conv_query.bias", "conv_key.weight", "conv_key.bias",
+                "conv_value.weight", "conv_mask.weight", "conv_mask.bias"]
+    if use_out:
+        required += ["conv_value.bias", "conv_out.weight"]
+    if out_bn:
+        required += [f"out_bn.{n}" for n in _BN_KEYS]
+    hints = ["No 'conv_mask.*': with_gc=False, a whitened NL without the unary term, is not this converter's."] \
+        if "conv_mask.weight" not in sd else []
+    _check_keys(sd, required, [f"out_bn.{n}" for n in _BN_OPTIONAL], what, prefix, hints)
+    p, c, dim = _conv1x1(sd, "conv_query.weight", what, prefix)
+    ones = (1,) * dim
+    cv = p if use_out else c
+    shapes: dict[str, Any] = {"gamma": [(1,), ()], "conv_query.bias": (p,), "conv_key.weight": (p, c, *ones),
+                              "conv_key.bias": (p,), "conv_value.weight": (cv, c, *ones), "conv_value.bias": (cv,),
+                              "conv_mask.weight": (1, c, *ones), "conv_mask.bias": (1,),
+                              "conv_out.weight": (c, p, *ones), "out_bn.num_batches_tracked": ()}
+    shapes.update({f"out_bn.{n}": (c,) for n in _BN_KEYS})
+    _check_shapes(sd, shapes, what, prefix, _shape_context(sd, "conv_query.weight", prefix, C=c, P=p, dim=dim) +
+                  f"; use_out={use_out}")
+    block = build_block("dnl", c, dim=dim, key_channels=p, value_channels=cv, out_proj=use_out, scale=True,
+                        temperature=float(temperature), bias=True, out_norm="bn" if out_bn else "none",
+                        zero_init=False, pairwise_gamma=True)
+    like = sd["conv_query.weight"]
+    ours = {"edges.gamma": sd["gamma"].reshape(1),
+            "edges.theta.weight": sd["conv_query.weight"], "edges.theta.bias": sd["conv_query.bias"],
+            "edges.phi.weight": sd["conv_key.weight"], "edges.phi.bias": sd["conv_key.bias"],
+            "edges.mask.weight": sd["conv_mask.weight"], "edges.mask.bias": sd["conv_mask.bias"],
+            "units.0.g.weight": sd["conv_value.weight"],
+            "units.0.g.bias": sd["conv_value.bias"] if "conv_value.bias" in sd else like.new_zeros(cv)}
+    if use_out:
+        ours.update({"units.0.w.0.weight": sd["conv_out.weight"], "units.0.w.0.bias": like.new_zeros(c)})
+    if out_bn:
+        ours.update(_bn(sd, "out_bn", "units.0.norm.bn"))
+    block = _load(block, ours, like, sd, what, prefix)
+    frozen = [] if "conv_value.bias" in sd else [block.units[0].g.bias]  # biases their convs do not have
+    if use_out:
+        frozen.append(block.units[0].w[0].bias)
+    for t in frozen:
+        t.requires_grad_(False)
+    return block
