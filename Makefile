@@ -49,7 +49,7 @@ test-interop: vision-venv
 	$(VBIN)/pytest -m interop
 
 # The product as a pip user gets it: build the sdist and wheel, install the wheel into a fresh venv in a temp dir
-# (CPU torch pinned first) and run the CLI from an empty directory (.ci/test-wheel; ~2-4 min, most of it pip).
+# (CPU torch pinned first) and run the CLI from an empty directory (.ci/test-wheel; ~4 min, most of it pip).
 .PHONY: test-wheel
 test-wheel: venv
 	PYTHON=$(PYTHON) BUILD_PYTHON=$(BIN)/python TORCH="$(TORCH)" .ci/test-wheel
