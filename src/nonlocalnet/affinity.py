@@ -23,6 +23,7 @@ Each backend answers that product differently, all exactly:
   held as its thin ``N × N'`` matrix.
 - :class:`SumGraph` — a sum of graphs, ``A = Σ_i A_i`` (DNL: whitened pairwise + unary); each product
   ``A V = Σ_i A_i V`` runs on each term's own backend.
+- :class:`ScaledGraph` — ``γ·A`` with a learnable scalar ``γ`` (the DNL authors' scale of the pairwise term).
 
 Degrees and normalizers are computed in float32 under autocast. Zero degrees give zero rows
 (the official SNL code's convention), never NaN or inf.
@@ -748,6 +749,25 @@ class SumGraph(Graph):
 
     def dense(self) -> torch.Tensor:
         return sum(g.dense() for g in self.graphs)
+
+
+class ScaledGraph(Graph):
+    """``γ·A`` with ``γ`` a learnable scalar (a 1-element tensor): the DNL authors' scale of the pairwise term (Yin
+    et al., "Disentangled Non-Local Neural Networks", ECCV 2020; their code's ``gamma``, zero at init). Products and
+    the dense form are the wrapped graph's times ``γ``, so the wrapped graph keeps its backend."""
+
+    def __init__(self, graph: Graph, gamma: torch.Tensor):
+        self.graph, self.gamma = graph, gamma
+        self.n, self.n_keys = graph.n, graph.n_keys
+        self.backend = graph.backend
+
+    def matmul(self, v: torch.Tensor) -> torch.Tensor:
+        y = self.graph.matmul(v)
+        return self.gamma.to(y.dtype) * y
+
+    def dense(self) -> torch.Tensor:
+        a = self.graph.dense()
+        return self.gamma.to(a.dtype) * a
 
 
 # --------------------------------------------------------------------------------------- dispatch

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from . import affinity as aff
 from .filters import Filter, Polynomial, lowrank_terms, polynomial_responses
 from .kernels import DOUBLE_NORM_EPS, GRAPH_MODES, KERNELS, GraphMode, Kernel, register_graph
-from .registry import Option, one_of, positive_int, positive_number
+from .registry import Option, boolean, one_of, positive_int, positive_number
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -168,7 +168,7 @@ class Affinity(nn.Module):
                  mode: str = "positions", groups: int = 1, order: int = 0, rbf_gamma: float = 1e-4,
                  whiten: bool = False, unary: bool = False, temperature: float = 1.0, rbf_prefactor: str = "exact",
                  pool_sizes: tuple[int, ...] | None = None, memory_size: int = 0,
-                 agents: int | tuple[int, ...] | None = None, device=None, dtype=None):
+                 agents: int | tuple[int, ...] | None = None, pairwise_gamma: bool = False, device=None, dtype=None):
         super().__init__()
         self.kernel, self.normalization, self.backend, self.mode = kernel, normalization, backend, mode
         self.agent_grid = None if agents is None else agent_grid(agents, dim)  # Agent Attention's pooled grid
@@ -194,11 +194,16 @@ class Affinity(nn.Module):
         self.concat = conv1x1(dim, 2 * key_channels, 1, False, **fk) if kern.pretransform == "concat" else None
         # the unary logits m_j = w_m·x_j + b_m (GC's / DNL's conv_mask)
         self.mask = conv1x1(dim, in_channels, 1, True, **fk) if kern.unary or unary else None
+        # the DNL authors' learnable scale of the pairwise term, A = γ·A_pairwise + 1·aᵀ (zero at init, as theirs)
+        self.gamma = nn.Parameter(torch.zeros(1, **fk)) if pairwise_gamma else None
 
     def reset_parameters(self) -> None:
         for m in (self.theta, self.phi, self.concat, self.mask, self.memory):
             if m is not None:
                 m.reset_parameters()
+        if self.gamma is not None:
+            with torch.no_grad():
+                self.gamma.zero_()
 
     def queries_keys(self, x: torch.Tensor, spatial: tuple[int, ...],
                      queries_channels_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,6 +241,8 @@ class PositionsMode(GraphMode):
             return aff.build_graph(edges.kernel, edges.normalization, edges.backend, q=None, k=None,
                                    budget_bytes=budget, unary=edges.unary_logits(x))
         graph = self.pairwise(edges, kern, x, spatial, budget)
+        if edges.gamma is not None:  # the DNL authors' γ·A_pairwise
+            graph = aff.ScaledGraph(graph, edges.gamma)
         if not edges.unary:
             return graph
         # DNL: A = A_pairwise + 1·aᵀ; the unary term is rank 1 (formed only for backend="dense")
@@ -374,7 +381,11 @@ def _taylor_order(value: Any) -> int:
     return value
 
 
-register_graph(PositionsMode("positions", "the graph over all N x N' positions (NL, NS, SNL, A², GC, DNL, ...)"))
+register_graph(PositionsMode(
+    "positions", "the graph over all N x N' positions (NL, NS, SNL, A², GC, DNL, ...)",
+    options={"pairwise_gamma": Option(False, "a learnable scalar γ on the pairwise term of a pairwise + unary graph "
+                                             "(unary=True): A = γ·A_pairwise + 1·aᵀ, γ = 0 at init (the DNL "
+                                             "authors' code)", boolean)}))
 register_graph(CrissCrossMode("crisscross", "each position and its row and column, masked softmax (CCNet)",
                               kernels="exp", normalizations=("softmax", "row"), backends=("auto", "dense", "chunked"),
                               pairwise_only=True))

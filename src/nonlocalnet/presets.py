@@ -280,6 +280,9 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
     if "temperature" in options and o["temperature"] != 1.0 and not exp_logits:
         raise ValueError(f"temperature: divides the logits of the exp kernels ({', '.join(K.exp_kernels())}), "
                          f"not kernel={kern!r}")
+    if o.get("pairwise_gamma") and (unary_kernel or not o["unary"]):
+        raise ValueError("pairwise_gamma: scales the pairwise term of a pairwise + unary graph (unary=True, as dnl); "
+                         f"kernel={kern!r}, unary={o['unary']!r} has no such sum")
     if (unary_kernel or o["unary"]) and o["sub_sample"]:
         raise ValueError("sub_sample: the unary term (gc, dnl) pools over every position; use sub_sample=False")
     if norm == "symmetric" and o["sub_sample"]:
@@ -411,7 +414,8 @@ def build_block(name: str, in_channels: int, *, dim: int = 2, device: torch.devi
         memory_budget=o["memory_budget"], mode=preset.mode, groups=o.get("groups", 1),
         order=o.get("taylor_order", 0), rbf_gamma=o.get("rbf_gamma", 1e-4), whiten=o["whiten"], unary=o["unary"],
         temperature=o["temperature"], rbf_prefactor=o.get("rbf_prefactor", "exact"), pool_sizes=o["pool_sizes"],
-        memory_size=o.get("memory_size", 0), agents=o.get("agents"), **fk,
+        memory_size=o.get("memory_size", 0), agents=o.get("agents"), pairwise_gamma=o.get("pairwise_gamma", False),
+        **fk,
     )
     fspec = FILTERS[o["filter"]]
     units = [

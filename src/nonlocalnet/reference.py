@@ -191,7 +191,10 @@ def affinity_tokens(graph, x: torch.Tensor, spatial: tuple[int, ...]) -> torch.T
         del c
     else:  # every other kernel: its literal formula (docs/framework.md "Step 1"), entry by entry as a product
         m = KERNELS[kernel].literal(q, k, s)
-    return normalize(m, norm) + a_unary
+    pairwise = normalize(m, norm)
+    if getattr(graph, "gamma", None) is not None:  # the DNL authors' A = γ·A_pairwise + 1·aᵀ
+        pairwise = graph.gamma.to(pairwise.dtype) * pairwise
+    return pairwise + a_unary
 
 
 def chebyshev_matrices(a: torch.Tensor, order: int) -> list[torch.Tensor]:
