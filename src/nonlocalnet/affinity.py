@@ -21,6 +21,11 @@ Each backend answers that product differently, all exactly:
   attention pooling, DNL's unary term; kernel ``unary``): rank 1, ``O(N·c)``, never ``N × N'``.
 - :class:`SumGraph` — a sum of graphs, ``A = Σ_i A_i`` (DNL: whitened pairwise + unary); each product
   ``A V = Σ_i A_i V`` runs on each term's own backend.
+- :class:`AxisGraph` — softmax along one spatial axis (a factor of axial attention), ``O(N·L_axis)``.
+- :class:`ProductGraph` — a product of graphs, ``A = G_m ··· G_1`` (axial attention: ``A = A_W A_H``); each
+  product ``A V = G_m(··· G_1 V)`` runs on each factor's own backend.
+- :class:`NeighborhoodGraph` — softmax over a ``k^d`` window around each position, shifted inward at the
+  borders (NAT), ``O(N·k^d)``: keys gathered by index arithmetic.
 
 Degrees and normalizers are computed in float32 under autocast. Zero degrees give zero rows
 (the official SNL code's convention), never NaN or inf.
@@ -680,6 +685,110 @@ class SumGraph(Graph):
 
     def dense(self) -> torch.Tensor:
         return sum(g.dense() for g in self.graphs)
+
+
+class AxisGraph(Graph):
+    """Softmax attention along one spatial axis (one factor of axial attention): each position attends to the
+    positions that share all its coordinates but the one on ``axis``, ``A_ij = softmax_j(s·q_i·k_j)`` over those
+    ``L_axis`` keys (Ho, Kalchbrenner, Weissenborn, Salimans, "Axial Attention in Multidimensional Transformers",
+    arXiv 1912.12180, 2019; Wang et al., "Axial-DeepLab", ECCV 2020). ``O(N·L_axis·c)``: the weights are
+    ``(B, *S, L_axis)``, never ``N × N`` (but :meth:`dense`, for analysis)."""
+
+    backend = "axial"
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, spatial: tuple[int, ...], axis: int, scale: float):
+        self.q, self.k, self.spatial, self.axis, self.scale = q, k, tuple(spatial), axis, scale
+        self.n = self.n_keys = q.shape[1]
+        self._weights: torch.Tensor | None = None
+
+    def _line(self, t: torch.Tensor) -> torch.Tensor:
+        """Tokens ``(B, N, c)`` as ``(B, ..., L_axis, c)``: the axis second to last."""
+        return movedim(t.reshape(t.shape[0], *self.spatial, t.shape[-1]), 1 + self.axis, -2)
+
+    def weights(self) -> torch.Tensor:
+        """``(B, ..., L_i, L_j)`` (the other axes first): the softmax along the axis."""
+        if self._weights is None:
+            e = self._line(self.q) @ self._line(self.k).transpose(-1, -2)
+            self._weights = torch.softmax(e * self.scale if self.scale != 1.0 else e, dim=-1)
+        return self._weights
+
+    def matmul(self, v: torch.Tensor) -> torch.Tensor:
+        out = mm(self.weights(), self._line(v))  # (B, ..., L_i, c)
+        return movedim(out, -2, 1 + self.axis).reshape(v.shape)
+
+    def dense(self) -> torch.Tensor:
+        eye = torch.eye(self.n, dtype=self.q.dtype, device=self.q.device).expand(self.q.shape[0], -1, -1)
+        return self.matmul(eye)  # A I, column by column (analysis only)
+
+
+class ProductGraph(Graph):
+    """``A = G_m ··· G_2 G_1``: the graphs in the order they are applied, ``A V = G_m(··· G_1(V))`` (axial
+    attention: along the first axis, then the next on its output). Each product runs on each factor's own
+    backend; the graph is never formed (but :meth:`dense`, for analysis). A product of row-stochastic graphs is
+    row-stochastic, and not symmetric."""
+
+    def __init__(self, graphs: list[Graph]):
+        self.graphs = list(graphs)
+        self.n, self.n_keys = graphs[-1].n, graphs[0].n_keys
+        self.backend = "*".join(g.backend for g in graphs)
+
+    def matmul(self, v: torch.Tensor) -> torch.Tensor:
+        for g in self.graphs:
+            v = g.matmul(v)
+        return v
+
+    def dense(self) -> torch.Tensor:
+        out = self.graphs[0].dense()
+        for g in self.graphs[1:]:
+            out = g.dense() @ out
+        return out
+
+
+def neighborhood_index(spatial: tuple[int, ...], kernel_size: int, device=None) -> torch.Tensor:
+    """``(N, k^d)`` flat indices of the keys of each query: the ``k`` positions per axis around it, the window
+    shifted inward at the borders so that it always holds ``k^d`` keys (Hassani et al., "Neighborhood Attention
+    Transformer", CVPR 2023: start ``clamp(i − ⌊k/2⌋, 0, L − k)``). Index arithmetic, no mask."""
+    flat = None
+    offsets = torch.arange(kernel_size, device=device)
+    for length in spatial:
+        start = (torch.arange(length, device=device) - kernel_size // 2).clamp(0, length - kernel_size)
+        idx = start[:, None] + offsets  # (L, k)
+        flat = idx if flat is None else flat[:, None, :, None] * length + idx[None, :, None, :]
+        flat = flat.reshape(-1, flat.shape[-1] if flat.dim() == 2 else flat.shape[2] * flat.shape[3])
+    return flat
+
+
+class NeighborhoodGraph(Graph):
+    """Neighborhood attention (Hassani, Walton, Li, Li, Shi, "Neighborhood Attention Transformer", CVPR 2023;
+    Ramachandran et al., "Stand-Alone Self-Attention in Vision Models", NeurIPS 2019): softmax of ``s·q_i·k_j``
+    over the ``k^d`` keys of a window of ``k`` positions per axis around ``i`` (:func:`neighborhood_index`; at the
+    borders the window is shifted inward, as NAT does). A banded graph: keys and values are gathered,
+    ``(B, N, k^d, c)``; weights ``(B, N, k^d)``; ``O(N·k^d·c)``, never ``N × N`` (but :meth:`dense`)."""
+
+    backend = "neighborhood"
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, spatial: tuple[int, ...], kernel_size: int, scale: float):
+        self.q, self.k, self.spatial, self.kernel_size, self.scale = q, k, tuple(spatial), kernel_size, scale
+        self.n = self.n_keys = q.shape[1]
+        self.index = neighborhood_index(self.spatial, kernel_size, q.device)  # (N, K)
+        self._weights: torch.Tensor | None = None
+
+    def weights(self) -> torch.Tensor:
+        """``(B, N, K)``: the softmax over each query's window."""
+        if self._weights is None:
+            keys = self.k[:, self.index]  # (B, N, K, c)
+            e = (keys @ self.q.unsqueeze(-1)).squeeze(-1)  # (B, N, K)
+            self._weights = torch.softmax(e * self.scale if self.scale != 1.0 else e, dim=-1)
+        return self._weights
+
+    def matmul(self, v: torch.Tensor) -> torch.Tensor:
+        w = self.weights()
+        return mm(w.unsqueeze(-2), v[:, self.index]).squeeze(-2)  # (B, N, 1, K) @ (B, N, K, c)
+
+    def dense(self) -> torch.Tensor:
+        w = self.weights()
+        out = torch.zeros(w.shape[0], self.n, self.n_keys, dtype=w.dtype, device=w.device)
+        return out.scatter(2, self.index.expand(w.shape[0], -1, -1), w)
 
 
 # --------------------------------------------------------------------------------------- dispatch

@@ -167,12 +167,13 @@ class Affinity(nn.Module):
                  scale: bool | float, bias: bool, sub_sample: bool, backend: str, memory_budget: float,
                  mode: str = "positions", groups: int = 1, order: int = 0, rbf_gamma: float = 1e-4,
                  whiten: bool = False, unary: bool = False, temperature: float = 1.0, rbf_prefactor: str = "exact",
-                 device=None, dtype=None):
+                 kernel_size: int = 1, device=None, dtype=None):
         super().__init__()
         self.kernel, self.normalization, self.backend, self.mode = kernel, normalization, backend, mode
         self.sub_sample, self.dim, self.groups, self.order, self.rbf_gamma = sub_sample, dim, groups, order, rbf_gamma
         self.whiten, self.unary, self.temperature, self.rbf_prefactor = whiten, unary, temperature, rbf_prefactor
         self.memory_budget = memory_budget  # MiB
+        self.kernel_size = kernel_size  # the neighborhood graph's window (positions per axis)
         self.graph_mode = GRAPH_MODES[mode]
         self.kernel_spec = kern = KERNELS[kernel]
         uses_projection = self.graph_mode.projects(kern)
@@ -325,6 +326,64 @@ class _CrissCrossDense(aff.PairwiseKernel):
 
     def rows(self, i0, i1):
         return self._a[:, i0:i1]
+
+
+class _Formed(aff.PairwiseKernel):
+    """A graph operator formed as a dense matrix: its rows (``backend="dense"`` of the axial and neighborhood
+    graphs, for testing and small inputs)."""
+
+    def __init__(self, graph: aff.Graph, q: torch.Tensor):
+        super().__init__(graph.n, graph.n_keys, q.shape[0], q.device.type)
+        self._a = graph.dense()
+
+    def rows(self, i0, i1):
+        return self._a[:, i0:i1]
+
+
+class AxialMode(GraphMode):
+    """Axial attention (Ho et al. 2019; Wang et al., "Axial-DeepLab", ECCV 2020): softmax along the first spatial
+    axis, then along the next on its output: the product graph ``A = A_{d-1} ··· A_1 A_0`` of per-axis graphs
+    (:class:`~nonlocalnet.affinity.ProductGraph` of :class:`~nonlocalnet.affinity.AxisGraph`), all from the stage
+    input's ``θ``, ``φ``. ``O(N·ΣL_d·c)``; in 1-D it is the full softmax graph (NL's)."""
+
+    def build(self, edges: Affinity, x: torch.Tensor, spatial: tuple[int, ...], budget: int) -> aff.Graph:
+        q, k = edges.kernel_spec.transform(*edges.queries_keys(x, spatial))
+        graph = aff.ProductGraph([aff.AxisGraph(q, k, spatial, d, edges.scale_value) for d in range(len(spatial))])
+        graph.backend = "axial"
+        return aff.PairwiseGraph(_Formed(graph, q), "none") if edges.backend == "dense" else graph
+
+
+class NeighborhoodMode(GraphMode):
+    """Neighborhood attention (Hassani et al., "Neighborhood Attention Transformer", CVPR 2023): softmax over the
+    ``kernel_size^d`` keys of a window around each position, shifted inward at the borders
+    (:class:`~nonlocalnet.affinity.NeighborhoodGraph`). ``O(N·k^d·c)``."""
+
+    def build(self, edges: Affinity, x: torch.Tensor, spatial: tuple[int, ...], budget: int) -> aff.Graph:
+        ks = edges.kernel_size
+        if ks > min(spatial):
+            raise ValueError(f"x: spatial size {spatial} is smaller than kernel_size={ks} along axis "
+                             f"{min(range(len(spatial)), key=lambda d: spatial[d])} (the window holds kernel_size "
+                             f"positions per axis); use an odd kernel_size <= {min(spatial)} or a larger input")
+        q, k = edges.kernel_spec.transform(*edges.queries_keys(x, spatial))
+        graph = aff.NeighborhoodGraph(q, k, spatial, ks, edges.scale_value)
+        return aff.PairwiseGraph(_Formed(graph, q), "none") if edges.backend == "dense" else graph
+
+
+def _kernel_size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
+        raise ValueError(f"kernel_size: expected an odd int >= 1 (positions per axis of the window around each "
+                         f"query), got {value!r}")
+    return value
+
+
+register_graph(AxialMode(
+    "axial", "softmax along each spatial axis in turn: the product graph A = A_W A_H (axial attention)",
+    kernels="exp", normalizations=("softmax", "row"), backends=("auto", "dense"), pairwise_only=True))
+register_graph(NeighborhoodMode(
+    "neighborhood", "softmax over a k^d window around each position, shifted inward at borders (NAT)",
+    kernels="exp", normalizations=("softmax", "row"), backends=("auto", "dense"), pairwise_only=True,
+    options={"kernel_size": Option(3, "window size k per axis (odd, <= the smallest spatial size; NAT uses 7)",
+                                   lambda k, v: _kernel_size(v))}))
 
 
 OUT_MAPS = ("linear", "bottleneck")

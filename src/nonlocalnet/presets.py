@@ -124,6 +124,18 @@ for _preset in [
     register_block(_preset)
 
 
+register_block(Preset(
+    "axial", 'Ho, Kalchbrenner, Weissenborn, Salimans, "Axial Attention in Multidimensional Transformers", arXiv '
+             '1912.12180, 2019; Wang et al., "Axial-DeepLab: Stand-Alone Axial-Attention for Panoptic Segmentation", '
+             'ECCV 2020 (axial attention without its positional terms): softmax along H, then along W on its output, '
+             'A = A_W A_H, F = A Z W, Y = X + BN(F)', dict(filter="nl", scale=True), mode="axial"))
+register_block(Preset(
+    "neighborhood", 'Hassani, Walton, Li, Li, Shi, "Neighborhood Attention Transformer", CVPR 2023 (also '
+                    'Ramachandran et al., "Stand-Alone Self-Attention in Vision Models", NeurIPS 2019): softmax over '
+                    'a k x k window around each position, shifted inward at the borders, F = A Z W, Y = X + BN(F)',
+    dict(filter="nl", scale=True), mode="neighborhood"))
+
+
 def list_blocks() -> list[str]:
     """Names accepted by :func:`build_block`."""
     return list(PRESETS)
@@ -219,6 +231,9 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
             raise ValueError(f"normalization: cc uses the masked softmax ('softmax'), got {norm!r}")
         if mode == "channels":
             raise ValueError(f"normalization: cgnl supports 'none' or 'count', got {norm!r}")
+        if mode_spec.normalizations is not None:
+            raise ValueError(f"normalization: {name} ({mode} graph) takes "
+                             f"{', '.join(map(repr, mode_spec.normalizations))}, got {norm!r}")
         if unary_kernel:
             raise ValueError(f"normalization: the unary kernel (GC's attention pooling, A = 1·aᵀ) takes 'softmax', "
                              f"got {norm!r}")
@@ -237,6 +252,9 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
     if mode == "crisscross" and o["sub_sample"]:
         raise ValueError("sub_sample: criss-cross attention does not go with sub-sampling (keys must stay "
                          "on the query's row and column)")
+    if mode in ("axial", "neighborhood") and o["sub_sample"]:
+        raise ValueError(f"sub_sample: {mode} attention does not go with sub-sampling (the keys of each query are "
+                         f"its own {'axis lines' if mode == 'axial' else 'window'} at full resolution)")
     if unary_kernel and o["unary"]:
         raise ValueError("unary=True adds a unary term to a pairwise graph; kernel='unary' already is one")
     if unary_kernel and o["whiten"]:
@@ -367,7 +385,8 @@ def build_block(name: str, in_channels: int, *, dim: int = 2, device: torch.devi
         scale=o["scale"], bias=o["bias"], sub_sample=o["sub_sample"], backend=o["backend"],
         memory_budget=o["memory_budget"], mode=preset.mode, groups=o.get("groups", 1),
         order=o.get("taylor_order", 0), rbf_gamma=o.get("rbf_gamma", 1e-4), whiten=o["whiten"], unary=o["unary"],
-        temperature=o["temperature"], rbf_prefactor=o.get("rbf_prefactor", "exact"), **fk,
+        temperature=o["temperature"], rbf_prefactor=o.get("rbf_prefactor", "exact"),
+        kernel_size=o.get("kernel_size", 1), **fk,
     )
     fspec = FILTERS[o["filter"]]
     units = [

@@ -23,6 +23,11 @@ Equations (docs/framework.md and these papers):
 - stage: ``Zⁿ⁺¹ = Zⁿ + out_n(F_n(A, g_n(Zⁿ)))``, ``A`` from the stage input (Tao et al. 2018, Eq. 8)
 - CC: softmax over the positions in the same row/column (mask ``C``, Zhu et al. 2021 (ICCV), §B.5)
 - CGNL: graph over (position, channel) nodes (Zhu et al. 2021 (ICCV), §B.4)
+- axial (Ho et al., "Axial Attention in Multidimensional Transformers", arXiv 2019; Wang et al., "Axial-DeepLab",
+  ECCV 2020): ``A = A_{D-1} ··· A_0``, each ``A_d`` the row-normalized ``exp(s·qkᵀ)`` masked to the positions
+  that differ only along axis ``d`` (mask by loops), the product formed as ``N × N``
+- neighborhood (Hassani et al., "Neighborhood Attention Transformer", CVPR 2023): the row-normalized
+  ``exp(s·qkᵀ)`` masked to the ``k^d`` window of each query, shifted inward at the borders (mask by loops)
 - spectral filters (docs/spectral.md), ``L = I − A``: heat ``exp(−tL)``, wavelet ``e·sL·exp(−sL)`` from
   ``torch.linalg.eigh`` of the dense symmetric ``A`` (``matrix_exp`` when ``A`` is not symmetric); Cayley
   ``C = (hL − iI)(hL + iI)⁻¹`` as a dense complex matrix, its powers by matmul (Levie et al., CayleyNets,
@@ -113,6 +118,41 @@ def crisscross_mask(spatial: tuple[int, ...]) -> torch.Tensor:
     return mask
 
 
+def axis_mask(spatial: tuple[int, ...], axis: int) -> torch.Tensor:
+    """``mask[i, j]`` is True when positions i and j agree in every coordinate but ``axis`` (loops)."""
+    coords = list(itertools.product(*[range(s) for s in spatial]))
+    n = len(coords)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for i, ci in enumerate(coords):
+        for j, cj in enumerate(coords):
+            mask[i, j] = all(a == b for d, (a, b) in enumerate(zip(ci, cj)) if d != axis)
+    return mask
+
+
+def neighborhood_mask(spatial: tuple[int, ...], kernel_size: int) -> torch.Tensor:
+    """``mask[i, j]`` is True when j lies in the window of i: along each axis, the ``k`` positions starting at
+    ``min(max(i - k // 2, 0), L - k)`` (NAT's window, shifted inward at the borders) (loops)."""
+    coords = list(itertools.product(*[range(s) for s in spatial]))
+    n = len(coords)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for i, ci in enumerate(coords):
+        starts = [min(max(a - kernel_size // 2, 0), length - kernel_size) for a, length in zip(ci, spatial)]
+        for j, cj in enumerate(coords):
+            mask[i, j] = all(s0 <= b < s0 + kernel_size for s0, b in zip(starts, cj))
+    return mask
+
+
+def axial_affinity(logits: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """Axial attention from the logits ``s·q_i·k_j`` ``(B, N, N)``: the dense per-axis softmax matrices
+    ``A_d = rownorm(exp(logits) ⊙ mask_d)``, multiplied as ``N × N``: ``A = A_{D-1} ··· A_1 A_0`` (the first
+    axis applied first)."""
+    a = None
+    for d in range(len(spatial)):
+        ad = normalize(torch.exp(logits) * axis_mask(spatial, d).to(logits.dtype), "row")
+        a = ad if a is None else ad @ a
+    return a
+
+
 def affinity_tokens(graph, x: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
     """Dense ``A`` (B, N, N') of an :class:`~nonlocalnet.blocks.Affinity` module on tokens ``x``."""
     kernel, norm = graph.kernel, graph.normalization
@@ -136,6 +176,11 @@ def affinity_tokens(graph, x: torch.Tensor, spatial: tuple[int, ...]) -> torch.T
     if graph.mode == "crisscross":
         logits = s * q @ k.transpose(1, 2)
         m = torch.exp(logits) * crisscross_mask(spatial).to(logits.dtype)
+        return normalize(m, "row")
+    if graph.mode == "axial":
+        return axial_affinity(s * q @ k.transpose(1, 2), spatial)
+    if graph.mode == "neighborhood":
+        m = torch.exp(s * q @ k.transpose(1, 2)) * neighborhood_mask(spatial, graph.kernel_size).to(q.dtype)
         return normalize(m, "row")
     if graph.concat is not None:
         w = graph.concat.weight.flatten()
