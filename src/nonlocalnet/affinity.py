@@ -24,6 +24,8 @@ Each backend answers that product differently, all exactly:
 - :class:`AxisGraph` — softmax along one spatial axis (a factor of axial attention), ``O(N·L_axis)``.
 - :class:`ProductGraph` — a product of graphs, ``A = G_m ··· G_1`` (axial attention: ``A = A_W A_H``); each
   product ``A V = G_m(··· G_1 V)`` runs on each factor's own backend.
+- :class:`HeadsGraph` — ``h`` graphs on ``h`` channel groups of the values (multi-head attention; the
+  ``sdpa`` backend does the heads natively in :class:`SDPAGraph`).
 - :class:`NeighborhoodGraph` — softmax over a ``k^d`` window around each position, shifted inward at the
   borders (NAT), ``O(N·k^d)``: keys gathered by index arithmetic.
 
@@ -381,11 +383,38 @@ class SDPAGraph(Graph):
 
     backend = "sdpa"
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, scale: float):
-        self.q, self.k, self.scale = q, k, scale
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, scale: float, heads: int = 1):
+        """``heads``: ``h`` graphs, head ``i`` on the ``i``-th of ``h`` equal channel groups of ``q``, ``k`` and of
+        every ``V`` (multi-head attention, Vaswani et al., "Attention Is All You Need", NeurIPS 2017, Eq. 1 and
+        §3.2.2), in one fused call ``(B, h, N, c/h)``."""
+        self.q, self.k, self.scale, self.heads = q, k, scale, heads
         self.n, self.n_keys = q.shape[1], k.shape[1]
 
+    def _split(self, t: torch.Tensor) -> torch.Tensor:
+        """``(B, N, c) -> (B, h, N, c/h)``."""
+        return t.reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
+
+    def _matmul_heads(self, v: torch.Tensor) -> torch.Tensor:
+        q, k = self.q, self.k
+        if q.dtype != v.dtype:
+            v = v.to(q.dtype)
+        q, k, v = self._split(q), self._split(k), self._split(v)
+        cv, ck = v.shape[-1], q.shape[-1]
+        if cv < ck:  # one width for queries, keys and values (the fused kernel; see matmul)
+            v = F.pad(v, (0, ck - cv))
+        elif ck < cv:
+            q, k = F.pad(q, (0, cv - ck)), F.pad(k, (0, cv - ck))
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = out[..., :cv] if cv < ck else out
+        return out.transpose(1, 2).reshape(out.shape[0], self.n, -1)
+
+    def head_dense(self) -> torch.Tensor:
+        """``(B, h, N, N')``: each head's softmax graph."""
+        return torch.softmax(self.scale * (self._split(self.q) @ self._split(self.k).transpose(-1, -2)), dim=-1)
+
     def matmul(self, v):
+        if self.heads > 1:
+            return self._matmul_heads(v)
         q, k = self.q, self.k
         if q.dtype != v.dtype:
             v = v.to(q.dtype)
@@ -412,6 +441,8 @@ class SDPAGraph(Graph):
         return out[..., :cv] if cv < ck else out
 
     def dense(self):
+        if self.heads > 1:  # for analysis: the mean of the heads' graphs (HeadsGraph's convention)
+            return self.head_dense().mean(1)
         return torch.softmax(self.scale * (self.q @ self.k.transpose(1, 2)), dim=-1)
 
 
@@ -789,6 +820,30 @@ class NeighborhoodGraph(Graph):
         w = self.weights()
         out = torch.zeros(w.shape[0], self.n, self.n_keys, dtype=w.dtype, device=w.device)
         return out.scatter(2, self.index.expand(w.shape[0], -1, -1), w)
+
+
+class HeadsGraph(Graph):
+    """``h`` graphs on ``h`` equal channel groups (multi-head attention: Vaswani et al., "Attention Is All You
+    Need", NeurIPS 2017, §3.2.2; Zhu, Cheng, Zhang, Lin, Dai, "An Empirical Study of Spatial Attention Mechanisms
+    in Deep Networks", ICCV 2019): ``(A V)[:, :, group i] = A_i V[:, :, group i]``, i.e. the block-diagonal
+    operator ``diag(A_1, ..., A_h)`` on the channel groups of ``V``. A filter ``p(A)`` on it is ``p(A_i)`` on each
+    head (the same filter per head). :meth:`dense` is the mean of the heads' graphs ``(B, N, N')`` (for analysis:
+    the attention maps averaged over heads); :meth:`head_dense` gives each ``(B, h, N, N')``."""
+
+    def __init__(self, graphs: list[Graph]):
+        self.graphs = list(graphs)
+        self.heads = len(graphs)
+        self.n, self.n_keys = graphs[0].n, graphs[0].n_keys
+        self.backend = graphs[0].backend
+
+    def matmul(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([g.matmul(vh) for g, vh in zip(self.graphs, v.chunk(self.heads, -1))], -1)
+
+    def head_dense(self) -> torch.Tensor:
+        return torch.stack([g.dense() for g in self.graphs], 1)
+
+    def dense(self) -> torch.Tensor:
+        return self.head_dense().mean(1)
 
 
 # --------------------------------------------------------------------------------------- dispatch

@@ -167,7 +167,7 @@ class Affinity(nn.Module):
                  scale: bool | float, bias: bool, sub_sample: bool, backend: str, memory_budget: float,
                  mode: str = "positions", groups: int = 1, order: int = 0, rbf_gamma: float = 1e-4,
                  whiten: bool = False, unary: bool = False, temperature: float = 1.0, rbf_prefactor: str = "exact",
-                 kernel_size: int = 1, device=None, dtype=None):
+                 kernel_size: int = 1, heads: int = 1, device=None, dtype=None):
         super().__init__()
         self.kernel, self.normalization, self.backend, self.mode = kernel, normalization, backend, mode
         self.sub_sample, self.dim, self.groups, self.order, self.rbf_gamma = sub_sample, dim, groups, order, rbf_gamma
@@ -178,8 +178,9 @@ class Affinity(nn.Module):
         self.kernel_spec = kern = KERNELS[kernel]
         uses_projection = self.graph_mode.projects(kern)
         feat = key_channels if uses_projection else in_channels
-        if isinstance(scale, bool):
-            self.scale_value = 1.0 / math.sqrt(feat) if scale else 1.0
+        self.heads = heads  # h graphs on h channel groups of θ, φ and the values (exp kernels)
+        if isinstance(scale, bool):  # 1/sqrt of the channels each graph's logits sum over (per head)
+            self.scale_value = 1.0 / math.sqrt(feat // heads) if scale else 1.0
         else:
             self.scale_value = float(scale)
         self.scale_value /= temperature  # DNL's temperature: logits / (sqrt(C_s)·τ)
@@ -224,7 +225,10 @@ class Affinity(nn.Module):
 
 class PositionsMode(GraphMode):
     """The graph over all positions (``N × N'``): every kernel; DNL's unary term is added as a rank-1 graph
-    (:class:`~nonlocalnet.affinity.SumGraph`), GC's unary kernel is that term alone."""
+    (:class:`~nonlocalnet.affinity.SumGraph`), GC's unary kernel is that term alone. ``heads > 1`` (exp kernels):
+    one graph per channel group (:meth:`heads_graph`)."""
+
+    multihead = True
 
     def build(self, edges: Affinity, x: torch.Tensor, spatial: tuple[int, ...], budget: int) -> aff.Graph:
         kern = edges.kernel_spec
@@ -257,8 +261,25 @@ class PositionsMode(GraphMode):
             return aff.build_graph(edges.kernel, edges.normalization, edges.backend, q=None, k=None,
                                    budget_bytes=budget, concat=(q @ w[:kc], k @ w[kc:]))
         q, k = kern.transform(q, k)
+        if edges.heads > 1:
+            return PositionsMode.heads_graph(edges, q, k, budget)
         return aff.build_graph(edges.kernel, edges.normalization, edges.backend, q=q, k=k,
                                scale=edges.scale_value, budget_bytes=budget)
+
+    @staticmethod
+    def heads_graph(edges: Affinity, q: torch.Tensor, k: torch.Tensor, budget: int) -> aff.Graph:
+        """``heads`` graphs on channel groups of ``q``, ``k`` (and of the values): fused attention does them
+        natively (:class:`~nonlocalnet.affinity.SDPAGraph`), every other backend one graph per head
+        (:class:`~nonlocalnet.affinity.HeadsGraph`)."""
+        h, backend = edges.heads, edges.backend
+        if backend == "auto":
+            backend = aff.choose_backend(edges.kernel, edges.normalization, q.shape[0], q.shape[1], k.shape[1],
+                                         max(q.element_size(), 4), budget)
+        if backend == "sdpa":
+            return aff.SDPAGraph(q, k, edges.scale_value, heads=h)
+        return aff.HeadsGraph([aff.build_graph(edges.kernel, edges.normalization, backend, q=qh, k=kh,
+                                               scale=edges.scale_value, budget_bytes=budget // h)
+                               for qh, kh in zip(q.chunk(h, -1), k.chunk(h, -1))])
 
 
 class CrissCrossMode(GraphMode):
@@ -340,14 +361,27 @@ class _Formed(aff.PairwiseKernel):
         return self._a[:, i0:i1]
 
 
+def _per_head(edges: Affinity, q: torch.Tensor, k: torch.Tensor, one) -> aff.Graph:
+    """``one(q, k)``, or with ``heads > 1`` one graph per channel group (:class:`~nonlocalnet.affinity.HeadsGraph`)."""
+    if edges.heads == 1:
+        return one(q, k)
+    return aff.HeadsGraph([one(qh, kh) for qh, kh in zip(q.chunk(edges.heads, -1), k.chunk(edges.heads, -1))])
+
+
 class AxialMode(GraphMode):
     """Axial attention (Ho et al. 2019; Wang et al., "Axial-DeepLab", ECCV 2020): softmax along the first spatial
     axis, then along the next on its output: the product graph ``A = A_{d-1} ··· A_1 A_0`` of per-axis graphs
     (:class:`~nonlocalnet.affinity.ProductGraph` of :class:`~nonlocalnet.affinity.AxisGraph`), all from the stage
     input's ``θ``, ``φ``. ``O(N·ΣL_d·c)``; in 1-D it is the full softmax graph (NL's)."""
 
+    multihead = True
+
     def build(self, edges: Affinity, x: torch.Tensor, spatial: tuple[int, ...], budget: int) -> aff.Graph:
         q, k = edges.kernel_spec.transform(*edges.queries_keys(x, spatial))
+        return _per_head(edges, q, k, lambda qh, kh: self.one(edges, qh, kh, spatial))
+
+    @staticmethod
+    def one(edges: Affinity, q: torch.Tensor, k: torch.Tensor, spatial: tuple[int, ...]) -> aff.Graph:
         graph = aff.ProductGraph([aff.AxisGraph(q, k, spatial, d, edges.scale_value) for d in range(len(spatial))])
         graph.backend = "axial"
         return aff.PairwiseGraph(_Formed(graph, q), "none") if edges.backend == "dense" else graph
@@ -358,6 +392,8 @@ class NeighborhoodMode(GraphMode):
     ``kernel_size^d`` keys of a window around each position, shifted inward at the borders
     (:class:`~nonlocalnet.affinity.NeighborhoodGraph`). ``O(N·k^d·c)``."""
 
+    multihead = True
+
     def build(self, edges: Affinity, x: torch.Tensor, spatial: tuple[int, ...], budget: int) -> aff.Graph:
         ks = edges.kernel_size
         if ks > min(spatial):
@@ -365,8 +401,12 @@ class NeighborhoodMode(GraphMode):
                              f"{min(range(len(spatial)), key=lambda d: spatial[d])} (the window holds kernel_size "
                              f"positions per axis); use an odd kernel_size <= {min(spatial)} or a larger input")
         q, k = edges.kernel_spec.transform(*edges.queries_keys(x, spatial))
-        graph = aff.NeighborhoodGraph(q, k, spatial, ks, edges.scale_value)
-        return aff.PairwiseGraph(_Formed(graph, q), "none") if edges.backend == "dense" else graph
+
+        def one(qh: torch.Tensor, kh: torch.Tensor) -> aff.Graph:
+            graph = aff.NeighborhoodGraph(qh, kh, spatial, ks, edges.scale_value)
+            return aff.PairwiseGraph(_Formed(graph, qh), "none") if edges.backend == "dense" else graph
+
+        return _per_head(edges, q, k, one)
 
 
 def _kernel_size(value: Any) -> int:

@@ -172,7 +172,9 @@ class GraphMode:
     ``options``: the options only this mode takes (CGNL's ``groups``, ...), as :class:`~nonlocalnet.registry.Option`
     specs. A mode's :meth:`build` turns the :class:`~nonlocalnet.blocks.Affinity` module's parameters and a stage
     input into a :class:`~nonlocalnet.affinity.Graph` operator; ``pairwise_only``: the mode has no unary term
-    (DNL's) and no whitening. ``doc``: one line for ``nonlocalnet blocks`` and error messages.
+    (DNL's) and no whitening. ``doc``: one line for ``nonlocalnet blocks`` and error messages. A subclass that sets
+    the class attribute ``multihead = True`` builds ``heads`` graphs on channel groups for the exp kernels (the
+    common option ``heads``; its ``build`` reads ``edges.heads``).
     """
 
     name: str
@@ -182,6 +184,7 @@ class GraphMode:
     backends: tuple[str, ...] | None = None
     options: Mapping[str, Option] = field(default_factory=dict)
     pairwise_only: bool = False
+    multihead = False  # a class attribute (not a field): subclasses that build multi-head graphs set it
 
     def kernel_names(self) -> tuple[str, ...]:
         if self.kernels is None:

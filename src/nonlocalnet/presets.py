@@ -49,7 +49,7 @@ COMMON = dict(
     units=1, recurrence=1, filter="nl", out_norm="bn", zero_init=True, backend="auto",
     memory_budget=256, value_channels=None, out_proj=True, norm_groups=None,
     key_channels=None, whiten=False, unary=False, temperature=1.0, value_proj=True, out_map="linear",
-    bottleneck_channels=None, fusion="add",
+    bottleneck_channels=None, fusion="add", heads=1,
 )
 
 PRESETS: Registry[Preset] = Registry("block", "name")
@@ -359,9 +359,32 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
     if o["out_norm"] == "bn_relu" and o["zero_init"]:
         raise ValueError("zero_init=True does not go with out_norm='bn_relu': relu(BN(F)) with a zero BN scale "
                          "outputs 0 with zero gradient, so the block would never train")
+    _check_heads(name, mode_spec, o, in_channels, key_channels, vc)
     o.update(key_channels=key_channels, value_channels=vc, norm_groups=ng, bottleneck_channels=bc)
     o["filter_options"] = fopts
     return o
+
+
+def _check_heads(name: str, mode_spec: K.GraphMode, o: dict[str, Any], in_channels: int, key_channels: int,
+                 value_channels: int) -> None:
+    """``heads``: a positive int; ``> 1`` needs an exp kernel on a graph mode that builds multi-head graphs, and
+    ``heads`` must divide the query/key channels and the value channels."""
+    h = o["heads"]
+    if isinstance(h, bool) or not isinstance(h, int) or h < 1:
+        raise ValueError(f"heads: expected a positive int (graphs on channel groups), got {h!r}")
+    if h == 1:
+        return
+    kern = K.KERNELS[o["kernel"]]
+    if not kern.exp or kern.unary or not mode_spec.multihead:
+        modes = [m for m, spec in K.GRAPH_MODES.items() if spec.multihead]
+        raise ValueError(f"heads={h}: multi-head graphs are for the exp kernels ({', '.join(K.exp_kernels())}) on "
+                         f"the {', '.join(modes)} graphs; got kernel={o['kernel']!r} on block {name!r} "
+                         f"({mode_spec.name} graph)")
+    qk = key_channels if kern.projected else in_channels
+    what = "C_s" if kern.projected else "in_channels (the Gaussian's queries and keys are X)"
+    if qk % h or value_channels % h:
+        raise ValueError(f"heads ({h}) must divide {what} ({qk}) and value_channels ({value_channels}): each head "
+                         f"takes an equal channel group of the queries, keys and values")
 
 
 def build_block(name: str, in_channels: int, *, dim: int = 2, device: torch.device | str | None = None,
@@ -372,7 +395,7 @@ def build_block(name: str, in_channels: int, *, dim: int = 2, device: torch.devi
     (:data:`COMMON`: ``reduction``, ``kernel``, ``normalization``, ``scale``, ``bias``, ``sub_sample``, ``units``,
     ``recurrence``, ``filter``, ``out_norm``, ``zero_init``, ``backend``, ``memory_budget`` (MiB),
     ``value_channels``, ``out_proj``, ``norm_groups``, ``key_channels``, ``whiten``, ``unary``, ``temperature``,
-    ``value_proj``, ``out_map``, ``bottleneck_channels``, ``fusion``), the filter's (:data:`FILTERS`, e.g.
+    ``value_proj``, ``out_map``, ``bottleneck_channels``, ``fusion``, ``heads``), the filter's (:data:`FILTERS`, e.g.
     ``order``; the spectral filters' ``spectral_path`` and ``approx_order``) and the graph mode's (CGNL's
     ``groups``, ``taylor_order``, ``rbf_gamma``, ``rbf_prefactor``); :func:`block_options` lists them for a block.
     ``device``/``dtype``: where and in which dtype the parameters are created (PyTorch's factory arguments).
@@ -386,7 +409,7 @@ def build_block(name: str, in_channels: int, *, dim: int = 2, device: torch.devi
         memory_budget=o["memory_budget"], mode=preset.mode, groups=o.get("groups", 1),
         order=o.get("taylor_order", 0), rbf_gamma=o.get("rbf_gamma", 1e-4), whiten=o["whiten"], unary=o["unary"],
         temperature=o["temperature"], rbf_prefactor=o.get("rbf_prefactor", "exact"),
-        kernel_size=o.get("kernel_size", 1), **fk,
+        kernel_size=o.get("kernel_size", 1), heads=o["heads"], **fk,
     )
     fspec = FILTERS[o["filter"]]
     units = [

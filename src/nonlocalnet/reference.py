@@ -35,6 +35,9 @@ Equations (docs/framework.md and these papers):
 - GC (Cao et al., "GCNet: Non-local Networks Meet Squeeze-Excitation Networks and Beyond", ICCVW 2019,
   arXiv 1904.11492, Eq. 4): ``A = 1·aᵀ``, ``a = softmax(w_m X)``, the bottleneck ``conv → LayerNorm → ReLU →
   conv``, fusion ``X ⊙ σ(F_mul) + F_add``
+- heads (Vaswani et al., "Attention Is All You Need", NeurIPS 2017, §3.2.2): head ``i`` is the whole graph of
+  the ``i``-th channel group of θ, φ, each filter term formed per head on that head's channel group of ``Z``
+  and the heads concatenated before ``W_t``
 - DNL (Yin et al., "Disentangled Non-Local Neural Networks", ECCV 2020, arXiv 2006.06668, Eq. 12):
   ``softmax((θ−μ_θ)(φ−μ_φ)ᵀ/(√C_s τ)) + 1·softmax(w_m X)ᵀ``
 """
@@ -153,8 +156,41 @@ def axial_affinity(logits: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tens
     return a
 
 
+class _Head:
+    """Head ``i`` of ``h`` of an :class:`~nonlocalnet.blocks.Affinity` module: its attributes, and ``head``."""
+
+    def __init__(self, graph, i: int, h: int):
+        self._graph, self.head = graph, (i, h)
+
+    def __getattr__(self, name):
+        return getattr(self._graph, name)
+
+
+def affinity_heads(graph, x: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """Multi-head ``A`` (B, h, N, N'): head ``i`` is the graph of the ``i``-th of ``h`` equal channel groups of
+    the queries and keys (Vaswani et al., "Attention Is All You Need", NeurIPS 2017, §3.2.2), each formed as a
+    whole dense graph by :func:`affinity_tokens` (the unary term, if any, added to each)."""
+    h = getattr(graph, "heads", 1)
+    return torch.stack([affinity_tokens(_Head(graph, i, h), x, spatial) for i in range(h)], 1)
+
+
+def split_heads(z: torch.Tensor, h: int) -> torch.Tensor:
+    """``(B, N, c) -> (B·h, N, c/h)``: head ``i`` takes channels ``[i·c/h, (i+1)·c/h)``."""
+    b, n, c = z.shape
+    return z.reshape(b, n, h, c // h).permute(0, 2, 1, 3).reshape(b * h, n, c // h)
+
+
+def merge_heads(t: torch.Tensor, h: int) -> torch.Tensor:
+    """The inverse of :func:`split_heads`: the heads' channels concatenated."""
+    bh, n, ch = t.shape
+    return t.reshape(bh // h, h, n, ch).permute(0, 2, 1, 3).reshape(bh // h, n, h * ch)
+
+
 def affinity_tokens(graph, x: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
-    """Dense ``A`` (B, N, N') of an :class:`~nonlocalnet.blocks.Affinity` module on tokens ``x``."""
+    """Dense ``A`` (B, N, N') of an :class:`~nonlocalnet.blocks.Affinity` module on tokens ``x``; with ``heads >
+    1`` the mean of the heads' graphs (what ``block.affinity`` gives for analysis; :func:`affinity_heads`)."""
+    if getattr(graph, "heads", 1) > 1 and not hasattr(graph, "head"):
+        return affinity_heads(graph, x, spatial).mean(1)
     kernel, norm = graph.kernel, graph.normalization
     if graph.theta is not None:
         q, k = _lin(graph.theta, x), _lin(graph.phi, x)
@@ -165,6 +201,10 @@ def affinity_tokens(graph, x: torch.Tensor, spatial: tuple[int, ...]) -> torch.T
     if getattr(graph, "whiten", False):
         q = q - q.sum(1, keepdim=True) / q.shape[1]
         k = k - k.sum(1, keepdim=True) / k.shape[1]
+    if hasattr(graph, "head"):  # one head: its channel group of the queries and keys
+        i, h = graph.head
+        width = q.shape[-1] // h
+        q, k = q[..., i * width:(i + 1) * width], k[..., i * width:(i + 1) * width]
     s = graph.scale_value
     unary = None
     if graph.mask is not None:  # the unary term: M_ij = exp(m_j), the same row for every query
@@ -334,11 +374,16 @@ def forward(block, x: torch.Tensor, spectral_method: str = "eigh") -> torch.Tens
     spatial = tuple(x.shape[2:])
     h = x.movedim(1, -1).reshape(b, -1, c)
     graph = block.edges
+    heads = getattr(graph, "heads", 1)
     for _ in range(block.recurrence):
         a = None if graph.mode == "channels" else affinity_tokens(graph, h, spatial)
+        if heads > 1:  # every head its own graph on its channel group of Z: (B·h, N, N') and (B·h, N, C_v/h)
+            a = affinity_heads(graph, h, spatial).flatten(0, 1)
         stage_input = h
         for unit in block.units:
             z = _lin(unit.g, h) if unit.g is not None else h
+            if heads > 1:
+                z = split_heads(z, heads)
             filt = unit.filter
             rows = filt.chebyshev()
             if rows is None:  # a matrix function of A
@@ -360,6 +405,8 @@ def forward(block, x: torch.Tensor, spectral_method: str = "eigh") -> torch.Tens
                 else:
                     basis = [t @ z for t in chebyshev_matrices(a, order)]
                 terms = [sum(coef[t, k] * basis[k] for k in range(order + 1)) for t in range(coef.shape[0])]
+            if heads > 1:  # the heads' outputs concatenated before the output maps
+                terms = [merge_heads(t, heads) for t in terms]
             y = h
             if "mul" in unit.fusion:
                 gate = sum(out_map(w, term) for w, term in zip(unit.w_mul, terms)) if len(unit.w_mul) else terms[0]
