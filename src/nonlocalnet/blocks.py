@@ -397,9 +397,10 @@ class NeighborhoodMode(GraphMode):
     def build(self, edges: Affinity, x: torch.Tensor, spatial: tuple[int, ...], budget: int) -> aff.Graph:
         ks = edges.kernel_size
         if ks > min(spatial):
+            fits = min(spatial) - 1 + min(spatial) % 2  # the largest odd size that fits
             raise ValueError(f"x: spatial size {spatial} is smaller than kernel_size={ks} along axis "
                              f"{min(range(len(spatial)), key=lambda d: spatial[d])} (the window holds kernel_size "
-                             f"positions per axis); use an odd kernel_size <= {min(spatial)} or a larger input")
+                             f"positions per axis); use an odd kernel_size <= {fits} or a larger input")
         q, k = edges.kernel_spec.transform(*edges.queries_keys(x, spatial))
 
         def one(qh: torch.Tensor, kh: torch.Tensor) -> aff.Graph:
