@@ -246,8 +246,15 @@ def test_errors_name_the_argument(name, opts, words):
 
 # ----------------------------------------------------------------------------------------- around the blocks
 def test_listed_analyzed_and_benched(tmp_path, capsys):
-    from nonlocalnet.analysis import (Batch, run_affinity, run_attention, run_cost, run_dynamics, run_filter,
-                                      run_spectrum)
+    from nonlocalnet.analysis import (
+        Batch,
+        run_affinity,
+        run_attention,
+        run_cost,
+        run_dynamics,
+        run_filter,
+        run_spectrum,
+    )
     from nonlocalnet.bench import run as bench_run
     from nonlocalnet.cli import main
     from nonlocalnet.models import build_model, insert_blocks

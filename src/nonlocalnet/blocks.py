@@ -156,7 +156,9 @@ class Affinity(nn.Module):
     """Builds the graph ``A`` from a stage input (docs/framework.md "Step 1").
 
     ``mode``: a registered graph mode (:data:`~nonlocalnet.kernels.GRAPH_MODES`): ``positions`` (the N × N' graph
-    of NL/NS/SNL/A²), ``crisscross`` (CC's masked graph) or ``channels`` (CGNL's graph over positions × channels).
+    of NL/NS/SNL/A²), ``crisscross`` (CC's masked graph), ``channels`` (CGNL's graph over positions × channels),
+    ``axial`` (a product of per-axis graphs) or ``neighborhood`` (a window around each position; ``kernel_size``).
+    ``heads``: ``h`` graphs on channel groups of ``θ``, ``φ`` and the values (exp kernels).
     ``kernel``: a registered :class:`~nonlocalnet.kernels.Kernel`. Parameters: ``theta``, ``phi`` (1×1 convs
     ``C → C_k``; ``None`` for a kernel that uses ``X`` itself, e.g. ``gaussian``), ``concat`` (``2C_k → 1``, no
     bias; the concatenation kernel) and ``mask`` (``C → 1``: the unary logits of GC and DNL), each ``None`` where the

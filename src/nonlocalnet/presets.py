@@ -127,10 +127,10 @@ for _preset in [
 register_block(Preset(
     "axial", 'Ho, Kalchbrenner, Weissenborn, Salimans, "Axial Attention in Multidimensional Transformers", arXiv '
              '1912.12180, 2019; Wang et al., "Axial-DeepLab: Stand-Alone Axial-Attention for Panoptic Segmentation", '
-             'ECCV 2020 (axial attention without its positional terms): softmax along H, then along W on its output, '
-             'A = A_W A_H, F = A Z W, Y = X + BN(F)', dict(filter="nl", scale=True), mode="axial"))
+             'ECCV 2020, §3.2 (axial attention without its positional terms): softmax along H, then along W on its '
+             'output, A = A_W A_H, F = A Z W, Y = X + BN(F)', dict(filter="nl", scale=True), mode="axial"))
 register_block(Preset(
-    "neighborhood", 'Hassani, Walton, Li, Li, Shi, "Neighborhood Attention Transformer", CVPR 2023 (also '
+    "neighborhood", 'Hassani, Walton, Li, Li, Shi, "Neighborhood Attention Transformer", CVPR 2023, §3.1 (also '
                     'Ramachandran et al., "Stand-Alone Self-Attention in Vision Models", NeurIPS 2019): softmax over '
                     'a k x k window around each position, shifted inward at the borders, F = A Z W, Y = X + BN(F)',
     dict(filter="nl", scale=True), mode="neighborhood"))
