@@ -285,3 +285,18 @@ def test_listed_analyzed_and_benched(tmp_path, capsys):
     assert set(got) == {("axial", "auto"), ("axial", "dense"), ("neighborhood", "auto"), ("neighborhood", "dense")}
     assert got["axial", "auto"].taken == "axial" and got["neighborhood", "auto"].taken == "neighborhood"
     assert all(r.time_ms > 0 for r in rows)
+
+
+@pytest.mark.parametrize("name,opts", [("nl", {"heads": 2}), ("axial", {"heads": 2})])
+def test_heads_compile_and_export(name, opts):
+    """Multi-head graphs trace without graph breaks (fullgraph, forward and backward) and export."""
+    block = randomize(nonlocalnet.build_block(name, 8, **opts)).float().eval()
+    x = torch.randn(2, 8, 6, 5, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    assert torch.allclose(y, block(x), atol=1e-6, rtol=1e-6)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    ep = torch.export.export(block, (x.detach(),))
+    assert torch.allclose(ep.module()(x.detach()), block(x.detach()), atol=1e-6, rtol=1e-6)
