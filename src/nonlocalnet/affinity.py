@@ -807,14 +807,17 @@ class NeighborhoodGraph(Graph):
     def weights(self) -> torch.Tensor:
         """``(B, N, K)``: the softmax over each query's window."""
         if self._weights is None:
-            keys = self.k[:, self.index]  # (B, N, K, c)
-            e = (keys @ self.q.unsqueeze(-1)).squeeze(-1)  # (B, N, K)
+            # elementwise products and sums over the gathered windows: 0.5-0.6x the time of B·N batched
+            # (K × c)(c × 1) products (forward + backward, N = 4096, K = 9, c = 32, 1 thread)
+            e = (self.k[:, self.index] * self.q.unsqueeze(2)).sum(-1)  # (B, N, K)
             self._weights = torch.softmax(e * self.scale if self.scale != 1.0 else e, dim=-1)
         return self._weights
 
     def matmul(self, v: torch.Tensor) -> torch.Tensor:
         w = self.weights()
-        return mm(w.unsqueeze(-2), v[:, self.index]).squeeze(-2)  # (B, N, 1, K) @ (B, N, K, c)
+        if w.dtype != v.dtype and not torch.is_autocast_enabled(w.device.type):
+            w = w.to(v.dtype)
+        return (w.unsqueeze(-1) * v[:, self.index]).sum(2)  # Σ_K w_nK v_idx(n,K): (B, N, c)
 
     def dense(self) -> torch.Tensor:
         w = self.weights()
