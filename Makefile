@@ -8,7 +8,7 @@ VISION_VENV ?= .venv-vision
 VISION_TORCH ?= torch==2.14.1 torchvision==0.29.1
 VBIN := $(VISION_VENV)/bin
 
-.PHONY: test test-interop lint venv vision-venv demo bench clean
+.PHONY: test test-interop test-gpu lint venv vision-venv demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ vision-venv: $(VISION_VENV)/.installed
 # deselects them.
 test-interop: vision-venv
 	$(VBIN)/pytest -m interop
+
+# The CUDA checks (tests/test_gpu.py): every preset x backend x dtype on CUDA against the float64 CPU reference, the
+# fused SDPA kernels, the spectral filters' exact paths, 20 training steps, bench on CUDA. Skipped (all of them,
+# cleanly) where torch sees no CUDA device. GPU_PYTHON: a Python whose torch has CUDA (default: the venv's); on a
+# lent GPU machine `.ci/gpu-check OUT` runs the same with that machine's python3 and writes the results to OUT.
+GPU_PYTHON ?= $(BIN)/python
+test-gpu: venv
+	PYTHONPATH=src $(GPU_PYTHON) -m pytest -m gpu tests/test_gpu.py -rs
 
 # The main job on the bundled default: baseline / +NL / +SNL on the generated task, then runs/demo/report.html.
 demo: venv

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import runpy
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from nonlocalnet.presets import PRESETS
 from nonlocalnet.testing import check_block, largest_tensor, randomize
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "docs" / "examples" / "efficient_bernstein.py"
+EXAMPLE = ROOT / "docs" / "examples" / "linear_chebnet2.py"
 
 
 @pytest.fixture
@@ -32,16 +31,18 @@ def user_parts():
     """The example's kernel, filter and block registered for one test, then removed (the registries are global)."""
     runpy.run_path(str(EXAMPLE))
     yield
-    PRESETS.unregister("efficient")
-    FILTERS.unregister("bernstein")
-    KERNELS.unregister("efficient")
+    PRESETS.unregister("linear")
+    FILTERS.unregister("chebnet2")
+    KERNELS.unregister("linear")
 
 
-def bernstein(theta: np.ndarray, lam: np.ndarray) -> np.ndarray:
-    """BernNet's response, written out: Σ_k relu(θ_k) C(K,k) (λ_L/2)^k (1 - λ_L/2)^(K-k), λ_L = 1 - λ."""
-    k_max = len(theta) - 1
-    x = (1 - lam) / 2
-    return sum(max(t, 0.0) * math.comb(k_max, k) * x**k * (1 - x) ** (k_max - k) for k, t in enumerate(theta))
+def chebnet2(gamma: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    """ChebNetII's response written out with numpy: the degree-K polynomial through (x_j, relu(γ_j)) at the K+1
+    Chebyshev nodes (numpy's own Chebyshev interpolation on those nodes)."""
+    n = len(gamma)
+    nodes = np.cos((np.arange(n) + 0.5) * np.pi / n)
+    coef = np.polynomial.chebyshev.chebfit(nodes, np.maximum(gamma, 0.0), n - 1)
+    return np.polynomial.chebyshev.chebval(lam, coef)
 
 
 def test_example_is_a_short_user_file():
@@ -55,28 +56,28 @@ def test_example_is_a_short_user_file():
 
 
 def test_example_parts_by_name(user_parts):
-    assert "efficient" in nonlocalnet.list_blocks() and "efficient" in KERNELS and "bernstein" in FILTERS
-    block = nonlocalnet.build_block("efficient", 8, order=4)
-    assert block.edges.kernel == "efficient" and block.units[0].filter.degree == 4
+    assert "linear" in nonlocalnet.list_blocks() and "linear" in KERNELS and "chebnet2" in FILTERS
+    block = nonlocalnet.build_block("linear", 8, order=4)
+    assert block.edges.kernel == "linear" and block.units[0].filter.degree == 4
     assert [n for n, _ in block.named_parameters()] == [
-        "edges.theta.weight", "edges.theta.bias", "edges.phi.weight", "edges.phi.bias", "units.0.spectral.theta",
+        "edges.theta.weight", "edges.theta.bias", "edges.phi.weight", "edges.phi.bias", "units.0.spectral.gamma",
         "units.0.g.weight", "units.0.g.bias", "units.0.w.0.weight", "units.0.w.0.bias"]
     # the parts also go into the library's own blocks
-    assert nonlocalnet.build_block("snl", 8, filter="bernstein").units[0].filter.name == "bernstein"
+    assert nonlocalnet.build_block("snl", 8, filter="chebnet2").units[0].filter.name == "chebnet2"
     with pytest.raises(ValueError, match="order: expected"):
-        nonlocalnet.build_block("efficient", 8, order=-1)
+        nonlocalnet.build_block("linear", 8, order=-1)
 
 
 def test_example_equals_its_dense_form(user_parts):
-    report = check_block("efficient")
+    report = check_block("linear")
     assert report["2d"] < 1e-12 and report["3d_channels_last"] < 1e-12 and report["gradcheck"] == 0.0
-    check_block("snl", filter="bernstein", order=2, dims=(2,))  # on the symmetric SNL graph
-    check_block("nl", kernel="efficient", normalization="row", dims=(1,), gradcheck=False)  # another normalization
+    check_block("snl", filter="chebnet2", order=2, dims=(2,))  # on the symmetric SNL graph
+    check_block("nl", kernel="linear", normalization="none", dims=(1,), gradcheck=False)  # another normalization
 
 
 def test_example_takes_the_linear_path(user_parts, monkeypatch):
     """The structured low-rank path, at any degree, and never an N x N tensor (forward and backward)."""
-    block = randomize(nonlocalnet.build_block("efficient", 8, order=5))
+    block = randomize(nonlocalnet.build_block("linear", 8, order=5))
     assert block.units[0]._paths == ("_lowrank_cf",)
     x = torch.randn(2, 8, 6, 7, dtype=torch.float64)
     want = ref.forward(block, x)
@@ -88,20 +89,22 @@ def test_example_takes_the_linear_path(user_parts, monkeypatch):
     assert_close(block(x), want, rtol=1e-10, atol=1e-10)
     monkeypatch.undo()
     n = 24 * 24
-    assert largest_tensor(nonlocalnet.build_block("efficient", 8), torch.randn(2, 8, 24, 24)) < n * n
+    assert largest_tensor(nonlocalnet.build_block("linear", 8), torch.randn(2, 8, 24, 24)) < n * n
 
 
-def test_example_response_is_bernnet(user_parts):
-    block = nonlocalnet.build_block("efficient", 8, order=3)
+def test_example_response_is_chebnet2(user_parts):
+    block = nonlocalnet.build_block("linear", 8, order=3)
     unit = block.units[0]
+    gamma = np.array([0.5, -1.0, 2.0, 0.25])
     with torch.no_grad():
-        unit.spectral.theta.copy_(torch.tensor([0.5, -1.0, 2.0, 0.25]))
+        unit.spectral.gamma.copy_(torch.tensor(gamma))
     lam = np.linspace(-1, 1, 9)
     with torch.no_grad():
         got = unit.responses(torch.tensor(lam)).numpy()[0]
-    np.testing.assert_allclose(got,
-                               bernstein(np.array([0.5, -1.0, 2.0, 0.25]), lam), rtol=1e-6, atol=1e-7)
-    assert unit.term_labels() == ["bernstein"]
+        at_nodes = unit.responses(torch.tensor(np.cos((np.arange(4) + 0.5) * np.pi / 4))).numpy()[0]
+    np.testing.assert_allclose(got, chebnet2(gamma, lam), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(at_nodes, np.maximum(gamma, 0), atol=1e-6)  # the learned values, at the nodes
+    assert unit.term_labels() == ["chebnet2"]
 
 
 def test_example_analyses_and_bench(user_parts, tmp_path):
@@ -111,12 +114,13 @@ def test_example_analyses_and_bench(user_parts, tmp_path):
     from nonlocalnet.runs import Loaded
 
     net = build_model("preresnet20", 10)
-    insert_blocks(net, {"stage": 1, "after_block": 2, "block": "efficient"}, input_shape=(3, 16, 16))
+    insert_blocks(net, {"stage": 1, "after_block": 2, "block": "linear"}, input_shape=(3, 16, 16))
     loaded = Loaded.from_model(net, input_shape=(3, 16, 16))
     (name,) = loaded.blocks
     unit = loaded.blocks[name].units[0]
+    gamma = np.array([1.0, 0.0, 0.5, 2.0])
     with torch.no_grad():
-        unit.spectral.theta.copy_(torch.tensor([1.0, 0.0, 0.5, 2.0]))
+        unit.spectral.gamma.copy_(torch.tensor(gamma))
     batch = Batch.from_tensor(torch.randn(2, 3, 16, 16))
     aff = run_affinity(loaded, tmp_path / "aff", batch=batch)
     assert aff["blocks"][0]["n"] == aff["blocks"][0]["n_keys"] == 256
@@ -124,10 +128,10 @@ def test_example_analyses_and_bench(user_parts, tmp_path):
     assert list((tmp_path / "att").glob("*.png"))
     filt = run_filter(loaded, tmp_path / "filt", batch=batch, images=1)
     (u,) = filt["blocks"][0]["units"]
-    assert u["filter"] == "bernstein" and u["terms"] == ["bernstein"]
-    np.testing.assert_allclose(u["responses"][0], bernstein(np.array([1.0, 0.0, 0.5, 2.0]), np.asarray(filt["blocks"][0]
-                               ["lambda"])), rtol=1e-6, atol=1e-6)
-    rows = bench_run(blocks=["efficient"], backends=["auto", "dense"], sizes=[8], batch=1, channels=16,
+    assert u["filter"] == "chebnet2" and u["terms"] == ["chebnet2"]
+    np.testing.assert_allclose(u["responses"][0], chebnet2(gamma, np.asarray(filt["blocks"][0]["lambda"])),
+                               rtol=1e-6, atol=1e-6)
+    rows = bench_run(blocks=["linear"], backends=["auto", "dense"], sizes=[8], batch=1, channels=16,
                      modes=["fwd"], repeats=1)
     by_backend = {r.backend: r for r in rows}
     assert by_backend["auto"].taken == "lowrank" and by_backend["auto"].time_ms > 0
@@ -204,21 +208,22 @@ def test_registries_name_what_is_valid():
         nonlocalnet.build_block("nl", 8, kernel="relu_dott")
     with pytest.raises(ValueError, match="already registered.*replace=True"):
         nonlocalnet.register_kernel(KERNELS["dot_product"])
-    with pytest.raises(ValueError, match="filter: unknown filter 'bern'.*heat, wavelet"):
-        nonlocalnet.build_block("nl", 8, filter="bern")
+    with pytest.raises(ValueError, match=r"filter: unknown filter 'haet' \(did you mean 'heat'\?\).*heat, wavelet"):
+        nonlocalnet.build_block("nl", 8, filter="haet")
     with pytest.raises(ValueError, match="pretransform='custom' needs a subclass"):
         nonlocalnet.Kernel("mine", "?", pretransform="custom")
     with pytest.raises(ValueError, match="defaults: unknown option"):
         nonlocalnet.register_block(nonlocalnet.Preset("mine", "", dict(colour=1)))
-    with pytest.raises(ValueError, match="order: applies to filter 'cheby', 'cayley', 'heat', 'wavelet'"):
+    with pytest.raises(ValueError, match="order: applies to filter 'cheby', 'bernstein', 'gpr', 'cayley', 'heat', "
+                                         "'wavelet'"):
         nonlocalnet.build_block("snl", 8, order=2)
     cgnl, snl = nonlocalnet.block_options("cgnl"), nonlocalnet.block_options("snl")
     assert {"groups", "taylor_order", "order", "spectral_path"} <= set(cgnl)
     assert "groups" not in snl and {"order", "approx_order", "kernel"} <= set(snl)
 
 def test_user_block_appears_in_the_lists(user_parts):
-    with pytest.raises(ValueError, match="name: unknown block 'efficent' \\(did you mean 'efficient'\\?\\).*efficient"):
-        nonlocalnet.build_block("efficent", 8)
+    with pytest.raises(ValueError, match="name: unknown block 'lineer' \\(did you mean 'linear'\\?\\).*linear"):
+        nonlocalnet.build_block("lineer", 8)
 
 
 def _legacy_cases():

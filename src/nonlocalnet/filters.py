@@ -50,7 +50,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .registry import Option, Registry, check_options, int_at_least
+from .registry import Option, Registry, check_options, int_at_least, int_between
 
 
 def filter_coefficients(name: str, order: int = 1) -> torch.Tensor:
@@ -301,6 +301,53 @@ class ResponsePolynomial(Filter):
         return f"{self.name!r}, degree={self.degree}, n_terms={self.n_terms}"
 
 
+class Bernstein(ResponsePolynomial):
+    """He, Wei, Huang, Xu, "BernNet: Learning Arbitrary Graph Spectral Filters via Bernstein Approximation",
+    NeurIPS 2021: ``h(L) = Σ_k relu(θ_k) C(K,k) (L/2)^k (I - L/2)^(K-k)`` on ``L = I - A`` (eigenvalues in
+    [0, 2]); the non-negative weights keep the response in the cone of non-negative filters. ``θ_k = 1`` at init:
+    the Bernstein basis sums to 1, so the block starts as ``Z W`` (BernNet's all-pass initialisation)."""
+
+    def __init__(self, order: int):
+        super().__init__("bernstein", degree=order)
+        self.theta = torch.nn.Parameter(torch.ones(order + 1))
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.theta.fill_(1.0)
+
+    def response(self, lam: torch.Tensor) -> torch.Tensor:  # (1, len(λ)), x = λ_L / 2 = (1 - λ) / 2
+        k = torch.arange(self.degree + 1, dtype=lam.dtype, device=lam.device)[:, None]
+        comb = torch.tensor([math.comb(self.degree, j) for j in range(self.degree + 1)], dtype=lam.dtype,
+                            device=lam.device)[:, None]
+        x = (1 - lam) / 2
+        return (self.theta.relu().to(lam.dtype) @ (comb * x**k * (1 - x) ** (self.degree - k)))[None]
+
+
+class GeneralizedPageRank(ResponsePolynomial):
+    """Chien, Peng, Li, Milenkovic, "Adaptive Universal Generalized PageRank Graph Neural Network", ICLR 2021:
+    ``h(A) = Σ_k γ_k A^k`` with learnable ``γ`` (signs free: low- and high-pass), initialised as personalized
+    PageRank, ``γ_k = α(1-α)^k`` for ``k < K`` and ``γ_K = (1-α)^K``, ``α = 0.1`` (the paper's PPR
+    initialisation; the weights sum to 1)."""
+
+    alpha = 0.1
+
+    def __init__(self, order: int):
+        super().__init__("gpr", degree=order)
+        self.gamma = torch.nn.Parameter(torch.empty(order + 1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        a, k = self.alpha, torch.arange(self.degree + 1, dtype=torch.float64)
+        init = a * (1 - a) ** k
+        init[-1] = (1 - a) ** self.degree
+        with torch.no_grad():
+            self.gamma.copy_(init)
+
+    def response(self, lam: torch.Tensor) -> torch.Tensor:  # (1, len(λ)): Σ_k γ_k λ^k
+        k = torch.arange(self.degree + 1, dtype=lam.dtype, device=lam.device)[:, None]
+        return (self.gamma.to(lam.dtype) @ lam[None] ** k)[None]
+
+
 @dataclass(frozen=True)
 class FilterSpec:
     """A registered filter: ``build(**options) -> Filter`` and the options it takes (``order`` for the Chebyshev
@@ -360,3 +407,9 @@ register_filter("cheby", lambda order: Polynomial(torch.eye(order + 1), "cheby")
                 options={"order": Option(1, "the Chebyshev order K (K+1 terms T_k(A) Z W_k)",
                                          int_at_least(0, "Chebyshev K"))},
                 reference='Zhu et al., "Unifying Nonlocal Blocks for Neural Networks", ICCV 2021, Eq. 3-4')
+_LEARNED_ORDER = Option(3, "the degree K of the learned polynomial response (K+1 weights)",
+                        int_between(1, 32, "the polynomial degree K"))
+register_filter("bernstein", Bernstein, options={"order": _LEARNED_ORDER},
+                reference='He et al., "BernNet", NeurIPS 2021')
+register_filter("gpr", GeneralizedPageRank, options={"order": _LEARNED_ORDER},
+                reference='Chien et al., "Adaptive Universal Generalized PageRank Graph Neural Network", ICLR 2021')

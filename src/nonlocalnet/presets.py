@@ -120,6 +120,11 @@ for _preset in [
         Preset("dnl", 'Yin et al., "Disentangled Non-Local Neural Networks", ECCV 2020 (arXiv 2006.06668), Eq. 12: '
                       'A = softmax((θ-μ_θ)(φ-μ_φ)ᵀ/(√C_s·τ)) + 1·softmax(w_m X)ᵀ, F = A Z W',
                dict(filter="nl", whiten=True, unary=True, temperature=0.05, scale=True)),
+        Preset("efficient", 'Shen, Zhang, Zhao, Yi, Li, "Efficient Attention: Attention with Linear Complexities", '
+                            'WACV 2021: E(Q, K, V) = ρ_q(Q) (ρ_k(K)ᵀ V), ρ_q a softmax over channels, ρ_k over '
+                            'positions, then a reprojection and the residual: A = ρ_q(Q) ρ_k(K)ᵀ (A²\'s graph, '
+                            'rank C_s, never N x N), F = A Z W, Y = X + F',
+               dict(kernel="double_attention", normalization="none", filter="nl", out_norm="none", zero_init=False)),
 ]:
     register_block(_preset)
 
