@@ -825,25 +825,40 @@ class NeighborhoodGraph(Graph):
         return out.scatter(2, self.index.expand(w.shape[0], -1, -1), w)
 
 
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Tokens ``(B, N, c) -> (B·h, N, c/h)``: head ``i`` of item ``b`` (row ``b·h + i``) takes channels
+    ``[i·c/h, (i+1)·c/h)``."""
+    b, n, c = t.shape
+    return t.reshape(b, n, heads, c // heads).transpose(1, 2).reshape(b * heads, n, c // heads)
+
+
+def merge_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of :func:`split_heads`: ``(B·h, N, c/h) -> (B, N, c)``, the heads' channels concatenated."""
+    bh, n, ch = t.shape
+    return t.reshape(bh // heads, heads, n, ch).transpose(1, 2).reshape(bh // heads, n, heads * ch)
+
+
 class HeadsGraph(Graph):
     """``h`` graphs on ``h`` equal channel groups (multi-head attention: Vaswani et al., "Attention Is All You
     Need", NeurIPS 2017, §3.2.2; Zhu, Cheng, Zhang, Lin, Dai, "An Empirical Study of Spatial Attention Mechanisms
     in Deep Networks", ICCV 2019): ``(A V)[:, :, group i] = A_i V[:, :, group i]``, i.e. the block-diagonal
-    operator ``diag(A_1, ..., A_h)`` on the channel groups of ``V``. A filter ``p(A)`` on it is ``p(A_i)`` on each
-    head (the same filter per head). :meth:`dense` is the mean of the heads' graphs ``(B, N, N')`` (for analysis:
-    the attention maps averaged over heads); :meth:`head_dense` gives each ``(B, h, N, N')``."""
+    operator ``diag(A_1, ..., A_h)`` on the channel groups of ``V``. The heads are one ``graph`` over ``B·h``
+    batch items (built from :func:`split_heads` of ``θ``, ``φ``), so every head runs in the same batched calls. A
+    filter ``p(A)`` on it is ``p(A_i)`` on each head (the same filter per head). :meth:`dense` is the mean of the
+    heads' graphs ``(B, N, N')`` (for analysis: the attention maps averaged over heads); :meth:`head_dense` gives
+    each ``(B, h, N, N')``."""
 
-    def __init__(self, graphs: list[Graph]):
-        self.graphs = list(graphs)
-        self.heads = len(graphs)
-        self.n, self.n_keys = graphs[0].n, graphs[0].n_keys
-        self.backend = graphs[0].backend
+    def __init__(self, graph: Graph, heads: int):
+        self.graph, self.heads = graph, heads
+        self.n, self.n_keys = graph.n, graph.n_keys
+        self.backend = graph.backend
 
     def matmul(self, v: torch.Tensor) -> torch.Tensor:
-        return torch.cat([g.matmul(vh) for g, vh in zip(self.graphs, v.chunk(self.heads, -1))], -1)
+        return merge_heads(self.graph.matmul(split_heads(v, self.heads)), self.heads)
 
     def head_dense(self) -> torch.Tensor:
-        return torch.stack([g.dense() for g in self.graphs], 1)
+        a = self.graph.dense()
+        return a.reshape(a.shape[0] // self.heads, self.heads, *a.shape[1:])
 
     def dense(self) -> torch.Tensor:
         return self.head_dense().mean(1)

@@ -271,7 +271,7 @@ class PositionsMode(GraphMode):
     @staticmethod
     def heads_graph(edges: Affinity, q: torch.Tensor, k: torch.Tensor, budget: int) -> aff.Graph:
         """``heads`` graphs on channel groups of ``q``, ``k`` (and of the values): fused attention does them
-        natively (:class:`~nonlocalnet.affinity.SDPAGraph`), every other backend one graph per head
+        natively (:class:`~nonlocalnet.affinity.SDPAGraph`), every other backend the heads as one batch
         (:class:`~nonlocalnet.affinity.HeadsGraph`)."""
         h, backend = edges.heads, edges.backend
         if backend == "auto":
@@ -279,9 +279,9 @@ class PositionsMode(GraphMode):
                                          max(q.element_size(), 4), budget)
         if backend == "sdpa":
             return aff.SDPAGraph(q, k, edges.scale_value, heads=h)
-        return aff.HeadsGraph([aff.build_graph(edges.kernel, edges.normalization, backend, q=qh, k=kh,
-                                               scale=edges.scale_value, budget_bytes=budget // h)
-                               for qh, kh in zip(q.chunk(h, -1), k.chunk(h, -1))])
+        return aff.HeadsGraph(aff.build_graph(edges.kernel, edges.normalization, backend, q=aff.split_heads(q, h),
+                                              k=aff.split_heads(k, h), scale=edges.scale_value, budget_bytes=budget),
+                              h)
 
 
 class CrissCrossMode(GraphMode):
@@ -364,10 +364,10 @@ class _Formed(aff.PairwiseKernel):
 
 
 def _per_head(edges: Affinity, q: torch.Tensor, k: torch.Tensor, one) -> aff.Graph:
-    """``one(q, k)``, or with ``heads > 1`` one graph per channel group (:class:`~nonlocalnet.affinity.HeadsGraph`)."""
-    if edges.heads == 1:
-        return one(q, k)
-    return aff.HeadsGraph([one(qh, kh) for qh, kh in zip(q.chunk(edges.heads, -1), k.chunk(edges.heads, -1))])
+    """``one(q, k)``, or with ``heads > 1`` one graph per channel group, all heads as one batch
+    (:class:`~nonlocalnet.affinity.HeadsGraph`)."""
+    h = edges.heads
+    return one(q, k) if h == 1 else aff.HeadsGraph(one(aff.split_heads(q, h), aff.split_heads(k, h)), h)
 
 
 class AxialMode(GraphMode):
