@@ -203,6 +203,10 @@ def test_spectral_filters_run_as_the_chebyshev_approximation():
     assert_close(nb(x1), ref.forward(nb, x1, spectral_method="expm"), rtol=RTOL, atol=ATOL)
     with pytest.raises(ValueError, match="spectral_path='exact' needs a factorizable kernel"):
         nonlocalnet.build_block("axial", 8, filter="heat", spectral_path="exact")
+    # per head: the same spectral filter on each head's symmetric graph (the reference: eigh per head)
+    sym = randomize(nonlocalnet.build_block("nl", 8, dim=2, heads=2, normalization="symmetric", filter="heat",
+                                            approx_order=40))
+    assert_close(sym(x), ref.forward(sym, x), rtol=RTOL, atol=ATOL)
 
 
 # ----------------------------------------------------------------------------------------- errors

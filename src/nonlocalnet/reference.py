@@ -376,9 +376,10 @@ def forward(block, x: torch.Tensor, spectral_method: str = "eigh") -> torch.Tens
     graph = block.edges
     heads = getattr(graph, "heads", 1)
     for _ in range(block.recurrence):
-        a = None if graph.mode == "channels" else affinity_tokens(graph, h, spatial)
         if heads > 1:  # every head its own graph on its channel group of Z: (B·h, N, N') and (B·h, N, C_v/h)
             a = affinity_heads(graph, h, spatial).flatten(0, 1)
+        else:
+            a = None if graph.mode == "channels" else affinity_tokens(graph, h, spatial)
         stage_input = h
         for unit in block.units:
             z = _lin(unit.g, h) if unit.g is not None else h
