@@ -3,9 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
-# The second test environment: torchvision and timm (the `vision` extra) beside the torch they are built for.
+# The second test environment: torchvision and timm (the `vision` extra) beside the torch they are built for, and
+# mmengine (the `openmmlab` extra) with mmcv-lite (mmcv without compiled ops: its build_plugin_layer), so that the
+# OpenMMLab tests run there.
 VISION_VENV ?= .venv-vision
 VISION_TORCH ?= torch==2.14.1 torchvision==0.29.1
+VISION_MMCV ?= mmcv-lite
 VBIN := $(VISION_VENV)/bin
 
 .PHONY: test test-interop test-gpu lint venv vision-venv demo bench clean
@@ -34,13 +37,14 @@ $(VISION_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VISION_VENV)
 	$(VBIN)/pip install -q $(VISION_TORCH)
 	$(VBIN)/pip install -q timm
-	$(VBIN)/pip install -q -e ".[dev,vision]"
+	$(VBIN)/pip install -q -e ".[dev,vision,openmmlab]"
+	$(VBIN)/pip install -q $(VISION_MMCV)
 	touch $@
 
 vision-venv: $(VISION_VENV)/.installed
 
-# The tests marked `interop` (torchvision / timm models through insert, train, eval, analyze); `make test`
-# deselects them.
+# The tests marked `interop` (torchvision / timm models through insert, train, eval, analyze; OpenMMLab configs
+# through mmengine and mmcv-lite); `make test` deselects them.
 test-interop: vision-venv
 	$(VBIN)/pytest -m interop
 
@@ -51,6 +55,11 @@ test-interop: vision-venv
 GPU_PYTHON ?= $(BIN)/python
 test-gpu: venv
 	PYTHONPATH=src $(GPU_PYTHON) -m pytest -m gpu tests/test_gpu.py -rs
+# The product as a pip user gets it: build the sdist and wheel, install the wheel into a fresh venv in a temp dir
+# (CPU torch pinned first) and run the CLI from an empty directory (.ci/test-wheel; ~4 min, most of it pip).
+.PHONY: test-wheel
+test-wheel: venv
+	PYTHON=$(PYTHON) BUILD_PYTHON=$(BIN)/python TORCH="$(TORCH)" .ci/test-wheel
 
 # The main job on the bundled default: baseline / +NL / +SNL on the generated task, then runs/demo/report.html.
 demo: venv

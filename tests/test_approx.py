@@ -22,15 +22,15 @@ EG = dict(kernel="embedded_gaussian", normalization="softmax")
 # (preset, options): every polynomial filter, DNL's pairwise + unary sum, the Gaussian kernel (no projections)
 POLYNOMIAL = [("nl", {}), ("ns", {}), ("snl", EG), ("gsnl", EG), ("cheby", dict(EG, order=3)),
               ("snl", dict(EG, filter="bernstein", order=3)), ("snl", dict(EG, filter="gpr", order=2)),
-              ("dnl", {}), ("nl", dict(kernel="gaussian"))]
+              ("dnl", {}), ("dnl", dict(pairwise_gamma=True)), ("nl", dict(kernel="gaussian"))]
 # m: Performer features (more than, and not a multiple of, C_s = 4: two orthogonal blocks, one cut); Nyström
 # landmarks (3 divides none of N = 10, 20 and the gradcheck's 9... but 24; uneven segments are taken)
 APPROX = [("performer", 5), ("nystrom", 3)]
 
 
 @pytest.mark.parametrize("approx,m", APPROX)
-@pytest.mark.parametrize("name,options", POLYNOMIAL, ids=[f"{n}-{o.get('filter', o.get('kernel', ''))}"
-                                                          for n, o in POLYNOMIAL])
+@pytest.mark.parametrize("name,options", POLYNOMIAL, ids=[f"{n}-{o.get('filter', o.get('kernel', ''))}-{i}"
+                                                          for i, (n, o) in enumerate(POLYNOMIAL)])
 def test_fast_path_equals_the_literal_approximation(name, options, approx, m):
     report = check_block(name, approx=approx, approx_features=m, **options)
     assert max(v for k, v in report.items() if k[0].isdigit()) < 1e-12
@@ -213,6 +213,8 @@ def test_clear_errors_elsewhere():
         nonlocalnet.build_block("gc", 8, approx="nystrom")
     with pytest.raises(ValueError, match="kernel 'relu_dot' is not one"):
         nonlocalnet.build_block("snl", 8, approx="nystrom")
+    with pytest.raises(ValueError, match="heads: approx='performer' approximates one softmax graph; heads=2"):
+        nonlocalnet.build_block("nl", 8, approx="performer", heads=2)
     with pytest.raises(ValueError, match="option 'approx' does not apply to block 'cc'"):
         nonlocalnet.build_block("cc", 8, approx="nystrom")
     block = nonlocalnet.build_block("nl", 8, approx="nystrom", approx_features=64)

@@ -92,10 +92,14 @@ def gc_state(c=16, planes=4, fusions=("channel_add",), seed=0):
 
 
 def mmcv_context_block(sd, x):
-    """mmcv ContextBlock.forward with pooling_type='att'."""
+    """mmcv ContextBlock.forward: pooling_type='att' (conv_mask, softmax over positions) or, without conv_mask
+    keys, pooling_type='avg' (AdaptiveAvgPool2d(1))."""
     b, c, h, w = x.shape
-    mask = torch.softmax(conv(sd["conv_mask.weight"], x, sd["conv_mask.bias"]).reshape(b, 1, h * w), dim=2)
-    context = (x.reshape(b, 1, c, h * w) @ mask.unsqueeze(-1)).reshape(b, c, 1, 1)
+    if "conv_mask.weight" in sd:
+        mask = torch.softmax(conv(sd["conv_mask.weight"], x, sd["conv_mask.bias"]).reshape(b, 1, h * w), dim=2)
+        context = (x.reshape(b, 1, c, h * w) @ mask.unsqueeze(-1)).reshape(b, c, 1, 1)
+    else:
+        context = F.adaptive_avg_pool2d(x, 1)
 
     def transform(f):
         t = conv(sd[f"{f}_conv.0.weight"], context, sd[f"{f}_conv.0.bias"])
@@ -123,8 +127,12 @@ def test_mmcv_context_block(fusions):
 
 def test_mmcv_context_block_errors():
     sd = gc_state()
-    with pytest.raises(NotImplementedError, match="pooling_type='avg'"):
-        from_mmcv({k: v for k, v in sd.items() if not k.startswith("conv_mask")}, module="ContextBlock")
+    with pytest.raises(ValueError, match=r"missing keys \['conv_mask.bias'\]"):  # half a mask: neither att nor avg
+        from_mmcv({k: v for k, v in sd.items() if k != "conv_mask.bias"}, module="ContextBlock")
+    avg = {k: v for k, v in sd.items() if not k.startswith("conv_mask")}
+    bad = dict(avg, **{"channel_add_conv.3.weight": torch.zeros(16, 5, 1, 1, dtype=DT)})
+    with pytest.raises(ValueError, match=r"C = 16, planes = 4, dim = 2\): 'channel_add_conv.3.weight' has shape"):
+        from_mmcv(bad, module="ContextBlock")
     bad = dict(sd)
     del bad["channel_add_conv.1.bias"]
     bad["channel_add_conv.2.bias"] = torch.zeros(4, dtype=DT)
@@ -251,3 +259,49 @@ def test_from_timm_errors():
         from_timm({("zz.bias" if k == "z.bias" else k): v for k, v in sd.items()})
     with pytest.raises(ValueError, match=r"'z.weight' has shape \(72, 8, 1, 1\), expected \(72, 16, 1, 1\)"):
         from_timm(dict(sd, **{"z.weight": torch.zeros(72, 8, 1, 1, dtype=DT)}))
+
+
+def _no_mask(sd):
+    return {k: v for k, v in sd.items() if not k.startswith("conv_mask")}
+
+
+@pytest.mark.parametrize("fusions", [("channel_add",), ("channel_mul",), ("channel_add", "channel_mul")])
+def test_mmcv_context_block_avg_pooling(fusions):
+    """pooling_type='avg' (no conv_mask): GC with zero logits, a softmax of equal logits being the mean, exactly."""
+    sd = _no_mask(gc_state(fusions=fusions, seed=3))
+    block = from_mmcv({"neck.gc." + k: v for k, v in sd.items()}, module="ContextBlock", prefix="neck.gc.")
+    x = randn(2, 16, 6, 5, g=torch.Generator().manual_seed(1), std=1.0)
+    assert_close(block(x), mmcv_context_block(sd, x))
+    mask = block.edges.mask
+    assert torch.equal(mask.weight, torch.zeros(1, 16, 1, 1, dtype=DT))
+    assert torch.equal(mask.bias, torch.zeros(1, dtype=DT))
+    assert not mask.weight.requires_grad and not mask.bias.requires_grad
+    assert all(p.requires_grad for n, p in block.named_parameters() if not n.startswith("edges.mask."))
+    # the graph is the mean: every row of A is 1/N
+    assert_close(block.affinity(x), torch.full((2, 30, 30), 1 / 30, dtype=DT))
+    # gradients equal the literal module's (input and every transform parameter); an SGD step keeps the mean
+    xg = x.clone().requires_grad_(True)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in sd.items()}
+    ref = mmcv_context_block(leaves, xg)
+    w = randn(*ref.shape, g=torch.Generator().manual_seed(2), std=1.0)
+    (ref * w).sum().backward()
+    xo = x.clone().requires_grad_(True)
+    (block(xo) * w).sum().backward()
+    assert_close(xo.grad, xg.grad)
+    for f in fusions:
+        dst = f"units.0.{ {'channel_add': 'w', 'channel_mul': 'w_mul'}[f]}.0"
+        assert_close(block.get_parameter(f"{dst}.conv1.weight").grad, leaves[f"{f}_conv.0.weight"].grad)
+        assert_close(block.get_parameter(f"{dst}.norm.weight").grad, leaves[f"{f}_conv.1.weight"].grad.reshape(4))
+        assert_close(block.get_parameter(f"{dst}.conv2.bias").grad, leaves[f"{f}_conv.3.bias"].grad)
+    assert mask.weight.grad is None
+    opt = torch.optim.SGD(block.parameters(), lr=0.1, weight_decay=1e-2)
+    opt.step()
+    assert torch.equal(mask.weight, torch.zeros_like(mask.weight))
+    assert_close(block.affinity(x), torch.full((2, 30, 30), 1 / 30, dtype=DT))
+
+
+def test_mmcv_context_block_avg_gradcheck():
+    sd = _no_mask(gc_state(c=4, planes=2, fusions=("channel_add", "channel_mul"), seed=5))
+    block = from_mmcv(sd, module="ContextBlock")
+    x = randn(1, 4, 3, 3, g=torch.Generator().manual_seed(1), std=1.0).requires_grad_(True)
+    assert torch.autograd.gradcheck(block, (x,), fast_mode=True)

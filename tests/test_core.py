@@ -117,7 +117,8 @@ def test_gradcheck(name, backend):
     block = randomize(nonlocalnet.build_block(name, 4, dim=2, backend=backend, memory_budget=0.0001,
                                               units=2, **opts))
     block.eval()  # BN in eval: a fixed affine map (train-mode BN is checked against the reference above)
-    x = torch.randn(1, 4, 3, 2, dtype=torch.float64, requires_grad=True)
+    shape = (1, 4, 3, 3) if name == "neighborhood" else (1, 4, 3, 2)  # its 3-position window needs >= 3 per axis
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     params = list(block.parameters())
     assert torch.autograd.gradcheck(block, (x,), eps=1e-6, atol=1e-6, rtol=1e-5)
     # gradients w.r.t. parameters agree with the reference's autograd

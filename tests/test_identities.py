@@ -139,7 +139,8 @@ def test_zero_degree_rows_are_zero_not_nan(backend):
 @pytest.mark.parametrize("name", nonlocalnet.list_blocks())
 @pytest.mark.parametrize("dim", [1, 2, 3])
 def test_single_position(name, dim):
-    opts = {"reduction": 2} if name == "cc" else {}
+    # neighborhood: a window of 1 (kernel_size > the input is an error, tests/test_axial_neighborhood_heads.py)
+    opts = {"reduction": 2} if name == "cc" else {"kernel_size": 1} if name == "neighborhood" else {}
     block = randomize(nonlocalnet.build_block(name, 8, dim=dim, **opts))
     x = torch.randn(2, 8, *([1] * dim), dtype=torch.float64)
     y = block(x)

@@ -32,7 +32,9 @@ from timm.models.resnet import BasicBlock, ResNet  # noqa: E402
 from nonlocalnet.integrations.timm import attn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-ZERO_INIT = ("nl", "ns", "cc", "gc", "dnl")  # presets whose new block is the identity (zero-initialized output)
+ZERO_INIT = ("nl", "ns", "cc", "gc", "dnl", "axial", "neighborhood")  # presets whose new block is the identity
+# (zero-initialized output). The 2 x 2 maps below are smaller than neighborhood's default 3 x 3 window (an error)
+SMALL_MAP_OPTIONS = {"neighborhood": {"kernel_size": 1}}
 
 
 def _blocks(model):
@@ -54,7 +56,8 @@ def _randomize_blocks(model, seed=0):
 def test_every_preset_in_timm_resnet18(preset, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     m = build_model("timm:resnet18", 10)
-    insert_blocks(m, {"res": 4, "before_last": True, "block": preset}, input_shape=(3, 32, 32))
+    placement = {"res": 4, "before_last": True, "block": preset, "options": SMALL_MAP_OPTIONS.get(preset, {})}
+    insert_blocks(m, placement, input_shape=(3, 32, 32))
     wrapper = get_module(m, "layer3.1")
     assert type(wrapper).__name__ == "Inserted" and wrapper.where == "before"
     block = wrapper.nonlocal_block
@@ -69,8 +72,7 @@ def test_every_preset_in_timm_resnet18(preset, tmp_path):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in block.parameters())
     # state-dict round trip into a fresh model with the same placement
     torch.save(m.state_dict(), tmp_path / "w.pt")
-    m2 = insert_blocks(build_model("timm:resnet18", 10), {"res": 4, "before_last": True, "block": preset},
-                       input_shape=(3, 32, 32))
+    m2 = insert_blocks(build_model("timm:resnet18", 10), placement, input_shape=(3, 32, 32))
     m2.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
     assert torch.equal(m.eval()(x), m2.eval()(x))
 
@@ -332,7 +334,8 @@ def _nonlocal(model):
 @pytest.mark.parametrize("preset", list_blocks())
 def test_timm_resnet_definition_with_attn_layer(preset):
     """timm's ResNet builds ``attn_layer(channels, device=, dtype=)`` after each block's last BN (its SE slot)."""
-    m = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, block_args=dict(attn_layer=attn(preset)))
+    m = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10,
+               block_args=dict(attn_layer=attn(preset, **SMALL_MAP_OPTIONS.get(preset, {}))))
     assert _nonlocal(m) == {f"layer{i}.0.se": (preset, c) for i, c in zip((1, 2, 3, 4), (64, 128, 256, 512))}
     x = torch.randn(2, 3, 64, 64)
     m.eval()

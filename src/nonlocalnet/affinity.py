@@ -23,6 +23,14 @@ Each backend answers that product differently, all exactly:
   held as its thin ``N × N'`` matrix.
 - :class:`SumGraph` — a sum of graphs, ``A = Σ_i A_i`` (DNL: whitened pairwise + unary); each product
   ``A V = Σ_i A_i V`` runs on each term's own backend.
+- :class:`ScaledGraph` — ``γ·A`` with a learnable scalar ``γ`` (the DNL authors' scale of the pairwise term).
+- :class:`AxisGraph` — softmax along one spatial axis (a factor of axial attention), ``O(N·L_axis)``.
+- :class:`ProductGraph` — a product of graphs, ``A = G_m ··· G_1`` (axial attention: ``A = A_W A_H``); each
+  product ``A V = G_m(··· G_1 V)`` runs on each factor's own backend.
+- :class:`HeadsGraph` — ``h`` graphs on ``h`` channel groups of the values (multi-head attention; the
+  ``sdpa`` backend does the heads natively in :class:`SDPAGraph`).
+- :class:`NeighborhoodGraph` — softmax over a ``k^d`` window around each position, shifted inward at the
+  borders (NAT), ``O(N·k^d)``: keys gathered by index arithmetic.
 
 Not exact, and only where a block asks for it (``approx``, docs/approximations.md): :func:`performer_graph`
 (positive orthogonal random features) and :func:`nystrom_graph` (segment-mean landmarks) approximate the softmax
@@ -431,11 +439,38 @@ class SDPAGraph(Graph):
 
     backend = "sdpa"
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, scale: float):
-        self.q, self.k, self.scale = q, k, scale
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, scale: float, heads: int = 1):
+        """``heads``: ``h`` graphs, head ``i`` on the ``i``-th of ``h`` equal channel groups of ``q``, ``k`` and of
+        every ``V`` (multi-head attention, Vaswani et al., "Attention Is All You Need", NeurIPS 2017, Eq. 1 and
+        §3.2.2), in one fused call ``(B, h, N, c/h)``."""
+        self.q, self.k, self.scale, self.heads = q, k, scale, heads
         self.n, self.n_keys = q.shape[1], k.shape[1]
 
+    def _split(self, t: torch.Tensor) -> torch.Tensor:
+        """``(B, N, c) -> (B, h, N, c/h)``."""
+        return t.reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
+
+    def _matmul_heads(self, v: torch.Tensor) -> torch.Tensor:
+        q, k = self.q, self.k
+        if q.dtype != v.dtype:
+            v = v.to(q.dtype)
+        q, k, v = self._split(q), self._split(k), self._split(v)
+        cv, ck = v.shape[-1], q.shape[-1]
+        if cv < ck:  # one width for queries, keys and values (the fused kernel; see matmul)
+            v = F.pad(v, (0, ck - cv))
+        elif ck < cv:
+            q, k = F.pad(q, (0, cv - ck)), F.pad(k, (0, cv - ck))
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = out[..., :cv] if cv < ck else out
+        return out.transpose(1, 2).reshape(out.shape[0], self.n, -1)
+
+    def head_dense(self) -> torch.Tensor:
+        """``(B, h, N, N')``: each head's softmax graph."""
+        return torch.softmax(self.scale * (self._split(self.q) @ self._split(self.k).transpose(-1, -2)), dim=-1)
+
     def matmul(self, v):
+        if self.heads > 1:
+            return self._matmul_heads(v)
         q, k = self.q, self.k
         if q.dtype != v.dtype:
             v = v.to(q.dtype)
@@ -462,6 +497,8 @@ class SDPAGraph(Graph):
         return out[..., :cv] if cv < ck else out
 
     def dense(self):
+        if self.heads > 1:  # for analysis: the mean of the heads' graphs (HeadsGraph's convention)
+            return self.head_dense().mean(1)
         return torch.softmax(self.scale * (self.q @ self.k.transpose(1, 2)), dim=-1)
 
 
@@ -753,6 +790,171 @@ class SumGraph(Graph):
 
     def dense(self) -> torch.Tensor:
         return sum(g.dense() for g in self.graphs)
+
+
+class ScaledGraph(Graph):
+    """``γ·A`` with ``γ`` a learnable scalar (a 1-element tensor): the DNL authors' scale of the pairwise term (Yin
+    et al., "Disentangled Non-Local Neural Networks", ECCV 2020; their code's ``gamma``, zero at init). Products and
+    the dense form are the wrapped graph's times ``γ``, so the wrapped graph keeps its backend."""
+
+    def __init__(self, graph: Graph, gamma: torch.Tensor):
+        self.graph, self.gamma = graph, gamma
+        self.n, self.n_keys = graph.n, graph.n_keys
+        self.backend = graph.backend
+
+    def matmul(self, v: torch.Tensor) -> torch.Tensor:
+        y = self.graph.matmul(v)
+        return self.gamma.to(y.dtype) * y
+
+    def dense(self) -> torch.Tensor:
+        a = self.graph.dense()
+        return self.gamma.to(a.dtype) * a
+
+
+class AxisGraph(Graph):
+    """Softmax attention along one spatial axis (one factor of axial attention): each position attends to the
+    positions that share all its coordinates but the one on ``axis``, ``A_ij = softmax_j(s·q_i·k_j)`` over those
+    ``L_axis`` keys (Ho, Kalchbrenner, Weissenborn, Salimans, "Axial Attention in Multidimensional Transformers",
+    arXiv 1912.12180, 2019; Wang et al., "Axial-DeepLab", ECCV 2020). ``O(N·L_axis·c)``: the weights are
+    ``(B, *S, L_axis)``, never ``N × N`` (but :meth:`dense`, for analysis)."""
+
+    backend = "axial"
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, spatial: tuple[int, ...], axis: int, scale: float):
+        self.q, self.k, self.spatial, self.axis, self.scale = q, k, tuple(spatial), axis, scale
+        self.n = self.n_keys = q.shape[1]
+        self._weights: torch.Tensor | None = None
+
+    def _line(self, t: torch.Tensor) -> torch.Tensor:
+        """Tokens ``(B, N, c)`` as ``(B, ..., L_axis, c)``: the axis second to last."""
+        return movedim(t.reshape(t.shape[0], *self.spatial, t.shape[-1]), 1 + self.axis, -2)
+
+    def weights(self) -> torch.Tensor:
+        """``(B, ..., L_i, L_j)`` (the other axes first): the softmax along the axis."""
+        if self._weights is None:
+            e = self._line(self.q) @ self._line(self.k).transpose(-1, -2)
+            self._weights = torch.softmax(e * self.scale if self.scale != 1.0 else e, dim=-1)
+        return self._weights
+
+    def matmul(self, v: torch.Tensor) -> torch.Tensor:
+        out = mm(self.weights(), self._line(v))  # (B, ..., L_i, c)
+        return movedim(out, -2, 1 + self.axis).reshape(v.shape)
+
+    def dense(self) -> torch.Tensor:
+        eye = torch.eye(self.n, dtype=self.q.dtype, device=self.q.device).expand(self.q.shape[0], -1, -1)
+        return self.matmul(eye)  # A I, column by column (analysis only)
+
+
+class ProductGraph(Graph):
+    """``A = G_m ··· G_2 G_1``: the graphs in the order they are applied, ``A V = G_m(··· G_1(V))`` (axial
+    attention: along the first axis, then the next on its output). Each product runs on each factor's own
+    backend; the graph is never formed (but :meth:`dense`, for analysis). A product of row-stochastic graphs is
+    row-stochastic, and not symmetric."""
+
+    def __init__(self, graphs: list[Graph]):
+        self.graphs = list(graphs)
+        self.n, self.n_keys = graphs[-1].n, graphs[0].n_keys
+        self.backend = "*".join(g.backend for g in graphs)
+
+    def matmul(self, v: torch.Tensor) -> torch.Tensor:
+        for g in self.graphs:
+            v = g.matmul(v)
+        return v
+
+    def dense(self) -> torch.Tensor:
+        out = self.graphs[0].dense()
+        for g in self.graphs[1:]:
+            out = g.dense() @ out
+        return out
+
+
+def neighborhood_index(spatial: tuple[int, ...], kernel_size: int, device=None) -> torch.Tensor:
+    """``(N, k^d)`` flat indices of the keys of each query: the ``k`` positions per axis around it, the window
+    shifted inward at the borders so that it always holds ``k^d`` keys (Hassani et al., "Neighborhood Attention
+    Transformer", CVPR 2023: start ``clamp(i − ⌊k/2⌋, 0, L − k)``). Index arithmetic, no mask."""
+    flat = None
+    offsets = torch.arange(kernel_size, device=device)
+    for length in spatial:
+        start = (torch.arange(length, device=device) - kernel_size // 2).clamp(0, length - kernel_size)
+        idx = start[:, None] + offsets  # (L, k)
+        flat = idx if flat is None else flat[:, None, :, None] * length + idx[None, :, None, :]
+        flat = flat.reshape(-1, flat.shape[-1] if flat.dim() == 2 else flat.shape[2] * flat.shape[3])
+    return flat
+
+
+class NeighborhoodGraph(Graph):
+    """Neighborhood attention (Hassani, Walton, Li, Li, Shi, "Neighborhood Attention Transformer", CVPR 2023;
+    Ramachandran et al., "Stand-Alone Self-Attention in Vision Models", NeurIPS 2019): softmax of ``s·q_i·k_j``
+    over the ``k^d`` keys of a window of ``k`` positions per axis around ``i`` (:func:`neighborhood_index`; at the
+    borders the window is shifted inward, as NAT does). A banded graph: keys and values are gathered,
+    ``(B, N, k^d, c)``; weights ``(B, N, k^d)``; ``O(N·k^d·c)``, never ``N × N`` (but :meth:`dense`)."""
+
+    backend = "neighborhood"
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, spatial: tuple[int, ...], kernel_size: int, scale: float):
+        self.q, self.k, self.spatial, self.kernel_size, self.scale = q, k, tuple(spatial), kernel_size, scale
+        self.n = self.n_keys = q.shape[1]
+        self.index = neighborhood_index(self.spatial, kernel_size, q.device)  # (N, K)
+        self._weights: torch.Tensor | None = None
+
+    def weights(self) -> torch.Tensor:
+        """``(B, N, K)``: the softmax over each query's window."""
+        if self._weights is None:
+            # elementwise products and sums over the gathered windows: 0.5-0.6x the time of B·N batched
+            # (K × c)(c × 1) products (forward + backward, N = 4096, K = 9, c = 32, 1 thread)
+            e = (self.k[:, self.index] * self.q.unsqueeze(2)).sum(-1)  # (B, N, K)
+            self._weights = torch.softmax(e * self.scale if self.scale != 1.0 else e, dim=-1)
+        return self._weights
+
+    def matmul(self, v: torch.Tensor) -> torch.Tensor:
+        w = self.weights()
+        if w.dtype != v.dtype and not torch.is_autocast_enabled(w.device.type):
+            w = w.to(v.dtype)
+        return (w.unsqueeze(-1) * v[:, self.index]).sum(2)  # Σ_K w_nK v_idx(n,K): (B, N, c)
+
+    def dense(self) -> torch.Tensor:
+        w = self.weights()
+        out = torch.zeros(w.shape[0], self.n, self.n_keys, dtype=w.dtype, device=w.device)
+        return out.scatter(2, self.index.expand(w.shape[0], -1, -1), w)
+
+
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Tokens ``(B, N, c) -> (B·h, N, c/h)``: head ``i`` of item ``b`` (row ``b·h + i``) takes channels
+    ``[i·c/h, (i+1)·c/h)``."""
+    b, n, c = t.shape
+    return t.reshape(b, n, heads, c // heads).transpose(1, 2).reshape(b * heads, n, c // heads)
+
+
+def merge_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of :func:`split_heads`: ``(B·h, N, c/h) -> (B, N, c)``, the heads' channels concatenated."""
+    bh, n, ch = t.shape
+    return t.reshape(bh // heads, heads, n, ch).transpose(1, 2).reshape(bh // heads, n, heads * ch)
+
+
+class HeadsGraph(Graph):
+    """``h`` graphs on ``h`` equal channel groups (multi-head attention: Vaswani et al., "Attention Is All You
+    Need", NeurIPS 2017, §3.2.2; Zhu, Cheng, Zhang, Lin, Dai, "An Empirical Study of Spatial Attention Mechanisms
+    in Deep Networks", ICCV 2019): ``(A V)[:, :, group i] = A_i V[:, :, group i]``, i.e. the block-diagonal
+    operator ``diag(A_1, ..., A_h)`` on the channel groups of ``V``. The heads are one ``graph`` over ``B·h``
+    batch items (built from :func:`split_heads` of ``θ``, ``φ``), so every head runs in the same batched calls. A
+    filter ``p(A)`` on it is ``p(A_i)`` on each head (the same filter per head). :meth:`dense` is the mean of the
+    heads' graphs ``(B, N, N')`` (for analysis: the attention maps averaged over heads); :meth:`head_dense` gives
+    each ``(B, h, N, N')``."""
+
+    def __init__(self, graph: Graph, heads: int):
+        self.graph, self.heads = graph, heads
+        self.n, self.n_keys = graph.n, graph.n_keys
+        self.backend = graph.backend
+
+    def matmul(self, v: torch.Tensor) -> torch.Tensor:
+        return merge_heads(self.graph.matmul(split_heads(v, self.heads)), self.heads)
+
+    def head_dense(self) -> torch.Tensor:
+        a = self.graph.dense()
+        return a.reshape(a.shape[0] // self.heads, self.heads, *a.shape[1:])
+
+    def dense(self) -> torch.Tensor:
+        return self.head_dense().mean(1)
 
 
 # --------------------------------------------------------------------------------------- dispatch

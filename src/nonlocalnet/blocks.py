@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from . import affinity as aff
 from .filters import Filter, Polynomial, lowrank_terms, polynomial_responses
 from .kernels import DOUBLE_NORM_EPS, GRAPH_MODES, KERNELS, GraphMode, Kernel, register_graph
-from .registry import Option, one_of, positive_int, positive_number
+from .registry import Option, boolean, one_of, positive_int, positive_number
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -156,7 +156,9 @@ class Affinity(nn.Module):
     """Builds the graph ``A`` from a stage input (docs/framework.md "Step 1").
 
     ``mode``: a registered graph mode (:data:`~nonlocalnet.kernels.GRAPH_MODES`): ``positions`` (the N × N' graph
-    of NL/NS/SNL/A²), ``crisscross`` (CC's masked graph) or ``channels`` (CGNL's graph over positions × channels).
+    of NL/NS/SNL/A²), ``crisscross`` (CC's masked graph), ``channels`` (CGNL's graph over positions × channels),
+    ``axial`` (a product of per-axis graphs) or ``neighborhood`` (a window around each position; ``kernel_size``).
+    ``heads``: ``h`` graphs on channel groups of ``θ``, ``φ`` and the values (exp kernels).
     ``kernel``: a registered :class:`~nonlocalnet.kernels.Kernel`. Parameters: ``theta``, ``phi`` (1×1 convs
     ``C → C_k``; ``None`` for a kernel that uses ``X`` itself, e.g. ``gaussian``), ``concat`` (``2C_k → 1``, no
     bias; the concatenation kernel) and ``mask`` (``C → 1``: the unary logits of GC and DNL), each ``None`` where the
@@ -170,8 +172,8 @@ class Affinity(nn.Module):
                  mode: str = "positions", groups: int = 1, order: int = 0, rbf_gamma: float = 1e-4,
                  whiten: bool = False, unary: bool = False, temperature: float = 1.0, rbf_prefactor: str = "exact",
                  pool_sizes: tuple[int, ...] | None = None, memory_size: int = 0,
-                 agents: int | tuple[int, ...] | None = None, approx: str | None = None, approx_features: int = 64,
-                 device=None, dtype=None):
+                 agents: int | tuple[int, ...] | None = None, pairwise_gamma: bool = False, kernel_size: int = 1,
+                 heads: int = 1, approx: str | None = None, approx_features: int = 64, device=None, dtype=None):
         super().__init__()
         self.kernel, self.normalization, self.backend, self.mode = kernel, normalization, backend, mode
         self.agent_grid = None if agents is None else agent_grid(agents, dim)  # Agent Attention's pooled grid
@@ -179,12 +181,14 @@ class Affinity(nn.Module):
         self.sub_sample, self.dim, self.groups, self.order, self.rbf_gamma = sub_sample, dim, groups, order, rbf_gamma
         self.whiten, self.unary, self.temperature, self.rbf_prefactor = whiten, unary, temperature, rbf_prefactor
         self.memory_budget = memory_budget  # MiB
+        self.kernel_size = kernel_size  # the neighborhood graph's window (positions per axis)
         self.graph_mode = GRAPH_MODES[mode]
         self.kernel_spec = kern = KERNELS[kernel]
         uses_projection = self.graph_mode.projects(kern)
         feat = key_channels if uses_projection else in_channels
-        if isinstance(scale, bool):
-            self.scale_value = 1.0 / math.sqrt(feat) if scale else 1.0
+        self.heads = heads  # h graphs on h channel groups of θ, φ and the values (exp kernels)
+        if isinstance(scale, bool):  # 1/sqrt of the channels each graph's logits sum over (per head)
+            self.scale_value = 1.0 / math.sqrt(feat // heads) if scale else 1.0
         else:
             self.scale_value = float(scale)
         self.scale_value /= temperature  # DNL's temperature: logits / (sqrt(C_s)·τ)
@@ -197,6 +201,8 @@ class Affinity(nn.Module):
         self.concat = conv1x1(dim, 2 * key_channels, 1, False, **fk) if kern.pretransform == "concat" else None
         # the unary logits m_j = w_m·x_j + b_m (GC's / DNL's conv_mask)
         self.mask = conv1x1(dim, in_channels, 1, True, **fk) if kern.unary or unary else None
+        # the DNL authors' learnable scale of the pairwise term, A = γ·A_pairwise + 1·aᵀ (zero at init, as theirs)
+        self.gamma = nn.Parameter(torch.zeros(1, **fk)) if pairwise_gamma else None
         # a softmax approximation (docs/approximations.md): Performer's random features are drawn once, here, from
         # torch's generator and saved with the block (`random_features`), so a reloaded block is the same function
         self.approx, self.approx_features = approx, approx_features
@@ -207,6 +213,9 @@ class Affinity(nn.Module):
         for m in (self.theta, self.phi, self.concat, self.mask, self.memory):
             if m is not None:
                 m.reset_parameters()
+        if self.gamma is not None:
+            with torch.no_grad():
+                self.gamma.zero_()
 
     def queries_keys(self, x: torch.Tensor, spatial: tuple[int, ...],
                      queries_channels_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,7 +245,10 @@ class Affinity(nn.Module):
 
 class PositionsMode(GraphMode):
     """The graph over all positions (``N × N'``): every kernel; DNL's unary term is added as a rank-1 graph
-    (:class:`~nonlocalnet.affinity.SumGraph`), GC's unary kernel is that term alone."""
+    (:class:`~nonlocalnet.affinity.SumGraph`), GC's unary kernel is that term alone. ``heads > 1`` (exp kernels):
+    one graph per channel group (:meth:`heads_graph`)."""
+
+    multihead = True
 
     def build(self, edges: Affinity, x: torch.Tensor, spatial: tuple[int, ...], budget: int) -> aff.Graph:
         kern = edges.kernel_spec
@@ -244,6 +256,8 @@ class PositionsMode(GraphMode):
             return aff.build_graph(edges.kernel, edges.normalization, edges.backend, q=None, k=None,
                                    budget_bytes=budget, unary=edges.unary_logits(x))
         graph = self.pairwise(edges, kern, x, spatial, budget)
+        if edges.gamma is not None:  # the DNL authors' γ·A_pairwise
+            graph = aff.ScaledGraph(graph, edges.gamma)
         if not edges.unary:
             return graph
         # DNL: A = A_pairwise + 1·aᵀ; the unary term is rank 1 (formed only for backend="dense")
@@ -271,6 +285,8 @@ class PositionsMode(GraphMode):
             return aff.build_graph(edges.kernel, edges.normalization, edges.backend, q=None, k=None,
                                    budget_bytes=budget, concat=(q @ w[:kc], k @ w[kc:]))
         q, k = kern.transform(q, k)
+        if edges.heads > 1:
+            return PositionsMode.heads_graph(edges, q, k, budget)
         return aff.build_graph(edges.kernel, edges.normalization, edges.backend, q=q, k=k,
                                scale=edges.scale_value, budget_bytes=budget)
 
@@ -282,6 +298,21 @@ class PositionsMode(GraphMode):
         if edges.approx == "performer":
             return aff.performer_graph(q, k, edges.random_features, edges.scale_value)
         return aff.nystrom_graph(q, k, edges.approx_features, edges.scale_value)
+
+    @staticmethod
+    def heads_graph(edges: Affinity, q: torch.Tensor, k: torch.Tensor, budget: int) -> aff.Graph:
+        """``heads`` graphs on channel groups of ``q``, ``k`` (and of the values): fused attention does them
+        natively (:class:`~nonlocalnet.affinity.SDPAGraph`), every other backend the heads as one batch
+        (:class:`~nonlocalnet.affinity.HeadsGraph`)."""
+        h, backend = edges.heads, edges.backend
+        if backend == "auto":
+            backend = aff.choose_backend(edges.kernel, edges.normalization, q.shape[0], q.shape[1], k.shape[1],
+                                         max(q.element_size(), 4), budget)
+        if backend == "sdpa":
+            return aff.SDPAGraph(q, k, edges.scale_value, heads=h)
+        return aff.HeadsGraph(aff.build_graph(edges.kernel, edges.normalization, backend, q=aff.split_heads(q, h),
+                                              k=aff.split_heads(k, h), scale=edges.scale_value, budget_bytes=budget),
+                              h)
 
 
 def _approx(name: str, value: Any) -> str | None:
@@ -408,8 +439,11 @@ def _taylor_order(value: Any) -> int:
     return value
 
 
-register_graph(PositionsMode("positions", "the graph over all N x N' positions (NL, NS, SNL, A², GC, DNL, ...)",
-                             options=POSITIONS_OPTIONS))
+register_graph(PositionsMode(
+    "positions", "the graph over all N x N' positions (NL, NS, SNL, A², GC, DNL, ...)",
+    options={"pairwise_gamma": Option(False, "a learnable scalar γ on the pairwise term of a pairwise + unary graph "
+                                             "(unary=True): A = γ·A_pairwise + 1·aᵀ, γ = 0 at init (the DNL "
+                                             "authors' code)", boolean), **POSITIONS_OPTIONS}))
 register_graph(CrissCrossMode("crisscross", "each position and its row and column, masked softmax (CCNet)",
                               kernels="exp", normalizations=("softmax", "row"), backends=("auto", "dense", "chunked"),
                               pairwise_only=True))
@@ -448,6 +482,84 @@ class _CrissCrossDense(aff.PairwiseKernel):
 
     def rows(self, i0, i1):
         return self._a[:, i0:i1]
+
+
+class _Formed(aff.PairwiseKernel):
+    """A graph operator formed as a dense matrix: its rows (``backend="dense"`` of the axial and neighborhood
+    graphs, for testing and small inputs)."""
+
+    def __init__(self, graph: aff.Graph, q: torch.Tensor):
+        super().__init__(graph.n, graph.n_keys, q.shape[0], q.device.type)
+        self._a = graph.dense()
+
+    def rows(self, i0, i1):
+        return self._a[:, i0:i1]
+
+
+def _per_head(edges: Affinity, q: torch.Tensor, k: torch.Tensor, one) -> aff.Graph:
+    """``one(q, k)``, or with ``heads > 1`` one graph per channel group, all heads as one batch
+    (:class:`~nonlocalnet.affinity.HeadsGraph`)."""
+    h = edges.heads
+    return one(q, k) if h == 1 else aff.HeadsGraph(one(aff.split_heads(q, h), aff.split_heads(k, h)), h)
+
+
+class AxialMode(GraphMode):
+    """Axial attention (Ho et al. 2019; Wang et al., "Axial-DeepLab", ECCV 2020): softmax along the first spatial
+    axis, then along the next on its output: the product graph ``A = A_{d-1} ··· A_1 A_0`` of per-axis graphs
+    (:class:`~nonlocalnet.affinity.ProductGraph` of :class:`~nonlocalnet.affinity.AxisGraph`), all from the stage
+    input's ``θ``, ``φ``. ``O(N·ΣL_d·c)``; in 1-D it is the full softmax graph (NL's)."""
+
+    multihead = True
+
+    def build(self, edges: Affinity, x: torch.Tensor, spatial: tuple[int, ...], budget: int) -> aff.Graph:
+        q, k = edges.kernel_spec.transform(*edges.queries_keys(x, spatial))
+        return _per_head(edges, q, k, lambda qh, kh: self.one(edges, qh, kh, spatial))
+
+    @staticmethod
+    def one(edges: Affinity, q: torch.Tensor, k: torch.Tensor, spatial: tuple[int, ...]) -> aff.Graph:
+        graph = aff.ProductGraph([aff.AxisGraph(q, k, spatial, d, edges.scale_value) for d in range(len(spatial))])
+        graph.backend = "axial"
+        return aff.PairwiseGraph(_Formed(graph, q), "none") if edges.backend == "dense" else graph
+
+
+class NeighborhoodMode(GraphMode):
+    """Neighborhood attention (Hassani et al., "Neighborhood Attention Transformer", CVPR 2023): softmax over the
+    ``kernel_size^d`` keys of a window around each position, shifted inward at the borders
+    (:class:`~nonlocalnet.affinity.NeighborhoodGraph`). ``O(N·k^d·c)``."""
+
+    multihead = True
+
+    def build(self, edges: Affinity, x: torch.Tensor, spatial: tuple[int, ...], budget: int) -> aff.Graph:
+        ks = edges.kernel_size
+        if ks > min(spatial):
+            fits = min(spatial) - 1 + min(spatial) % 2  # the largest odd size that fits
+            raise ValueError(f"x: spatial size {spatial} is smaller than kernel_size={ks} along axis "
+                             f"{min(range(len(spatial)), key=lambda d: spatial[d])} (the window holds kernel_size "
+                             f"positions per axis); use an odd kernel_size <= {fits} or a larger input")
+        q, k = edges.kernel_spec.transform(*edges.queries_keys(x, spatial))
+
+        def one(qh: torch.Tensor, kh: torch.Tensor) -> aff.Graph:
+            graph = aff.NeighborhoodGraph(qh, kh, spatial, ks, edges.scale_value)
+            return aff.PairwiseGraph(_Formed(graph, qh), "none") if edges.backend == "dense" else graph
+
+        return _per_head(edges, q, k, one)
+
+
+def _kernel_size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
+        raise ValueError(f"kernel_size: expected an odd int >= 1 (positions per axis of the window around each "
+                         f"query), got {value!r}")
+    return value
+
+
+register_graph(AxialMode(
+    "axial", "softmax along each spatial axis in turn: the product graph A = A_W A_H (axial attention)",
+    kernels="exp", normalizations=("softmax", "row"), backends=("auto", "dense"), pairwise_only=True))
+register_graph(NeighborhoodMode(
+    "neighborhood", "softmax over a k^d window around each position, shifted inward at borders (NAT)",
+    kernels="exp", normalizations=("softmax", "row"), backends=("auto", "dense"), pairwise_only=True,
+    options={"kernel_size": Option(3, "window size k per axis (odd, <= the smallest spatial size; NAT uses 7)",
+                                   lambda k, v: _kernel_size(v))}))
 
 
 OUT_MAPS = ("linear", "bottleneck")

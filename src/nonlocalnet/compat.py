@@ -10,6 +10,8 @@
 - :func:`from_efficient_attention` — the Efficient Attention authors' ``EfficientAttention`` (one head).
 - :func:`from_external_attention` — the External Attention authors' ``External_attention`` (their final ReLU after
   the residual applied by the caller).
+- :func:`from_mmseg_dnl` — mmsegmentation's ``DisentangledNonLocal2d`` (``DNLHead``'s block).
+- :func:`from_official_dnl` — the DNL authors' ``NonLocal2d_bn`` (with the learnable scale of the pairwise term).
 
 Each returns a block built with :func:`nonlocalnet.build_block` whose output equals the original module's,
 in eval and in train mode (BatchNorm batch statistics and running-stat updates included). Only the
@@ -33,12 +35,14 @@ import torch.nn as nn
 from .presets import build_block
 
 __all__ = ["from_official_snl", "from_mmcv", "from_cgnl", "from_timm", "from_efficient_attention",
-           "from_external_attention", "OFFICIAL_UNITS", "MMCV_MODES", "MMCV_MODULES", "CGNL_KERNELS"]
+           "from_external_attention", "OFFICIAL_UNITS", "MMCV_MODES", "MMCV_MODULES", "CGNL_KERNELS", "from_mmseg_dnl",
+           "MMSEG_DNL_MODES", "from_official_dnl"]
 
 OFFICIAL_UNITS = ("snl", "ns", "nl")
 MMCV_MODES = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
 MMCV_MODULES = ("NonLocal", "CrissCrossAttention", "ContextBlock")
 CGNL_KERNELS = ("dot_product", "gaussian")
+MMSEG_DNL_MODES = ("embedded_gaussian", "dot_product")
 
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var")
 _BN_OPTIONAL = ("num_batches_tracked",)  # absent from very old checkpoints; the block then keeps 0
@@ -458,11 +462,17 @@ _GC_BRANCHES = {"channel_add": "w", "channel_mul": "w_mul"}
 
 def _mmcv_context_block(state_dict: Any, prefix: str) -> nn.Module:
     """mmcv's ``ContextBlock`` (Cao et al., "GCNet: Non-local Networks Meet Squeeze-Excitation Networks and
-    Beyond", ICCVW 2019, arXiv 1904.11492) with ``pooling_type="att"``: our ``gc`` preset.
+    Beyond", ICCVW 2019, arXiv 1904.11492): our ``gc`` preset.
 
-    Keys: ``conv_mask.{weight,bias}`` (``1×C×1×1``) and, per fusion type present (detected from the keys),
-    ``channel_add_conv.{0,1,3}.{weight,bias}`` / ``channel_mul_conv.*``: conv ``C→P``, ``LayerNorm([P, 1, 1])``,
-    ReLU, conv ``P→C``. ``P`` (``int(C·ratio)``) comes from the shapes.
+    Keys: ``conv_mask.{weight,bias}`` (``1×C×1×1``; ``pooling_type="att"``, GCNet's default) and, per fusion type
+    present (detected from the keys), ``channel_add_conv.{0,1,3}.{weight,bias}`` / ``channel_mul_conv.*``: conv
+    ``C→P``, ``LayerNorm([P, 1, 1])``, ReLU, conv ``P→C``. ``P`` (``int(C·ratio)``) comes from the shapes.
+
+    Without ``conv_mask.*`` the block is ``pooling_type="avg"``: the context is the mean over the positions,
+    ``A = 11ᵀ/N`` — GC's graph with the logits ``m_j = 0``, since the softmax of equal logits is exactly ``1/N``.
+    It is built as ``gc`` with the mask conv's weight and bias zero and frozen (``requires_grad=False``), so that
+    training it keeps the mean, as mmcv's module has no mask to train (a state dict does not record the freeze:
+    after loading one into a fresh ``gc`` block, call ``block.edges.mask.requires_grad_(False)``).
     """
     what = "from_mmcv(module='ContextBlock')"
     sd = _select(state_dict, prefix, what)
@@ -470,38 +480,43 @@ def _mmcv_context_block(state_dict: Any, prefix: str) -> nn.Module:
     if not present:
         raise ValueError(f"{what}: no fusion branch: expected keys 'channel_add_conv.*' and/or 'channel_mul_conv.*'; "
                          f"got keys {_fmt_keys(prefix + k for k in sd)}")
-    if "conv_mask.weight" not in sd and "conv_mask.bias" not in sd:
-        raise NotImplementedError(
-            f"{what}: no 'conv_mask.*' keys: this is pooling_type='avg' (context = mean over positions, A = 11ᵀ/N), "
-            "which nonlocalnet's gc preset does not express; only pooling_type='att' (GCNet's default) converts")
-    required = ["conv_mask.weight", "conv_mask.bias"] + [f"{f}_conv.{i}.{p}" for f in present for i in (0, 1, 3)
-                                                          for p in ("weight", "bias")]
+    avg = "conv_mask.weight" not in sd and "conv_mask.bias" not in sd  # pooling_type="avg"
+    required = [] if avg else ["conv_mask.weight", "conv_mask.bias"]
+    required += [f"{f}_conv.{i}.{p}" for f in present for i in (0, 1, 3) for p in ("weight", "bias")]
     _check_keys(sd, required, [], what, prefix, [])
-    one, c, dim = _conv1x1(sd, "conv_mask.weight", what, prefix)
-    if one != 1:
-        raise ValueError(f"{what}: {prefix}conv_mask.weight has shape {tuple(sd['conv_mask.weight'].shape)}, "
-                         f"expected (1, C, 1, 1) (one attention logit per position)")
     first = f"{present[0]}_conv.0.weight"
-    planes = _conv1x1(sd, first, what, prefix)[0]
+    planes, c, dim = _conv1x1(sd, first, what, prefix)
+    if not avg:
+        one, c, dim = _conv1x1(sd, "conv_mask.weight", what, prefix)
+        if one != 1:
+            raise ValueError(f"{what}: {prefix}conv_mask.weight has shape {tuple(sd['conv_mask.weight'].shape)}, "
+                             f"expected (1, C, 1, 1) (one attention logit per position)")
     ones = (1,) * dim
-    shapes: dict[str, Any] = {"conv_mask.bias": (1,)}
+    shapes: dict[str, Any] = {} if avg else {"conv_mask.bias": (1,)}
     for f in present:
         shapes.update({f"{f}_conv.0.weight": (planes, c, *ones), f"{f}_conv.0.bias": (planes,),
                        f"{f}_conv.1.weight": [(planes, *ones), (planes,)], f"{f}_conv.1.bias": [(planes, *ones),
                                                                                                (planes,)],
                        f"{f}_conv.3.weight": (c, planes, *ones), f"{f}_conv.3.bias": (c,)})
-    _check_shapes(sd, shapes, what, prefix, _shape_context(sd, "conv_mask.weight", prefix, C=c, dim=dim) +
-                  f"; from {prefix}{first}: planes = {planes}")
+    context = (_shape_context(sd, first, prefix, C=c, planes=planes, dim=dim) if avg else
+               _shape_context(sd, "conv_mask.weight", prefix, C=c, dim=dim) + f"; from {prefix}{first}: planes = "
+               f"{planes}")
+    _check_shapes(sd, shapes, what, prefix, context)
     fusion = "add_mul" if len(present) == 2 else present[0].split("_")[1]
     block = build_block("gc", c, dim=dim, fusion=fusion, bottleneck_channels=planes, bias=True, zero_init=False)
-    ours = {"edges.mask.weight": sd["conv_mask.weight"], "edges.mask.bias": sd["conv_mask.bias"]}
+    like = sd[first]
+    ours = ({"edges.mask.weight": like.new_zeros(1, c, *ones), "edges.mask.bias": like.new_zeros(1)} if avg else
+            {"edges.mask.weight": sd["conv_mask.weight"], "edges.mask.bias": sd["conv_mask.bias"]})
     for f in present:
         dst = f"units.0.{_GC_BRANCHES[f]}.0"
         ours.update({f"{dst}.conv1.weight": sd[f"{f}_conv.0.weight"], f"{dst}.conv1.bias": sd[f"{f}_conv.0.bias"],
                      f"{dst}.norm.weight": sd[f"{f}_conv.1.weight"].reshape(planes),
                      f"{dst}.norm.bias": sd[f"{f}_conv.1.bias"].reshape(planes),
                      f"{dst}.conv2.weight": sd[f"{f}_conv.3.weight"], f"{dst}.conv2.bias": sd[f"{f}_conv.3.bias"]})
-    return _load(block, ours, sd["conv_mask.weight"], sd, what, prefix)
+    block = _load(block, ours, like, sd, what, prefix)
+    if avg:  # the mean stays the mean under training: mmcv's avg-pooling block has no mask to learn
+        block.edges.mask.requires_grad_(False)
+    return block
 
 
 # --------------------------------------------------------------------------------------- CGNL authors
@@ -653,3 +668,168 @@ def from_external_attention(state_dict: Mapping[str, torch.Tensor] | nn.Module, 
             "units.0.w.0.weight": w, "units.0.w.0.bias": torch.zeros(c, dtype=w.dtype, device=w.device)}
     ours.update(_bn(sd, "conv2.1", "units.0.norm.bn"))
     return _load(block, ours, w, sd, what, prefix)
+# --------------------------------------------------------------------------------------- mmseg DNL
+def from_mmseg_dnl(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, mode: str = "embedded_gaussian",
+                   use_scale: bool = True, temperature: float = 0.05, fold_norm: bool = False,
+                   prefix: str = "") -> nn.Module:
+    """A block equal to mmsegmentation's ``DisentangledNonLocal2d`` (the block of its ``DNLHead``; Yin et al.,
+    "Disentangled Non-Local Neural Networks", ECCV 2020, arXiv 2006.06668): our ``dnl`` preset.
+
+    mmseg's block is mmcv's ``NonLocal2d`` plus ``conv_mask`` (``C → 1``): queries and keys minus their means over
+    the positions, the pairwise softmax of ``θφᵀ/(√C_s·τ)`` (``embedded_gaussian``; ``√C_s`` when ``use_scale``)
+    or ``θφᵀ/N`` (``dot_product``, no τ), the unary term ``softmax(conv_mask(X))ᵀ g(X)``, and
+    ``Y = X + conv_out(y) + conv_out(u)``: ``conv_out`` applied to each term **separately** (``u`` broadcast over
+    the positions). mmseg has no learnable scale on the pairwise term (the DNL authors' code does: ``dnl`` with
+    ``pairwise_gamma=True``). ``mode``, ``use_scale`` and ``temperature`` (DNLHead's defaults) are not in a state
+    dict.
+
+    Keys: ``g.conv.*``, ``theta.conv.*``, ``phi.conv.*`` (``C_s×C×1×1`` with bias), ``conv_mask.{weight,bias}``,
+    ``conv_out.conv.weight`` (``C×C_s×1×1``), ``conv_out.conv.bias`` (without a norm), ``conv_out.bn.*`` with
+    mmseg's ``norm_cfg`` (BatchNorm/SyncBN). As ``conv_out`` is affine without a norm, ``W y + b + W u + b =
+    W(y + u) + 2b``: our block with ``out_norm="none"`` and the bias ``2b``, equal in train and eval mode. With a
+    BatchNorm the two terms are normalized separately (in train mode with their own batch statistics), which no
+    single output map expresses: ``fold_norm=True`` folds the running statistics into the conv, ``W' = s·W``,
+    ``b' = 2(β − s·μ) (+ 2s·b)``, ``s = γ/√(σ² + ε)`` (ε = 1e-5, mmcv's) — equal in eval mode only, and the block
+    has no BatchNorm; without it such a state dict is refused.
+    """
+    if mode not in MMSEG_DNL_MODES:
+        raise ValueError(f"mode: expected one of {', '.join(map(repr, MMSEG_DNL_MODES))} (DNLHead's modes), "
+                         f"got {mode!r}")
+    _bool("use_scale", use_scale)
+    _bool("fold_norm", fold_norm)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 or \
+            temperature == float("inf"):
+        raise ValueError(f"temperature: expected a positive finite number (DNLHead's, 0.05 by default), "
+                         f"got {temperature!r}")
+    what = f"from_mmseg_dnl(mode={mode!r})"
+    sd = _select(state_dict, prefix, what)
+    if any(k.startswith("conv_out.gn.") for k in sd):
+        raise ValueError(f"{what}: a GroupNorm after conv_out ('conv_out.gn.*') normalizes each term with its own "
+                         "per-sample statistics, which neither a single output map nor a fold expresses")
+    has_bn = any(k.startswith("conv_out.bn.") for k in sd)
+    if has_bn and not fold_norm:
+        raise ValueError(f"{what}: conv_out has a BatchNorm ('conv_out.bn.*'), which mmseg applies to the pairwise "
+                         "and the unary term separately (in train mode with each term's own batch statistics); no "
+                         "single block equals that in train mode. Pass fold_norm=True to fold its running "
+                         "statistics into the conv: the block then equals the module in eval mode")
+    required = [f"{m}.conv.{p}" for m in ("g", "theta", "phi") for p in ("weight", "bias")]
+    required += ["conv_mask.weight", "conv_mask.bias", "conv_out.conv.weight"]
+    optional: list[str] = []
+    if has_bn:
+        required += [f"conv_out.bn.{n}" for n in _BN_KEYS]
+        optional += ["conv_out.conv.bias"] + [f"conv_out.bn.{n}" for n in _BN_OPTIONAL]
+    else:
+        required.append("conv_out.conv.bias")
+    hints = []
+    if any(k.startswith(("g.0.", "phi.0.")) for k in sd):
+        hints.append("Keys 'g.0.conv.*' / 'phi.0.conv.*' are a sub-sampled NonLocal2d: mmseg's DNL block cannot "
+                     "sub-sample (its unary term pools the full-size g).")
+    if "gamma" in sd:
+        hints.append("A 'gamma' is the DNL authors' pairwise scale, not mmseg's layout: build_block('dnl', C, "
+                     "pairwise_gamma=True) holds it as 'edges.gamma'.")
+    _check_keys(sd, required, optional, what, prefix, hints)
+    cs, c, dim = _conv1x1(sd, "g.conv.weight", what, prefix)
+    ones = (1,) * dim
+    shapes: dict[str, Any] = {"g.conv.bias": (cs,), "theta.conv.weight": (cs, c, *ones), "theta.conv.bias": (cs,),
+                              "phi.conv.weight": (cs, c, *ones), "phi.conv.bias": (cs,),
+                              "conv_mask.weight": (1, c, *ones), "conv_mask.bias": (1,),
+                              "conv_out.conv.weight": (c, cs, *ones), "conv_out.conv.bias": (c,),
+                              "conv_out.bn.num_batches_tracked": ()}
+    shapes.update({f"conv_out.bn.{n}": (c,) for n in _BN_KEYS})
+    _check_shapes(sd, shapes, what, prefix, _shape_context(sd, "g.conv.weight", prefix, C=c, C_s=cs, dim=dim))
+    r = _reduction(c, cs, prefix + "g.conv.weight", what)
+    embedded = mode == "embedded_gaussian"
+    block = build_block("dnl", c, dim=dim, reduction=r, kernel=mode, normalization="softmax" if embedded else "count",
+                        scale=bool(use_scale and embedded), temperature=float(temperature) if embedded else 1.0,
+                        bias=True, out_norm="none", zero_init=False)
+    w, b = sd["conv_out.conv.weight"], sd.get("conv_out.conv.bias")
+    if has_bn:
+        with torch.no_grad():
+            s_ = sd["conv_out.bn.weight"] / torch.sqrt(sd["conv_out.bn.running_var"] + 1e-5)
+            shift = sd["conv_out.bn.bias"] - s_ * sd["conv_out.bn.running_mean"]
+            if b is not None:
+                shift = shift + s_ * b
+            w, b = w * s_.reshape(c, *(1,) * (w.dim() - 1)), shift
+    ours = {"edges.theta.weight": sd["theta.conv.weight"], "edges.theta.bias": sd["theta.conv.bias"],
+            "edges.phi.weight": sd["phi.conv.weight"], "edges.phi.bias": sd["phi.conv.bias"],
+            "edges.mask.weight": sd["conv_mask.weight"], "edges.mask.bias": sd["conv_mask.bias"],
+            "units.0.g.weight": sd["g.conv.weight"], "units.0.g.bias": sd["g.conv.bias"],
+            "units.0.w.0.weight": w, "units.0.w.0.bias": 2 * b}  # conv_out's bias, once per term
+    return _load(block, ours, sd["g.conv.weight"], sd, what, prefix)
+
+
+# --------------------------------------------------------------------------------------- DNL authors
+def from_official_dnl(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, temperature: float = 0.05,
+                      downsample: bool = False, prefix: str = "") -> nn.Module:
+    """A block equal to the DNL authors' ``NonLocal2d_bn`` (``_NonLocalNd_bn``; Yin et al., "Disentangled Non-Local
+    Neural Networks", ECCV 2020, arXiv 2006.06668, code DNL-Semantic-Segmentation) with ``whiten_type=['channel']``
+    and ``with_gc=True``, their DNL configs' settings: our ``dnl`` preset with ``pairwise_gamma=True``.
+
+    Their forward: ``q, k`` (``conv_query``, ``conv_key``, ``P×C×1×1`` with bias) minus their means over the
+    positions, ``S = softmax(qᵀk/(√P·τ))``, ``out = gamma·(V Sᵀ) + V·softmax(conv_mask(X))`` (``V = conv_value(X)``,
+    ``gamma`` zero at init), then ``conv_out`` (``use_out=True``: ``V`` has ``P`` channels, ``conv_out`` ``P → C``
+    without bias; ``use_out=False``: ``conv_value`` is ``C → C`` without bias and there is no ``conv_out``), then
+    ``out_bn`` (BatchNorm2d) if present, ``Y = X + out``. ``use_out`` and ``out_bn`` are read from the keys;
+    ``temperature`` (their configs' ``temp``, 0.05; their class's default is 1.0) is not in a state dict.
+
+    The biases their convs lack (``conv_value`` with ``use_out=False``, ``conv_out``) are ours zero and frozen
+    (``requires_grad=False``), so the block trains as theirs does. Refused: ``downsample=True`` (their max-pooled
+    keys, values and mask input; our unary term pools over every position), the ``bn``/``bn_affine`` whitening
+    (``key_bn``/``query_bn`` keys), a block without ``conv_mask`` (``with_gc=False``). Their ``with_unary`` term (the
+    query mean against the keys) holds no parameters, so a state dict cannot show it: it is not converted.
+    """
+    _bool("downsample", downsample)
+    if downsample:
+        raise NotImplementedError("from_official_dnl: downsample=True (keys, values and the mask input max-pooled) "
+                                  "is not expressed by nonlocalnet's dnl, whose unary term pools over every position")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 or \
+            temperature == float("inf"):
+        raise ValueError(f"temperature: expected a positive finite number (their configs' temp, 0.05), "
+                         f"got {temperature!r}")
+    what = "from_official_dnl(NonLocal2d_bn)"
+    sd = _select(state_dict, prefix, what)
+    if any(k.startswith(("key_bn", "query_bn")) for k in sd):
+        raise NotImplementedError(f"{what}: whiten_type 'bn' / 'bn_affine' (keys 'key_bn*', 'query_bn*') is not "
+                                  "converted; only whiten_type=['channel'] (queries and keys minus their means)")
+    use_out = "conv_out.weight" in sd
+    out_bn = any(k.startswith("out_bn.") for k in sd)
+    required = ["gamma", "conv_query.weight", "conv_query.bias", "conv_key.weight", "conv_key.bias",
+                "conv_value.weight", "conv_mask.weight", "conv_mask.bias"]
+    if use_out:
+        required += ["conv_value.bias", "conv_out.weight"]
+    if out_bn:
+        required += [f"out_bn.{n}" for n in _BN_KEYS]
+    hints = ["No 'conv_mask.*': with_gc=False, a whitened NL without the unary term, is not this converter's."] \
+        if "conv_mask.weight" not in sd else []
+    _check_keys(sd, required, [f"out_bn.{n}" for n in _BN_OPTIONAL], what, prefix, hints)
+    p, c, dim = _conv1x1(sd, "conv_query.weight", what, prefix)
+    ones = (1,) * dim
+    cv = p if use_out else c
+    shapes: dict[str, Any] = {"gamma": [(1,), ()], "conv_query.bias": (p,), "conv_key.weight": (p, c, *ones),
+                              "conv_key.bias": (p,), "conv_value.weight": (cv, c, *ones), "conv_value.bias": (cv,),
+                              "conv_mask.weight": (1, c, *ones), "conv_mask.bias": (1,),
+                              "conv_out.weight": (c, p, *ones), "out_bn.num_batches_tracked": ()}
+    shapes.update({f"out_bn.{n}": (c,) for n in _BN_KEYS})
+    _check_shapes(sd, shapes, what, prefix, _shape_context(sd, "conv_query.weight", prefix, C=c, P=p, dim=dim) +
+                  f"; use_out={use_out}")
+    block = build_block("dnl", c, dim=dim, key_channels=p, value_channels=cv, out_proj=use_out, scale=True,
+                        temperature=float(temperature), bias=True, out_norm="bn" if out_bn else "none",
+                        zero_init=False, pairwise_gamma=True)
+    like = sd["conv_query.weight"]
+    ours = {"edges.gamma": sd["gamma"].reshape(1),
+            "edges.theta.weight": sd["conv_query.weight"], "edges.theta.bias": sd["conv_query.bias"],
+            "edges.phi.weight": sd["conv_key.weight"], "edges.phi.bias": sd["conv_key.bias"],
+            "edges.mask.weight": sd["conv_mask.weight"], "edges.mask.bias": sd["conv_mask.bias"],
+            "units.0.g.weight": sd["conv_value.weight"],
+            "units.0.g.bias": sd["conv_value.bias"] if "conv_value.bias" in sd else like.new_zeros(cv)}
+    if use_out:
+        ours.update({"units.0.w.0.weight": sd["conv_out.weight"], "units.0.w.0.bias": like.new_zeros(c)})
+    if out_bn:
+        ours.update(_bn(sd, "out_bn", "units.0.norm.bn"))
+    block = _load(block, ours, like, sd, what, prefix)
+    frozen = [] if "conv_value.bias" in sd else [block.units[0].g.bias]  # biases their convs do not have
+    if use_out:
+        frozen.append(block.units[0].w[0].bias)
+    for t in frozen:
+        t.requires_grad_(False)
+    return block

@@ -8,7 +8,8 @@ owns its pre-transform (:meth:`Kernel.transform`, what the fast paths run), its 
 factorizes (``M = P Qᵀ``: the linear-time ``lowrank`` backend, no ``N × N'`` matrix).
 
 A **graph mode** (:class:`GraphMode`) says which graph over the positions a block builds — ``positions`` (the full
-``N × N'`` graph), ``crisscross`` (CCNet's row + column), ``channels`` (CGNL's graph over positions × channels) —
+``N × N'`` graph), ``crisscross`` (CCNet's row + column), ``channels`` (CGNL's graph over positions × channels),
+``axial`` (the product of per-axis softmax graphs), ``neighborhood`` (a softmax over a window: a banded graph) —
 which kernels, normalizations and backends go with it, its own options, and how it builds its graph operator
 (the built-in modes' builders are in :mod:`nonlocalnet.blocks`, beside the module whose parameters they read).
 
@@ -182,7 +183,9 @@ class GraphMode:
     (DNL's) and no whitening. ``bipartite``: the key nodes are not positions (External Attention's learned memory
     slots): ``A`` is ``N × N'`` with ``N'`` set by the mode, so, as with sub-sampled keys, only filters of order ≤ 1
     apply, with the values at the key nodes given by the unit (its ``memory``). ``doc``: one line for
-    ``nonlocalnet blocks`` and error messages.
+    ``nonlocalnet blocks`` and error messages. A subclass that sets the class attribute ``multihead = True``
+    builds ``heads`` graphs on channel groups for the exp kernels (the common option ``heads``; its ``build`` reads
+    ``edges.heads``).
     """
 
     name: str
@@ -193,6 +196,7 @@ class GraphMode:
     options: Mapping[str, Option] = field(default_factory=dict)
     pairwise_only: bool = False
     bipartite: bool = False
+    multihead = False  # a class attribute (not a field): subclasses that build multi-head graphs set it
 
     def kernel_names(self) -> tuple[str, ...]:
         if self.kernels is None:
@@ -233,7 +237,8 @@ def valid_backends(kernel: str, normalization: str, mode: str = "positions") -> 
 
     ``positions``: ``chunked`` for every kernel, ``lowrank`` for the factorizable ones, ``sdpa`` for an exp
     kernel with its softmax. ``crisscross``: its own ``O(N·ΣL_d)`` path (``auto``/``chunked``) or ``dense``.
-    ``channels`` (CGNL): factorized (``auto``/``lowrank``) or ``dense``.
+    ``channels`` (CGNL): factorized (``auto``/``lowrank``) or ``dense``. ``axial``, ``neighborhood``: their own
+    ``O(N·ΣL_d)`` / ``O(N·k^d)`` path (``auto``) or ``dense``.
     """
     fixed = GRAPH_MODES[mode].backends
     if fixed is not None:

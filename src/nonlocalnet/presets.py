@@ -49,7 +49,7 @@ COMMON = dict(
     units=1, recurrence=1, filter="nl", out_norm="bn", zero_init=True, backend="auto",
     memory_budget=256, value_channels=None, out_proj=True, norm_groups=None,
     key_channels=None, whiten=False, unary=False, temperature=1.0, value_proj=True, out_map="linear",
-    bottleneck_channels=None, fusion="add",
+    bottleneck_channels=None, fusion="add", heads=1,
     pool_sizes=None,
 )
 
@@ -147,6 +147,18 @@ for _preset in [
                     out_norm="none", zero_init=False), mode="agents"),
 ]:
     register_block(_preset)
+
+
+register_block(Preset(
+    "axial", 'Ho, Kalchbrenner, Weissenborn, Salimans, "Axial Attention in Multidimensional Transformers", arXiv '
+             '1912.12180, 2019; Wang et al., "Axial-DeepLab: Stand-Alone Axial-Attention for Panoptic Segmentation", '
+             'ECCV 2020, §3.2 (axial attention without its positional terms): softmax along H, then along W on its '
+             'output, A = A_W A_H, F = A Z W, Y = X + BN(F)', dict(filter="nl", scale=True), mode="axial"))
+register_block(Preset(
+    "neighborhood", 'Hassani, Walton, Li, Li, Shi, "Neighborhood Attention Transformer", CVPR 2023, §3.1 (also '
+                    'Ramachandran et al., "Stand-Alone Self-Attention in Vision Models", NeurIPS 2019): softmax over '
+                    'a k x k window around each position, shifted inward at the borders, F = A Z W, Y = X + BN(F)',
+    dict(filter="nl", scale=True), mode="neighborhood"))
 
 
 def list_blocks() -> list[str]:
@@ -254,6 +266,9 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
             raise ValueError(f"normalization: cc uses the masked softmax ('softmax'), got {norm!r}")
         if mode == "channels":
             raise ValueError(f"normalization: cgnl supports 'none' or 'count', got {norm!r}")
+        if mode_spec.normalizations is not None:
+            raise ValueError(f"normalization: {name} ({mode} graph) takes "
+                             f"{', '.join(map(repr, mode_spec.normalizations))}, got {norm!r}")
         if unary_kernel:
             raise ValueError(f"normalization: the unary kernel (GC's attention pooling, A = 1·aᵀ) takes 'softmax', "
                              f"got {norm!r}")
@@ -273,6 +288,9 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
     if mode == "crisscross" and o["sub_sample"]:
         raise ValueError("sub_sample: criss-cross attention does not go with sub-sampling (keys must stay "
                          "on the query's row and column)")
+    if mode in ("axial", "neighborhood") and o["sub_sample"]:
+        raise ValueError(f"sub_sample: {mode} attention does not go with sub-sampling (the keys of each query are "
+                         f"its own {'axis lines' if mode == 'axial' else 'window'} at full resolution)")
     if unary_kernel and o["unary"]:
         raise ValueError("unary=True adds a unary term to a pairwise graph; kernel='unary' already is one")
     if unary_kernel and o["whiten"]:
@@ -281,6 +299,9 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
     if "temperature" in options and o["temperature"] != 1.0 and not exp_logits:
         raise ValueError(f"temperature: divides the logits of the exp kernels ({', '.join(K.exp_kernels())}), "
                          f"not kernel={kern!r}")
+    if o.get("pairwise_gamma") and (unary_kernel or not o["unary"]):
+        raise ValueError("pairwise_gamma: scales the pairwise term of a pairwise + unary graph (unary=True, as dnl); "
+                         f"kernel={kern!r}, unary={o['unary']!r} has no such sum")
     if (unary_kernel or o["unary"]) and o["sub_sample"]:
         raise ValueError("sub_sample: the unary term (gc, dnl) pools over every position; use sub_sample=False")
     if norm == "symmetric" and o["sub_sample"]:
@@ -384,6 +405,7 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
     if o["out_norm"] == "bn_relu" and o["zero_init"]:
         raise ValueError("zero_init=True does not go with out_norm='bn_relu': relu(BN(F)) with a zero BN scale "
                          "outputs 0 with zero gradient, so the block would never train")
+    _check_heads(name, mode_spec, o, in_channels, key_channels, vc)
     o.update(key_channels=key_channels, value_channels=vc, norm_groups=ng, bottleneck_channels=bc)
     o["filter_options"] = fopts
     return o
@@ -408,9 +430,34 @@ def _check_approx(o: dict[str, Any], given: dict[str, Any]) -> None:
     if o["normalization"] not in ("softmax", "row"):
         raise ValueError(f"approx={approx!r} approximates the softmax (row) normalization, got normalization="
                          f"{o['normalization']!r}; use normalization='softmax'")
+    if o.get("heads", 1) != 1:
+        raise ValueError(f"heads: approx={approx!r} approximates one softmax graph; heads={o['heads']} with approx is "
+                         f"not supported (use heads=1)")
     if o["backend"] not in ("auto", "lowrank"):
         raise ValueError(f"backend: approx={approx!r} builds its own factorized graph (the 'lowrank' backend); use "
                          f"backend='auto' or 'lowrank', got {o['backend']!r}")
+
+
+def _check_heads(name: str, mode_spec: K.GraphMode, o: dict[str, Any], in_channels: int, key_channels: int,
+                 value_channels: int) -> None:
+    """``heads``: a positive int; ``> 1`` needs an exp kernel on a graph mode that builds multi-head graphs, and
+    ``heads`` must divide the query/key channels and the value channels."""
+    h = o["heads"]
+    if isinstance(h, bool) or not isinstance(h, int) or h < 1:
+        raise ValueError(f"heads: expected a positive int (graphs on channel groups), got {h!r}")
+    if h == 1:
+        return
+    kern = K.KERNELS[o["kernel"]]
+    if not kern.exp or kern.unary or not mode_spec.multihead:
+        modes = [m for m, spec in K.GRAPH_MODES.items() if spec.multihead]
+        raise ValueError(f"heads={h}: multi-head graphs are for the exp kernels ({', '.join(K.exp_kernels())}) on "
+                         f"the {', '.join(modes)} graphs; got kernel={o['kernel']!r} on block {name!r} "
+                         f"({mode_spec.name} graph)")
+    qk = key_channels if kern.projected else in_channels
+    what = "C_s" if kern.projected else "in_channels (the Gaussian's queries and keys are X)"
+    if qk % h or value_channels % h:
+        raise ValueError(f"heads ({h}) must divide {what} ({qk}) and value_channels ({value_channels}): each head "
+                         f"takes an equal channel group of the queries, keys and values")
 
 
 def build_block(name: str, in_channels: int, *, dim: int = 2, device: torch.device | str | None = None,
@@ -421,7 +468,7 @@ def build_block(name: str, in_channels: int, *, dim: int = 2, device: torch.devi
     (:data:`COMMON`: ``reduction``, ``kernel``, ``normalization``, ``scale``, ``bias``, ``sub_sample``, ``units``,
     ``recurrence``, ``filter``, ``out_norm``, ``zero_init``, ``backend``, ``memory_budget`` (MiB),
     ``value_channels``, ``out_proj``, ``norm_groups``, ``key_channels``, ``whiten``, ``unary``, ``temperature``,
-    ``value_proj``, ``out_map``, ``bottleneck_channels``, ``fusion``, ``pool_sizes``), the filter's
+    ``value_proj``, ``out_map``, ``bottleneck_channels``, ``fusion``, ``heads``, ``pool_sizes``), the filter's
     (:data:`FILTERS`, e.g. ``order``; the spectral filters' ``spectral_path`` and ``approx_order``) and the graph
     mode's (CGNL's ``groups``, ``taylor_order``, ``rbf_gamma``, ``rbf_prefactor``; External Attention's
     ``memory_size``); :func:`block_options` lists them for a block.
@@ -436,7 +483,8 @@ def build_block(name: str, in_channels: int, *, dim: int = 2, device: torch.devi
         memory_budget=o["memory_budget"], mode=preset.mode, groups=o.get("groups", 1),
         order=o.get("taylor_order", 0), rbf_gamma=o.get("rbf_gamma", 1e-4), whiten=o["whiten"], unary=o["unary"],
         temperature=o["temperature"], rbf_prefactor=o.get("rbf_prefactor", "exact"), pool_sizes=o["pool_sizes"],
-        memory_size=o.get("memory_size", 0), agents=o.get("agents"), approx=o.get("approx"),
+        memory_size=o.get("memory_size", 0), agents=o.get("agents"), pairwise_gamma=o.get("pairwise_gamma", False),
+        kernel_size=o.get("kernel_size", 1), heads=o["heads"], approx=o.get("approx"),
         approx_features=o.get("approx_features", 64), **fk,
     )
     fspec = FILTERS[o["filter"]]

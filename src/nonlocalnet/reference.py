@@ -23,6 +23,11 @@ Equations (docs/framework.md and these papers):
 - stage: ``Zⁿ⁺¹ = Zⁿ + out_n(F_n(A, g_n(Zⁿ)))``, ``A`` from the stage input (Tao et al. 2018, Eq. 8)
 - CC: softmax over the positions in the same row/column (mask ``C``, Zhu et al. 2021 (ICCV), §B.5)
 - CGNL: graph over (position, channel) nodes (Zhu et al. 2021 (ICCV), §B.4)
+- axial (Ho et al., "Axial Attention in Multidimensional Transformers", arXiv 2019; Wang et al., "Axial-DeepLab",
+  ECCV 2020): ``A = A_{D-1} ··· A_0``, each ``A_d`` the row-normalized ``exp(s·qkᵀ)`` masked to the positions
+  that differ only along axis ``d`` (mask by loops), the product formed as ``N × N``
+- neighborhood (Hassani et al., "Neighborhood Attention Transformer", CVPR 2023): the row-normalized
+  ``exp(s·qkᵀ)`` masked to the ``k^d`` window of each query, shifted inward at the borders (mask by loops)
 - spectral filters (docs/spectral.md), ``L = I − A``: heat ``exp(−tL)``, wavelet ``e·sL·exp(−sL)`` from
   ``torch.linalg.eigh`` of the dense symmetric ``A`` (``matrix_exp`` when ``A`` is not symmetric); Cayley
   ``C = (hL − iI)(hL + iI)⁻¹`` as a dense complex matrix, its powers by matmul (Levie et al., CayleyNets,
@@ -36,6 +41,9 @@ Equations (docs/framework.md and these papers):
   divided by its sum over the positions, then each row by ``1e-9 +`` its sum over the memory slots; ``F = A M_v W``
 - Agent Attention (Han et al., ECCV 2024): agents ``Ag`` = the queries averaged over adaptive bins (loops),
   ``A = D⁻¹exp(s θ Agᵀ) · D⁻¹exp(s Ag φᵀ)``, both factors formed
+- heads (Vaswani et al., "Attention Is All You Need", NeurIPS 2017, §3.2.2): head ``i`` is the whole graph of
+  the ``i``-th channel group of θ, φ, each filter term formed per head on that head's channel group of ``Z``
+  and the heads concatenated before ``W_t``
 - DNL (Yin et al., "Disentangled Non-Local Neural Networks", ECCV 2020, arXiv 2006.06668, Eq. 12):
   ``softmax((θ−μ_θ)(φ−μ_φ)ᵀ/(√C_s τ)) + 1·softmax(w_m X)ᵀ``
 """
@@ -146,8 +154,76 @@ def crisscross_mask(spatial: tuple[int, ...]) -> torch.Tensor:
     return mask
 
 
+def axis_mask(spatial: tuple[int, ...], axis: int) -> torch.Tensor:
+    """``mask[i, j]`` is True when positions i and j agree in every coordinate but ``axis`` (loops)."""
+    coords = list(itertools.product(*[range(s) for s in spatial]))
+    n = len(coords)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for i, ci in enumerate(coords):
+        for j, cj in enumerate(coords):
+            mask[i, j] = all(a == b for d, (a, b) in enumerate(zip(ci, cj)) if d != axis)
+    return mask
+
+
+def neighborhood_mask(spatial: tuple[int, ...], kernel_size: int) -> torch.Tensor:
+    """``mask[i, j]`` is True when j lies in the window of i: along each axis, the ``k`` positions starting at
+    ``min(max(i - k // 2, 0), L - k)`` (NAT's window, shifted inward at the borders) (loops)."""
+    coords = list(itertools.product(*[range(s) for s in spatial]))
+    n = len(coords)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for i, ci in enumerate(coords):
+        starts = [min(max(a - kernel_size // 2, 0), length - kernel_size) for a, length in zip(ci, spatial)]
+        for j, cj in enumerate(coords):
+            mask[i, j] = all(s0 <= b < s0 + kernel_size for s0, b in zip(starts, cj))
+    return mask
+
+
+def axial_affinity(logits: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """Axial attention from the logits ``s·q_i·k_j`` ``(B, N, N)``: the dense per-axis softmax matrices
+    ``A_d = rownorm(exp(logits) ⊙ mask_d)``, multiplied as ``N × N``: ``A = A_{D-1} ··· A_1 A_0`` (the first
+    axis applied first)."""
+    a = None
+    for d in range(len(spatial)):
+        ad = normalize(torch.exp(logits) * axis_mask(spatial, d).to(logits.dtype), "row")
+        a = ad if a is None else ad @ a
+    return a
+
+
+class _Head:
+    """Head ``i`` of ``h`` of an :class:`~nonlocalnet.blocks.Affinity` module: its attributes, and ``head``."""
+
+    def __init__(self, graph, i: int, h: int):
+        self._graph, self.head = graph, (i, h)
+
+    def __getattr__(self, name):
+        return getattr(self._graph, name)
+
+
+def affinity_heads(graph, x: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """Multi-head ``A`` (B, h, N, N'): head ``i`` is the graph of the ``i``-th of ``h`` equal channel groups of
+    the queries and keys (Vaswani et al., "Attention Is All You Need", NeurIPS 2017, §3.2.2), each formed as a
+    whole dense graph by :func:`affinity_tokens` (the unary term, if any, added to each)."""
+    h = getattr(graph, "heads", 1)
+    return torch.stack([affinity_tokens(_Head(graph, i, h), x, spatial) for i in range(h)], 1)
+
+
+def split_heads(z: torch.Tensor, h: int) -> torch.Tensor:
+    """``(B, N, c) -> (B·h, N, c/h)``: head ``i`` takes channels ``[i·c/h, (i+1)·c/h)``."""
+    b, n, c = z.shape
+    return z.reshape(b, n, h, c // h).permute(0, 2, 1, 3).reshape(b * h, n, c // h)
+
+
+def merge_heads(t: torch.Tensor, h: int) -> torch.Tensor:
+    """The inverse of :func:`split_heads`: the heads' channels concatenated."""
+    bh, n, ch = t.shape
+    return t.reshape(bh // h, h, n, ch).permute(0, 2, 1, 3).reshape(bh // h, n, h * ch)
+
+
 def affinity_tokens(graph, x: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
-    """Dense ``A`` (B, N, N') of an :class:`~nonlocalnet.blocks.Affinity` module on tokens ``x``."""
+    """Dense ``A`` (B, N, N') of an :class:`~nonlocalnet.blocks.Affinity` module on tokens ``x``; with ``heads >
+    1`` the mean of the heads' graphs (what ``block.affinity`` gives for analysis; :func:`affinity_heads`)."""
+    if getattr(graph, "heads", 1) > 1 and not hasattr(graph, "head"):
+        return affinity_heads(graph, x, spatial).mean(1)
     kernel, norm = graph.kernel, graph.normalization
     if getattr(graph, "memory", None) is not None:  # External Attention: the keys are the memory rows M_k
         q = _lin(graph.theta, x)
@@ -169,6 +245,10 @@ def affinity_tokens(graph, x: torch.Tensor, spatial: tuple[int, ...]) -> torch.T
     if getattr(graph, "whiten", False):
         q = q - q.sum(1, keepdim=True) / q.shape[1]
         k = k - k.sum(1, keepdim=True) / k.shape[1]
+    if hasattr(graph, "head"):  # one head: its channel group of the queries and keys
+        i, h = graph.head
+        width = q.shape[-1] // h
+        q, k = q[..., i * width:(i + 1) * width], k[..., i * width:(i + 1) * width]
     s = graph.scale_value
     unary = None
     if graph.mask is not None:  # the unary term: M_ij = exp(m_j), the same row for every query
@@ -178,10 +258,18 @@ def affinity_tokens(graph, x: torch.Tensor, spatial: tuple[int, ...]) -> torch.T
         return normalize(unary, "row")
     a_unary = 0 if unary is None else normalize(unary, "row")
     if getattr(graph, "approx", None) is not None:  # a softmax approximation, formed densely
-        return approximate_affinity(graph, q, k, s) + a_unary
+        pairwise = approximate_affinity(graph, q, k, s)
+        if getattr(graph, "gamma", None) is not None:  # the DNL authors' γ, as below
+            pairwise = graph.gamma.to(pairwise.dtype) * pairwise
+        return pairwise + a_unary
     if graph.mode == "crisscross":
         logits = s * q @ k.transpose(1, 2)
         m = torch.exp(logits) * crisscross_mask(spatial).to(logits.dtype)
+        return normalize(m, "row")
+    if graph.mode == "axial":
+        return axial_affinity(s * q @ k.transpose(1, 2), spatial)
+    if graph.mode == "neighborhood":
+        m = torch.exp(s * q @ k.transpose(1, 2)) * neighborhood_mask(spatial, graph.kernel_size).to(q.dtype)
         return normalize(m, "row")
     if graph.concat is not None:
         w = graph.concat.weight.flatten()
@@ -193,7 +281,10 @@ def affinity_tokens(graph, x: torch.Tensor, spatial: tuple[int, ...]) -> torch.T
         del c
     else:  # every other kernel: its literal formula (docs/framework.md "Step 1"), entry by entry as a product
         m = KERNELS[kernel].literal(q, k, s)
-    return normalize(m, norm) + a_unary
+    pairwise = normalize(m, norm)
+    if getattr(graph, "gamma", None) is not None:  # the DNL authors' A = γ·A_pairwise + 1·aᵀ
+        pairwise = graph.gamma.to(pairwise.dtype) * pairwise
+    return pairwise + a_unary
 
 
 def performer_affinity(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, s: float) -> torch.Tensor:
@@ -387,11 +478,17 @@ def forward(block, x: torch.Tensor, spectral_method: str = "eigh") -> torch.Tens
     spatial = tuple(x.shape[2:])
     h = x.movedim(1, -1).reshape(b, -1, c)
     graph = block.edges
+    heads = getattr(graph, "heads", 1)
     for _ in range(block.recurrence):
-        a = None if graph.mode == "channels" else affinity_tokens(graph, h, spatial)
+        if heads > 1:  # every head its own graph on its channel group of Z: (B·h, N, N') and (B·h, N, C_v/h)
+            a = affinity_heads(graph, h, spatial).flatten(0, 1)
+        else:
+            a = None if graph.mode == "channels" else affinity_tokens(graph, h, spatial)
         stage_input = h
         for unit in block.units:
             z = _lin(unit.g, h) if unit.g is not None else h
+            if heads > 1:
+                z = split_heads(z, heads)
             filt = unit.filter
             rows = filt.chebyshev()
             if rows is None:  # a matrix function of A
@@ -415,6 +512,8 @@ def forward(block, x: torch.Tensor, spectral_method: str = "eigh") -> torch.Tens
                 else:
                     basis = [t @ z for t in chebyshev_matrices(a, order)]
                 terms = [sum(coef[t, k] * basis[k] for k in range(order + 1)) for t in range(coef.shape[0])]
+            if heads > 1:  # the heads' outputs concatenated before the output maps
+                terms = [merge_heads(t, heads) for t in terms]
             y = h
             if "mul" in unit.fusion:
                 gate = sum(out_map(w, term) for w, term in zip(unit.w_mul, terms)) if len(unit.w_mul) else terms[0]

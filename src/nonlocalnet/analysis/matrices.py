@@ -46,9 +46,16 @@ def graph_notes(block: NonlocalBlock) -> list[str]:
                      "(query-independent attention), rank 1, A^k = A; its eigenvalues are 1 (once, eigenvector 1) "
                      "and 0 (N - 1 times)")
     elif e.unary:
+        gamma = getattr(e, "gamma", None)  # pairwise_gamma=True: the DNL authors' A = γ·A_pair + 1·aᵀ
+        if gamma is None:
+            pair, sums = "softmax of the whitened pairwise term", "each row sums to 2 (A 1 = 2·1)"
+        else:
+            g = float(gamma.detach())
+            pair, sums = (f"γ·(softmax of the whitened pairwise term) with the learned γ = {g:.4g}",
+                          f"each row sums to 1 + γ = {1 + g:.4g}")
         notes.append('sum graph (DNL; Yin et al., "Disentangled Non-Local Neural Networks", ECCV 2020, Eq. 12): '
-                     "A = softmax of the whitened pairwise term + 1·aᵀ (the unary term); each row sums to 2 "
-                     "(A 1 = 2·1), A is not symmetric; rows, powers and eigenvalues shown are those of the sum")
+                     f"A = {pair} + 1·aᵀ (the unary term); {sums}, A is not symmetric; rows, powers and eigenvalues "
+                     "shown are those of the sum")
     if e.whiten and not e.unary:
         notes.append("whitened pairwise term: queries and keys minus their means over positions")
     unit = block.units[0]
