@@ -76,6 +76,7 @@ def mmcv_criss_cross_class() -> type:
             raise PeerMissingError(f"mmcv at {Path(spec.origin).parent} has no ops/cc_attention.py") from None
         mod_spec = importlib.util.spec_from_file_location("nonlocalnet_peer_mmcv_cc_attention", path)
         module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[mod_spec.name] = module  # as an import would (its classes name their module)
         mod_spec.loader.exec_module(module)
         cls = module.CrissCrossAttention
     _CC_CLASS.append(cls)
