@@ -6,7 +6,7 @@
 - :func:`from_mmcv` — OpenMMLab's ``NonLocal1d/2d/3d`` in its four modes, ``CrissCrossAttention`` (CCNet) and
   ``ContextBlock`` (GCNet), as mmsegmentation / mmdetection checkpoints hold them.
 - :func:`from_cgnl` — the CGNL authors' ``SpatialCGNL`` (dot product) and ``SpatialCGNLx`` (Gaussian RBF, Taylor).
-- :func:`from_timm` — timm's ``NonLocalAttn``.
+- :func:`from_timm` — timm's ``NonLocalAttn``, and (``module="GlobalContext"``) its ``GlobalContext`` (GCNet).
 
 Each returns a block built with :func:`nonlocalnet.build_block` whose output equals the original module's,
 in eval and in train mode (BatchNorm batch statistics and running-stat updates included). Only the
