@@ -24,7 +24,7 @@ def test_joint_softmax_equals_literal_and_gradchecks(scale):
     b, hh, ww = 2, 5, 4
     e_row = (3 * torch.randn(b, hh, ww, ww, generator=g, dtype=torch.float64)).requires_grad_(True)
     e_col = (3 * torch.randn(b, ww, hh, hh, generator=g, dtype=torch.float64)).requires_grad_(True)
-    a_row, a_col = _JointSoftmax2d.apply(e_row, e_col, scale)
+    a_row, a_col = _JointSoftmax2d.apply(e_row, e_col, scale, hh)
     r_row, r_col = _literal(e_row, e_col, scale)
     torch.testing.assert_close(a_row, r_row, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(a_col, r_col, rtol=1e-12, atol=1e-14)
@@ -37,13 +37,13 @@ def test_joint_softmax_equals_literal_and_gradchecks(scale):
     want = torch.autograd.grad((r_row * w1).sum() + (r_col * w2).sum(), (e_row, e_col))
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda r, c: _JointSoftmax2d.apply(r, c, scale), (e_row, e_col))
+    assert torch.autograd.gradcheck(lambda r, c: _JointSoftmax2d.apply(r, c, scale, hh), (e_row, e_col))
 
 
 def test_joint_softmax_refuses_double_backward():
     e_row = torch.randn(1, 3, 3, 3, dtype=torch.float64, requires_grad=True)
     e_col = torch.randn(1, 3, 3, 3, dtype=torch.float64, requires_grad=True)
-    a_row, a_col = _JointSoftmax2d.apply(e_row, e_col, 1.0)
+    a_row, a_col = _JointSoftmax2d.apply(e_row, e_col, 1.0, 3)
     (g,) = torch.autograd.grad((a_row ** 2).sum() + a_col.sum(), e_row, create_graph=True)
     with pytest.raises(RuntimeError):
         g.sum().backward()

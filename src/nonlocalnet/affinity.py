@@ -458,7 +458,7 @@ class CrissCrossGraph(Graph):
             qt, kt = q.transpose(1, 2).reshape(b * ww, hh, c), k.transpose(1, 2).reshape(b * ww, hh, c)
             e_col = qt @ kt.transpose(1, 2)  # (B·W, H, H): column energies, queries column-major
             self._weights = list(_JointSoftmax2d.apply(e_row.reshape(b, hh, ww, ww), e_col.reshape(b, ww, hh, hh),
-                                                       float(self.scale)))
+                                                       float(self.scale), hh))
         return self._weights[0], self._weights[1]
 
     def _matmul_2d(self, v: torch.Tensor) -> torch.Tensor:
@@ -496,7 +496,8 @@ class CrissCrossGraph(Graph):
 class _JointSoftmax2d(torch.autograd.Function):
     """CCNet's softmax over a query's row and column at once (Huang et al., "CCNet: Criss-Cross Attention for
     Semantic Segmentation", ICCV 2019, Eq. 1-2): from the row energies ``e_row`` ``(B, H, W, W)`` and the column
-    energies laid out column-major ``e_col`` ``(B, W, H, H)`` (both unscaled), the weights
+    energies laid out column-major ``e_col`` ``(B, W, H, H)`` (both unscaled; ``height`` = H as a Python int,
+    so that a traced export holds a constant mask), the weights
     ``a = softmax(scale·[e_row, e_col])`` with the query's own entry counted once (on its row: the column
     diagonal is set to 0 after the exp, which is ``exp(-inf)``).
 
@@ -507,7 +508,7 @@ class _JointSoftmax2d(torch.autograd.Function):
     raises)."""
 
     @staticmethod
-    def forward(ctx, e_row, e_col, scale):
+    def forward(ctx, e_row, e_col, scale, height):
         with torch.no_grad():
             m = torch.maximum(e_row.amax(-1), e_col.amax(-1).transpose(1, 2))  # (B, H, W), unscaled
             if scale < 0:  # the largest scaled energy is then the smallest one
@@ -515,7 +516,9 @@ class _JointSoftmax2d(torch.autograd.Function):
             m = m * scale
             a_row = torch.add(-m.unsqueeze(-1), e_row, alpha=scale).exp_()
             a_col = torch.add(-m.transpose(1, 2).unsqueeze(-1), e_col, alpha=scale).exp_()
-            a_col.diagonal(dim1=-2, dim2=-1).zero_()  # the query itself: counted on its row
+            # the query itself: counted on its row (masked_fill_ on the whole tensor, not zero_ on a diagonal view,
+            # which the ONNX tracer drops)
+            a_col.masked_fill_(torch.eye(height, dtype=torch.bool, device=a_col.device), 0.0)
             r = (a_row.sum(-1) + a_col.sum(-1).transpose(1, 2)).reciprocal_()  # (B, H, W)
             a_row.mul_(r.unsqueeze(-1))
             a_col.mul_(r.transpose(1, 2).unsqueeze(-1))
@@ -537,7 +540,7 @@ class _JointSoftmax2d(torch.autograd.Function):
         if ctx.scale != 1.0:
             d_row.mul_(ctx.scale)
             d_col.mul_(ctx.scale)
-        return d_row, d_col, None
+        return d_row, d_col, None, None
 
 
 class ChannelGraph(Graph):
