@@ -11,7 +11,7 @@ VISION_TORCH ?= torch==2.14.1 torchvision==0.29.1
 VISION_MMCV ?= mmcv-lite
 VBIN := $(VISION_VENV)/bin
 
-.PHONY: test test-interop test-gpu lint venv vision-venv demo bench clean
+.PHONY: test test-interop test-gpu lint venv vision-venv demo bench bench-peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,13 @@ demo: venv
 
 bench: venv
 	$(BIN)/nonlocalnet bench --quick
+
+# The public modules themselves (timm, mmcv-lite: the extra `peers`, in the vision environment) against our blocks,
+# weights mapped through compat, checked equal in float64, then timed: 1 thread pinned to one core, then 2 threads;
+# each table measured in 3 fresh processes (docs/benchmarks.md).
+bench-peers: vision-venv
+	taskset -c 1 $(VBIN)/python -m nonlocalnet bench --baseline peers --threads 1 --processes 3
+	$(VBIN)/python -m nonlocalnet bench --baseline peers --threads 2 --processes 3
 
 clean:
 	rm -rf $(VENV) $(VISION_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

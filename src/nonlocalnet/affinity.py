@@ -48,6 +48,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from .kernels import KERNELS
@@ -539,7 +540,8 @@ class CrissCrossGraph(Graph):
     def _weights_2d(self) -> tuple[torch.Tensor, torch.Tensor]:
         """2-D: the row weights ``(B, H, W, W)`` and the column weights laid out column-major, ``(B, W, H, H)``,
         so that both products are one plain ``bmm`` over contiguous batches. The joint softmax over a query's row
-        and column is written out (shared max, two exps, one sum) instead of a ``cat`` + softmax + split."""
+        and column is :class:`_JointSoftmax2d` (shared shift, two exps, one sum, its own backward) instead of a
+        ``cat`` + softmax + split."""
         if self._weights is None:
             b, c = self.q.shape[0], self.q.shape[-1]
             hh, ww = self.spatial
@@ -547,17 +549,8 @@ class CrissCrossGraph(Graph):
             e_row = q.reshape(b * hh, ww, c) @ k.reshape(b * hh, ww, c).transpose(1, 2)  # (B·H, W, W)
             qt, kt = q.transpose(1, 2).reshape(b * ww, hh, c), k.transpose(1, 2).reshape(b * ww, hh, c)
             e_col = qt @ kt.transpose(1, 2)  # (B·W, H, H): column energies, queries column-major
-            if self.scale != 1.0:
-                e_row, e_col = e_row * self.scale, e_col * self.scale
-            # the query itself is counted once, on its row
-            e_col = e_col.masked_fill(torch.eye(hh, dtype=torch.bool, device=e_col.device), float("-inf"))
-            e_row, e_col = e_row.reshape(b, hh, ww, ww), e_col.reshape(b, ww, hh, hh)
-            with torch.no_grad():  # a shift per query: the softmax does not depend on it
-                m = torch.maximum(e_row.amax(-1), e_col.amax(-1).transpose(1, 2))  # (B, H, W)
-            x_row = torch.exp(e_row - m.unsqueeze(-1))
-            x_col = torch.exp(e_col - m.transpose(1, 2).unsqueeze(-1))
-            r = 1.0 / (x_row.sum(-1) + x_col.sum(-1).transpose(1, 2))  # (B, H, W)
-            self._weights = [x_row * r.unsqueeze(-1), x_col * r.transpose(1, 2).unsqueeze(-1)]
+            self._weights = list(_JointSoftmax2d.apply(e_row.reshape(b, hh, ww, ww), e_col.reshape(b, ww, hh, hh),
+                                                       float(self.scale), hh))
         return self._weights[0], self._weights[1]
 
     def _matmul_2d(self, v: torch.Tensor) -> torch.Tensor:
@@ -567,7 +560,7 @@ class CrissCrossGraph(Graph):
         vg = v.reshape(b, hh, ww, c)
         out = mm(a_row.reshape(b * hh, ww, ww), vg.reshape(b * hh, ww, c)).reshape(b, hh, ww, c)
         col = mm(a_col.reshape(b * ww, hh, hh), vg.transpose(1, 2).reshape(b * ww, hh, c)).reshape(b, ww, hh, c)
-        return (out + col.transpose(1, 2)).reshape(b, n, c)
+        return out.add_(col.transpose(1, 2)).reshape(b, n, c)  # in place: no product saves its output
 
     def matmul(self, v):
         if len(self.spatial) == 2:
@@ -590,6 +583,56 @@ class CrissCrossGraph(Graph):
         s = (self.q @ self.k.transpose(1, 2)) * self.scale
         s = s.masked_fill(~mask.expand(b, -1, -1), float("-inf"))
         return torch.softmax(s, dim=-1)
+
+
+class _JointSoftmax2d(torch.autograd.Function):
+    """CCNet's softmax over a query's row and column at once (Huang et al., "CCNet: Criss-Cross Attention for
+    Semantic Segmentation", ICCV 2019, Eq. 1-2): from the row energies ``e_row`` ``(B, H, W, W)`` and the column
+    energies laid out column-major ``e_col`` ``(B, W, H, H)`` (both unscaled; ``height`` = H as a Python int,
+    so that a traced export holds a constant mask), the weights
+    ``a = softmax(scale·[e_row, e_col])`` with the query's own entry counted once (on its row: the column
+    diagonal is set to 0 after the exp, which is ``exp(-inf)``).
+
+    The shift ``m`` is the largest scaled energy of the row and column; the column diagonal equals the row entry
+    of the query itself, so including it does not change ``m``. Forward: one allocation per part (shift, exp,
+    normalize in place). Backward (the softmax's): ``∂e = scale·a ⊙ (g − Σ_j a_j g_j)``, the sum over the row
+    and column together; the masked entries have ``a = 0`` and get 0. Once differentiable (double backward
+    raises)."""
+
+    @staticmethod
+    def forward(ctx, e_row, e_col, scale, height):
+        with torch.no_grad():
+            m = torch.maximum(e_row.amax(-1), e_col.amax(-1).transpose(1, 2))  # (B, H, W), unscaled
+            if scale < 0:  # the largest scaled energy is then the smallest one
+                m = torch.minimum(e_row.amin(-1), e_col.amin(-1).transpose(1, 2))
+            m = m * scale
+            a_row = torch.add(-m.unsqueeze(-1), e_row, alpha=scale).exp_()
+            a_col = torch.add(-m.transpose(1, 2).unsqueeze(-1), e_col, alpha=scale).exp_()
+            # the query itself: counted on its row (masked_fill_ on the whole tensor, not zero_ on a diagonal view,
+            # which the ONNX tracer drops)
+            a_col.masked_fill_(torch.eye(height, dtype=torch.bool, device=a_col.device), 0.0)
+            r = (a_row.sum(-1) + a_col.sum(-1).transpose(1, 2)).reciprocal_()  # (B, H, W)
+            a_row.mul_(r.unsqueeze(-1))
+            a_col.mul_(r.transpose(1, 2).unsqueeze(-1))
+        ctx.scale = scale
+        ctx.save_for_backward(a_row, a_col)
+        return a_row, a_col
+
+    @staticmethod
+    @once_differentiable  # its weights are saved without history: a second derivative is refused, not wrong
+    def backward(ctx, g_row, g_col):
+        a_row, a_col = ctx.saved_tensors
+        if g_row is None:
+            g_row = torch.zeros_like(a_row)
+        if g_col is None:
+            g_col = torch.zeros_like(a_col)
+        s = (g_row * a_row).sum(-1) + (g_col * a_col).sum(-1).transpose(1, 2)  # (B, H, W)
+        d_row = (g_row - s.unsqueeze(-1)).mul_(a_row)
+        d_col = (g_col - s.transpose(1, 2).unsqueeze(-1)).mul_(a_col)
+        if ctx.scale != 1.0:
+            d_row.mul_(ctx.scale)
+            d_col.mul_(ctx.scale)
+        return d_row, d_col, None, None
 
 
 class ChannelGraph(Graph):

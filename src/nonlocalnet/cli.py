@@ -33,6 +33,7 @@ from nonlocalnet.bench import bench_device, check_dense_cap, run_naive, training
 from nonlocalnet.bench import run as run_bench
 from nonlocalnet.bench.approx import run_approx
 from nonlocalnet.bench.naive import CASES as NAIVE_CASES
+from nonlocalnet.bench.peers import PEERS, PeerMissingError, run_peers
 from nonlocalnet.bench.spectral import run_spectral, run_spectral_vs_snl
 from nonlocalnet.kernels import BACKENDS
 from nonlocalnet.presets import PRESETS
@@ -170,6 +171,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   modes=args.modes or ["fwd", "fwd+bwd"], threads=args.threads or [1, 2],
                   repeats=args.repeats or 5, dense_cap_gib=args.dense_cap_gib, channels_last=args.channels_last,
                   json_path=args.json, processes=args.processes)
+        return 0
+    if args.baseline == "peers":
+        run_peers(peers=args.peers, sizes=args.sizes or [32, 64], batch=args.batch or 2, channels=args.channels or 64,
+                  modes=args.modes or ["fwd", "fwd+bwd"], threads=args.threads or [1, 2], repeats=args.repeats or 7,
+                  memory=not args.no_memory, json_path=args.json, processes=args.processes)
         return 0
     if args.approx:
         run_approx(sides=args.sizes or (16, 32, 64, 128),
@@ -444,17 +450,23 @@ def _add_bench(sub) -> None:
                    help="with --floor: also the floor of the torch.compile'd block (inductor)")
     p.add_argument("--json", default=None, help="write the rows and the environment to this JSON file")
     p.add_argument("--plot", default=None, help="write a log-log plot of time vs N (PNG) to this file")
-    p.add_argument("--baseline", choices=["dense", "naive"], default="dense",
+    p.add_argument("--baseline", choices=["dense", "naive", "peers"], default="dense",
                    help="dense (default): every backend against the block's own dense path; naive: every preset "
                         "against a literal NCHW implementation of the same math as public code computes it "
-                        "(bench/naive.py), same weights, interleaved; prints naive time / block time")
+                        "(bench/naive.py), same weights, interleaved; prints naive time / block time; peers: the "
+                        "public modules themselves (timm, mmcv-lite; bench/peers.py), weights mapped through "
+                        "compat, checked equal in float64, then timed; prints peer time / block time")
+    p.add_argument("--peers", nargs="+", choices=list(PEERS), default=None,
+                   help="with --baseline peers: which (default: every one whose package is installed)")
+    p.add_argument("--no-memory", action="store_true", help="with --baseline peers: skip the peak-memory columns")
     p.add_argument("--cases", nargs="+", default=None,
                    help=f"with --baseline naive: cases to run (default all: {', '.join(NAIVE_CASES)}); --blocks "
                         "selects every case of a preset")
     p.add_argument("--threads", nargs="+", type=_positive_int, default=None,
-                   help="with --baseline naive: intra-op thread counts, each set explicitly (default 1 2)")
+                   help="with --baseline naive/peers: intra-op thread counts, each set explicitly (default 1 2)")
     p.add_argument("--processes", type=_positive_int, default=1,
-                   help="with --baseline naive: measure the table in this many fresh processes, one after another, "
+                   help="with --baseline naive/peers: measure the table in this many fresh processes, one after "
+                        "another, "
                         "and print the median ratio and its range per cell (a process's timings can differ from "
                         "another's by 2x on a VM; docs/benchmarks.md)")
     p.add_argument("--throughput", action="store_true",
@@ -512,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         _error(str(e))
         return EXIT_NONFINITE
     except (ConfigError, CheckpointError, DatasetError, TrainingError, AnalysisError, RunDirError,
-            FileNotFoundError, UserError) as e:
+            FileNotFoundError, UserError, PeerMissingError) as e:
         _error(str(e))
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -6,7 +6,7 @@
 - :func:`from_mmcv` — OpenMMLab's ``NonLocal1d/2d/3d`` in its four modes, ``CrissCrossAttention`` (CCNet) and
   ``ContextBlock`` (GCNet), as mmsegmentation / mmdetection checkpoints hold them.
 - :func:`from_cgnl` — the CGNL authors' ``SpatialCGNL`` (dot product) and ``SpatialCGNLx`` (Gaussian RBF, Taylor).
-- :func:`from_timm` — timm's ``NonLocalAttn``.
+- :func:`from_timm` — timm's ``NonLocalAttn``, and (``module="GlobalContext"``) its ``GlobalContext`` (GCNet).
 - :func:`from_efficient_attention` — the Efficient Attention authors' ``EfficientAttention`` (one head).
 - :func:`from_external_attention` — the External Attention authors' ``External_attention`` (their final ReLU after
   the residual applied by the caller).
@@ -36,13 +36,14 @@ from .presets import build_block
 
 __all__ = ["from_official_snl", "from_mmcv", "from_cgnl", "from_timm", "from_efficient_attention",
            "from_external_attention", "OFFICIAL_UNITS", "MMCV_MODES", "MMCV_MODULES", "CGNL_KERNELS", "from_mmseg_dnl",
-           "MMSEG_DNL_MODES", "from_official_dnl"]
+           "MMSEG_DNL_MODES", "from_official_dnl", "TIMM_MODULES"]
 
 OFFICIAL_UNITS = ("snl", "ns", "nl")
 MMCV_MODES = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
 MMCV_MODULES = ("NonLocal", "CrissCrossAttention", "ContextBlock")
 CGNL_KERNELS = ("dot_product", "gaussian")
 MMSEG_DNL_MODES = ("embedded_gaussian", "dot_product")
+TIMM_MODULES = ("NonLocalAttn", "GlobalContext")
 
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var")
 _BN_OPTIONAL = ("num_batches_tracked",)  # absent from very old checkpoints; the block then keeps 0
@@ -568,8 +569,9 @@ def from_cgnl(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, kernel: str
 
 # --------------------------------------------------------------------------------------- timm
 def from_timm(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, use_scale: bool = True,
-              prefix: str = "") -> nn.Module:
-    """A block equal to timm's ``NonLocalAttn`` (Wang et al.'s NL as timm ships it).
+              prefix: str = "", module: str = "NonLocalAttn") -> nn.Module:
+    """A block equal to timm's ``NonLocalAttn`` (Wang et al.'s NL as timm ships it), or with
+    ``module="GlobalContext"`` to timm's ``GlobalContext`` (:func:`_timm_global_context`).
 
     Keys: ``t``, ``p``, ``g`` (``C_r×C×1×1`` convs with bias), ``z`` (``C×C_r×1×1`` with bias),
     ``norm.{weight,bias,running_mean,running_var[,num_batches_tracked]}`` (BatchNorm2d). ``C_r`` is timm's
@@ -577,6 +579,10 @@ def from_timm(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, use_scale: 
     ``key_channels=C_r``. timm scales the logits by ``C**-0.5`` — the *input* width, not ``C_r`` — when
     ``use_scale`` (its default; not in a state dict): here ``scale=C**-0.5``.
     """
+    if module not in TIMM_MODULES:
+        raise ValueError(f"module: expected one of {', '.join(map(repr, TIMM_MODULES))}, got {module!r}")
+    if module == "GlobalContext":
+        return _timm_global_context(state_dict, prefix)
     _bool("use_scale", use_scale)
     what = "from_timm(NonLocalAttn)"
     sd = _select(state_dict, prefix, what)
@@ -832,4 +838,40 @@ def from_official_dnl(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, tem
         frozen.append(block.units[0].w[0].bias)
     for t in frozen:
         t.requires_grad_(False)
+# timm's GlobalContext key -> mmcv ContextBlock key (the same GCNet block; its mapping is _mmcv_context_block's)
+_TIMM_GC_KEYS = {"conv_attn": "conv_mask", "mlp_add.fc1": "channel_add_conv.0", "mlp_add.norm": "channel_add_conv.1",
+                 "mlp_add.fc2": "channel_add_conv.3", "mlp_scale.fc1": "channel_mul_conv.0",
+                 "mlp_scale.norm": "channel_mul_conv.1", "mlp_scale.fc2": "channel_mul_conv.3"}
+
+
+def _timm_global_context(state_dict: Any, prefix: str) -> nn.Module:
+    """timm's ``GlobalContext`` (Cao et al., "GCNet", ICCVW 2019, arXiv 1904.11492, as timm ships it): the
+    layout of mmcv's ``ContextBlock`` under other names, converted by :func:`_mmcv_context_block`.
+
+    Keys: ``conv_attn.{weight,bias}`` (``use_attn=True``, timm's default), ``mlp_scale.{fc1,norm,fc2}.*``
+    (``fuse_scale=True``, the default: our ``fusion="mul"``) and/or ``mlp_add.*`` (``fuse_add``: ``"add"``; both:
+    ``"add_mul"``, timm applies the gate first as mmcv does). timm's ``LayerNorm2d`` has ``eps=1e-6`` (mmcv's
+    ``LayerNorm`` 1e-5): the converted block's LayerNorms get ``eps=1e-6``. timm's gate is its default
+    ``sigmoid``; another ``gate_layer`` is not in a state dict and is not converted.
+    """
+    what = "from_timm(module='GlobalContext')"
+    sd = _select(state_dict, prefix, what)
+    if "conv_attn.weight" not in sd and "conv_attn.bias" not in sd:
+        raise NotImplementedError(f"{what}: no 'conv_attn.*' keys: this is use_attn=False (context = mean over "
+                                  "positions), which nonlocalnet's gc preset does not express")
+    branches = [b for b in ("mlp_add", "mlp_scale") if any(k.startswith(b + ".") for k in sd)]
+    required = ["conv_attn.weight", "conv_attn.bias"] + [f"{b}.{m}.{p}" for b in branches
+                                                         for m in ("fc1", "norm", "fc2") for p in ("weight", "bias")]
+    if not branches:
+        raise ValueError(f"{what}: no fusion branch: expected keys 'mlp_scale.*' and/or 'mlp_add.*'; got keys "
+                         f"{_fmt_keys(prefix + k for k in sd)}")
+    _check_keys(sd, required, [], what, prefix, [])
+    renamed = {}
+    for k, v in sd.items():
+        head, _, leaf = k.rpartition(".")
+        renamed[f"{_TIMM_GC_KEYS[head]}.{leaf}"] = v
+    block = _mmcv_context_block(renamed, "")
+    for m in block.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.eps = 1e-6
     return block

@@ -1,0 +1,109 @@
+"""``bench --baseline peers``: each public module's weights mapped into our block, the pair equal in float64
+(the check that gates the timing), a disagreeing pair refused; the CLI's one-line error without the packages.
+
+The pair tests are marked ``interop`` (they need timm / mmcv-lite + mmengine: ``.venv-vision``); the CLI error
+tests run in the main environment. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+
+from nonlocalnet.bench import peers
+from nonlocalnet.cli import EXIT_ERROR, main
+
+# The preset and its defining options each peer must convert to (the converter chose the block, not the bench).
+EXPECTED = {"nl/timm": ("nl", "embedded_gaussian"), "nl/mmcv": ("nl", "embedded_gaussian"),
+            "nl-dot/mmcv": ("nl", "dot_product"), "nl-gauss/mmcv": ("nl", "gaussian"),
+            "cc/mmcv": ("cc", "embedded_gaussian"), "cc-r2/mmcv": ("cc", "embedded_gaussian"),
+            "gc/mmcv": ("gc", "unary"), "gc/timm": ("gc", "unary")}
+
+
+def _have(name: str) -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in peers.PEERS[name].needs)
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("name", list(peers.PEERS))
+def test_peer_maps_into_our_block_and_agrees_in_float64(name):
+    if not _have(name):
+        pytest.skip(f"{peers.PEERS[name].package} not installed")
+    peer, ours = peers.build_pair(name, 16)
+    assert ours.name == EXPECTED[name][0]
+    if EXPECTED[name][1]:
+        assert ours.edges.kernel == EXPECTED[name][1]
+    err = peers.check_pair(name, peer, ours, (2, 16, 9, 7))
+    assert err <= 1e-9, err
+    # the random weights make the block do something: its output is not the input (inits zero the output maps)
+    x = torch.randn(2, 16, 9, 7, dtype=torch.float64)
+    with torch.no_grad():
+        y = ours.double().eval()(x)
+    assert float((y - x).abs().max()) > 1e-2
+
+
+@pytest.mark.interop
+def test_mmcv_criss_cross_is_mmcvs_own_module():
+    if not _have("cc/mmcv"):
+        pytest.skip("mmcv not installed")
+    cls = peers.mmcv_criss_cross_class()
+    assert cls.__name__ == "CrissCrossAttention"
+    assert cls.__module__ in ("mmcv.ops.cc_attention", "nonlocalnet_peer_mmcv_cc_attention")
+    assert peers.mmcv_criss_cross_class() is cls  # loaded once
+    package = Path(importlib.util.find_spec("mmcv").origin).parent
+    assert Path(inspect.getsourcefile(cls)) == package / "ops" / "cc_attention.py"  # mmcv's own file, not a copy
+
+
+@pytest.mark.interop
+def test_a_disagreeing_pair_is_refused_not_timed(monkeypatch):
+    name = "gc/timm" if _have("gc/timm") else "gc/mmcv"
+    if not _have(name):
+        pytest.skip("neither timm nor mmcv installed")
+    good = peers.PEERS[name].convert
+
+    def off_by_a_bit(m):
+        block = good(m)
+        with torch.no_grad():
+            for p in block.parameters():
+                p.add_(0.01)
+        return block
+    monkeypatch.setitem(peers.PEERS, name, dataclasses.replace(peers.PEERS[name], convert=off_by_a_bit))
+    row = peers.run_peer_case(name, (2, 16, 8, 8), "fwd", 1, repeats=1, memory=False)
+    assert row.note.startswith("refused: outputs differ in float64")
+    assert row.max_rel_err > 1e-4
+    assert row.peer_ms is None and row.ours_ms is None and row.ratio is None
+
+
+@pytest.mark.interop
+def test_a_cell_is_filled(monkeypatch):
+    name = "gc/timm" if _have("gc/timm") else "gc/mmcv"
+    if not _have(name):
+        pytest.skip("neither timm nor mmcv installed")
+    row = peers.run_peer_case(name, (2, 16, 8, 8), "fwd+bwd", 1, repeats=1, memory=True)
+    assert row.note == "" and row.max_rel_err <= 1e-9
+    assert row.peer_ms > 0 and row.ours_ms > 0 and row.ratio == pytest.approx(row.peer_ms / row.ours_ms)
+    assert row.peer_mib > 0 and row.ours_mib > 0
+
+
+def test_cli_error_when_no_peer_package(monkeypatch, capsys):
+    gone = {k: dataclasses.replace(p, needs=("nonlocalnet_no_such_module",)) for k, p in peers.PEERS.items()}
+    monkeypatch.setattr(peers, "PEERS", gone)
+    assert main(["bench", "--baseline", "peers"]) == EXIT_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nonlocalnet: error: bench --baseline peers: no peer package")
+    assert main(["bench", "--baseline", "peers", "--peers", "gc/timm"]) == EXIT_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gc/timm: timm is not installed" in err[0]
+
+
+def test_cli_error_in_this_environment(capsys):
+    if any(_have(k) for k in peers.PEERS):
+        pytest.skip("a peer package is installed here (the vision environment)")
+    assert main(["bench", "--baseline", "peers"]) == EXIT_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nonlocalnet: error: ") and "pip install" in err[0]
