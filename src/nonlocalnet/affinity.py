@@ -32,6 +32,11 @@ Each backend answers that product differently, all exactly:
 - :class:`NeighborhoodGraph` — softmax over a ``k^d`` window around each position, shifted inward at the
   borders (NAT), ``O(N·k^d)``: keys gathered by index arithmetic.
 
+Not exact, and only where a block asks for it (``approx``, docs/approximations.md): :func:`performer_graph`
+(positive orthogonal random features) and :func:`nystrom_graph` (segment-mean landmarks) approximate the softmax
+graph of an exp kernel by a :class:`LowRankGraph` of rank ``m``; exact is then the approximation itself, against
+:mod:`nonlocalnet.reference`'s literal formulas.
+
 Degrees and normalizers are computed in float32 under autocast. Zero degrees give zero rows
 (the official SNL code's convention), never NaN or inf.
 """
@@ -1065,3 +1070,102 @@ def build_graph(kernel: str, normalization: str, backend: str, *, q: torch.Tenso
         return PairwiseGraph(pk, normalization, chunk=None)
     return PairwiseGraph(pk, normalization, chunk=chunk_rows(batch, n_keys, max(el, 4), budget_bytes))
 
+
+
+# --------------------------------------------------------------------------------------- softmax approximations
+# Two linear-time approximations of the softmax graph A = softmax(s θ φᵀ) of the exp kernels (docs/approximations.md).
+# Each gives a factorized A = U Vᵀ, returned as a LowRankGraph, so every filter runs on it as on the other low-rank
+# graphs (the structured path of the polynomial filters, the r x r core of the spectral ones).
+#
+# - Choromanski et al., "Rethinking Attention with Performers", ICLR 2021 (FAVOR+): positive random features,
+#   exp(xᵀy) = E_w[φ(x)ᵀφ(y)], φ(x) = exp(Wx − ‖x‖²/2)/√m, w ~ N(0, I_d), with orthogonal random features
+#   (the rows of W drawn as blocks of d orthogonal directions, each row's length that of a Gaussian vector);
+#   A ≈ D⁻¹ φ(Q) φ(K)ᵀ, D = diag(φ(Q) φ(K)ᵀ 1).
+# - Xiong et al., "Nyströmformer: A Nyström-Based Algorithm for Approximating Self-Attention", AAAI 2021: landmarks
+#   Q̃, K̃ = segment means of the queries and keys (m segments of consecutive positions), A ≈ softmax(s Q K̃ᵀ)
+#   pinv(softmax(s Q̃ K̃ᵀ)) softmax(s Q̃ Kᵀ), the pseudo-inverse by the paper's iteration (Razavi et al. 2014),
+#   6 iterations from Z₀ = Aᵀ/(‖A‖₁‖A‖_∞) (‖A‖_∞ = 1 for a softmax: the authors' "exact" initial coefficient).
+APPROXIMATIONS = ("performer", "nystrom")
+PINV_ITERATIONS = 6
+
+
+def orthogonal_gaussian(m: int, d: int, dtype: torch.dtype | None = None, device=None,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """``(m, d)`` orthogonal random features (Choromanski et al., ICLR 2021): stacked blocks of ``d`` orthogonal
+    directions (the Q of a QR of a Gaussian ``d × d``), each row scaled by the norm of an independent Gaussian
+    ``d``-vector, so every row is marginally ``N(0, I_d)`` and the rows of a block are orthogonal (Q's columns
+    sign-corrected by ``R``'s diagonal, so that Q is Haar-distributed). Drawn in float64
+    on the CPU from ``generator`` (torch's default generator when ``None``)."""
+    blocks = []
+    for _ in range(-(-m // d)):
+        g = torch.randn(d, d, dtype=torch.float64, generator=generator)
+        qm, r = torch.linalg.qr(g)
+        # columns times sign(diag R): Q Haar-distributed (Mezzadri, "How to generate random matrices from the
+        # classical compact groups", Notices AMS 2007). Without it the first coordinate of LAPACK's first column
+        # is never positive and the estimate of exp(xᵀy) is biased (measured: no convergence in m)
+        blocks.append((qm * torch.sign(torch.diagonal(r)).unsqueeze(0)).T)
+    w = torch.cat(blocks)[:m]
+    norms = torch.randn(m, d, dtype=torch.float64, generator=generator).norm(dim=1, keepdim=True)
+    return (norms * w).to(dtype=dtype or torch.get_default_dtype(), device=device)
+
+
+def positive_features(x: torch.Tensor, w: torch.Tensor, scale: float, queries: bool) -> torch.Tensor:
+    """``φ(√s x) ∝ exp(√s W x − s‖x‖²/2)`` ``(B, N, m)`` for tokens ``x`` ``(B, N, d)`` and features ``w`` ``(m, d)``.
+
+    The constant ``1/√m`` and a stabilizer are left out, both cancelling in the row normalization: queries lose
+    their row maximum (a factor per row of ``D⁻¹ φ(Q)``), keys their maximum over the positions and features of
+    each batch item (one factor for all of ``φ(K)``), so the largest entry is 1 and nothing overflows (the
+    Performer code's stabilizer). The maxima are constants to autograd: the function does not depend on them."""
+    ws = w.to(x.dtype) * math.sqrt(scale)
+    proj = torch.matmul(x, ws.t())  # (B, N, m), fresh
+    proj = proj.sub_((0.5 * scale) * (x * x).sum(-1, keepdim=True))
+    shift = proj.detach().amax(-1, keepdim=True) if queries else proj.detach().amax((1, 2), keepdim=True)
+    return proj.sub_(shift).exp_()
+
+
+def performer_graph(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float) -> LowRankGraph:
+    """``A ≈ D⁻¹ φ(Q) φ(K)ᵀ`` (FAVOR+) as a row-normalized :class:`LowRankGraph` of rank ``m``: ``O(N m d)``."""
+    return LowRankGraph(positive_features(q, w, scale, True), positive_features(k, w, scale, False), "row")
+
+
+def segment_means(t: torch.Tensor, m: int) -> torch.Tensor:
+    """``(B, N, c) -> (B, m, c)``: the means of ``m`` segments of consecutive positions (Nyströmformer's landmarks).
+    When ``m`` does not divide ``N`` the segments are as the authors' code extends segment-means: the first
+    ``(⌊N/m⌋ + 1)·m − N`` of length ``⌊N/m⌋``, the rest one longer. Needs ``1 <= m <= N``."""
+    b, n, c = t.shape
+    seg = n // m
+    if n % m == 0:
+        return t.reshape(b, m, seg, c).mean(2)
+    short = (seg + 1) * m - n
+    return torch.cat([t[:, :short * seg].reshape(b, short, seg, c).mean(2),
+                      t[:, short * seg:].reshape(b, m - short, seg + 1, c).mean(2)], 1)
+
+
+def iterative_pinv(a: torch.Tensor, iterations: int = PINV_ITERATIONS) -> torch.Tensor:
+    """Nyströmformer's Moore-Penrose pseudo-inverse of the ``(B, m, m)`` softmax matrices ``a``:
+    ``Z_{j+1} = ¼ Z_j (13I − a Z_j (15I − a Z_j (7I − a Z_j)))`` from ``Z_0 = aᵀ / max_j Σ_i a_ij``."""
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    z = a.transpose(1, 2) / a.sum(1).amax(-1)[:, None, None]
+    for _ in range(iterations):
+        az = a @ z
+        z = (0.25 * z) @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+    return z
+
+
+def nystrom_graph(q: torch.Tensor, k: torch.Tensor, m: int, scale: float) -> LowRankGraph:
+    """``A ≈ softmax(s Q K̃ᵀ) pinv(softmax(s Q̃ K̃ᵀ)) softmax(s Q̃ Kᵀ)`` as a :class:`LowRankGraph` of rank ``m``
+    (normalization ``none``): ``U = softmax(s Q K̃ᵀ)`` ``(B, N, m)``, ``V = (Z softmax(s Q̃ Kᵀ))ᵀ`` ``(B, N', m)``;
+    ``O(N m (d + m))``. The ``m × m`` part (landmark softmax, pseudo-inverse) runs in float32 under autocast."""
+    n, n_keys = q.shape[1], k.shape[1]
+    if m > min(n, n_keys):
+        raise ValueError(f"approx_features: approx='nystrom' takes m = {m} landmarks as segment means of the "
+                         f"{n} query and {n_keys} key positions and needs m <= {min(n, n_keys)}; use a smaller "
+                         f"approx_features or a larger input")
+    ql, kl = segment_means(q, m), segment_means(k, m)
+    u = torch.softmax(torch.matmul(q, kl.transpose(1, 2)) * scale, -1)  # (B, N, m)
+    with full_precision(_device_type(q)):
+        f2 = torch.softmax(float32(torch.matmul(ql, kl.transpose(1, 2))) * scale, -1)
+        z = iterative_pinv(f2)
+    f3 = torch.softmax(torch.matmul(ql, k.transpose(1, 2)) * scale, -1)  # (B, m, N')
+    v = torch.matmul(f3.transpose(1, 2), z.transpose(1, 2).to(f3.dtype))  # (B, N', m), contiguous
+    return LowRankGraph(u, v, "none")

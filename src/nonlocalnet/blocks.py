@@ -162,7 +162,9 @@ class Affinity(nn.Module):
     ``kernel``: a registered :class:`~nonlocalnet.kernels.Kernel`. Parameters: ``theta``, ``phi`` (1×1 convs
     ``C → C_k``; ``None`` for a kernel that uses ``X`` itself, e.g. ``gaussian``), ``concat`` (``2C_k → 1``, no
     bias; the concatenation kernel) and ``mask`` (``C → 1``: the unary logits of GC and DNL), each ``None`` where the
-    graph has no such part.
+    graph has no such part. ``approx`` (``None``, ``"performer"``, ``"nystrom"``; docs/approximations.md): the softmax
+    graph approximated with ``approx_features`` random features or landmarks; Performer's features are the buffer
+    ``random_features`` ``(m, C_k)``, drawn here and saved in the state dict (``reset_parameters`` keeps them).
     """
 
     def __init__(self, in_channels: int, key_channels: int, *, dim: int, kernel: str, normalization: str,
@@ -171,7 +173,7 @@ class Affinity(nn.Module):
                  whiten: bool = False, unary: bool = False, temperature: float = 1.0, rbf_prefactor: str = "exact",
                  pool_sizes: tuple[int, ...] | None = None, memory_size: int = 0,
                  agents: int | tuple[int, ...] | None = None, pairwise_gamma: bool = False, kernel_size: int = 1,
-                 heads: int = 1, device=None, dtype=None):
+                 heads: int = 1, approx: str | None = None, approx_features: int = 64, device=None, dtype=None):
         super().__init__()
         self.kernel, self.normalization, self.backend, self.mode = kernel, normalization, backend, mode
         self.agent_grid = None if agents is None else agent_grid(agents, dim)  # Agent Attention's pooled grid
@@ -201,6 +203,11 @@ class Affinity(nn.Module):
         self.mask = conv1x1(dim, in_channels, 1, True, **fk) if kern.unary or unary else None
         # the DNL authors' learnable scale of the pairwise term, A = γ·A_pairwise + 1·aᵀ (zero at init, as theirs)
         self.gamma = nn.Parameter(torch.zeros(1, **fk)) if pairwise_gamma else None
+        # a softmax approximation (docs/approximations.md): Performer's random features are drawn once, here, from
+        # torch's generator and saved with the block (`random_features`), so a reloaded block is the same function
+        self.approx, self.approx_features = approx, approx_features
+        if approx == "performer":
+            self.register_buffer("random_features", aff.orthogonal_gaussian(approx_features, feat, **fk))
 
     def reset_parameters(self) -> None:
         for m in (self.theta, self.phi, self.concat, self.mask, self.memory):
@@ -260,6 +267,8 @@ class PositionsMode(GraphMode):
 
     @staticmethod
     def pairwise(edges: Affinity, kern: Kernel, x: torch.Tensor, spatial: tuple[int, ...], budget: int) -> aff.Graph:
+        if edges.approx is not None:
+            return PositionsMode.approximate(edges, x, spatial)
         if edges.normalization == "symmetric" and kern.factorizable and kern.pointwise and kern.projected and \
                 not edges.sub_sample and not edges.whiten:
             # θ and φ in one GEMM; the symmetric low-rank graph keeps them as one tensor (LowRankGraph `joint`)
@@ -282,6 +291,15 @@ class PositionsMode(GraphMode):
                                scale=edges.scale_value, budget_bytes=budget)
 
     @staticmethod
+    def approximate(edges: Affinity, x: torch.Tensor, spatial: tuple[int, ...]) -> aff.LowRankGraph:
+        """The softmax graph of an exp kernel approximated (``approx``: Performer's random features or Nyström's
+        landmarks, :mod:`~nonlocalnet.affinity`), factorized ``A ≈ U Vᵀ`` of rank ``approx_features``."""
+        q, k = edges.queries_keys(x, spatial)
+        if edges.approx == "performer":
+            return aff.performer_graph(q, k, edges.random_features, edges.scale_value)
+        return aff.nystrom_graph(q, k, edges.approx_features, edges.scale_value)
+
+    @staticmethod
     def heads_graph(edges: Affinity, q: torch.Tensor, k: torch.Tensor, budget: int) -> aff.Graph:
         """``heads`` graphs on channel groups of ``q``, ``k`` (and of the values): fused attention does them
         natively (:class:`~nonlocalnet.affinity.SDPAGraph`), every other backend the heads as one batch
@@ -295,6 +313,21 @@ class PositionsMode(GraphMode):
         return aff.HeadsGraph(aff.build_graph(edges.kernel, edges.normalization, backend, q=aff.split_heads(q, h),
                                               k=aff.split_heads(k, h), scale=edges.scale_value, budget_bytes=budget),
                               h)
+
+
+def _approx(name: str, value: Any) -> str | None:
+    if value is not None and value not in aff.APPROXIMATIONS:
+        raise ValueError(f"{name}: expected None (the exact softmax) or one of "
+                         f"{', '.join(map(repr, aff.APPROXIMATIONS))}, got {value!r}")
+    return value
+
+
+POSITIONS_OPTIONS = {
+    "approx": Option(None, "None (exact), 'performer' (positive orthogonal random features, Choromanski et al., "
+                           "ICLR 2021) or 'nystrom' (segment-mean landmarks, Xiong et al., AAAI 2021): a linear-time "
+                           "approximation of the exp kernels' softmax graph", _approx),
+    "approx_features": Option(64, "m: random features (performer) or landmarks (nystrom) of approx", positive_int),
+}
 
 
 class CrissCrossMode(GraphMode):
@@ -416,7 +449,7 @@ register_graph(PositionsMode(
     "positions", "the graph over all N x N' positions (NL, NS, SNL, A², GC, DNL, ...)",
     options={"pairwise_gamma": Option(False, "a learnable scalar γ on the pairwise term of a pairwise + unary graph "
                                              "(unary=True): A = γ·A_pairwise + 1·aᵀ, γ = 0 at init (the DNL "
-                                             "authors' code)", boolean)}))
+                                             "authors' code)", boolean), **POSITIONS_OPTIONS}))
 register_graph(CrissCrossMode("crisscross", "each position and its row and column, masked softmax (CCNet)",
                               kernels="exp", normalizations=("softmax", "row"), backends=("auto", "dense", "chunked"),
                               pairwise_only=True))

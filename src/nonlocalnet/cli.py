@@ -31,6 +31,7 @@ from nonlocalnet.apps.summary import summarize
 from nonlocalnet.apps.sweep import run_sweep
 from nonlocalnet.bench import bench_device, check_dense_cap, run_naive, training_throughput
 from nonlocalnet.bench import run as run_bench
+from nonlocalnet.bench.approx import run_approx
 from nonlocalnet.bench.naive import CASES as NAIVE_CASES
 from nonlocalnet.bench.peers import PEERS, PeerMissingError, run_peers
 from nonlocalnet.bench.spectral import run_spectral, run_spectral_vs_snl
@@ -176,6 +177,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   modes=args.modes or ["fwd", "fwd+bwd"], threads=args.threads or [1, 2], repeats=args.repeats or 7,
                   memory=not args.no_memory, json_path=args.json, processes=args.processes)
         return 0
+    if args.approx:
+        run_approx(sides=args.sizes or (16, 32, 64, 128),
+                   video=args.video if args.sizes else (args.video or [(4, 32, 32)]),
+                   features=args.features or (16, 32, 64, 128, 256), logit_scales=args.logit_scales or (1.0, 3.0),
+                   channels=args.channels or 64, batch=args.batch or 1, repeats=args.repeats or 3,
+                   threads=(args.threads or [1])[0], json_path=args.json)
+        return 0
     if args.vs_snl and not args.spectral:
         raise SystemExit("bench: error: --vs-snl goes with --spectral")
     if args.spectral and args.vs_snl:
@@ -227,6 +235,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
     return v
 
 
@@ -466,6 +484,14 @@ def _add_bench(sub) -> None:
                         "64), B=2 unless --batch; --threads: first value; prints the exact form each takes")
     p.add_argument("--eigh-max", type=_positive_int, default=96 * 96,
                    help="--spectral: largest N for the dense eigh rows")
+    p.add_argument("--approx", action="store_true",
+                   help="instead: error, time and peak memory of approx='performer' / 'nystrom' against the exact "
+                        "softmax (sdpa) on an nl block, trained-like inputs (sides 16 32 64 128 and clip 4x32x32 "
+                        "unless given, C=64, B=1, 1 thread unless --threads; docs/approximations.md)")
+    p.add_argument("--features", nargs="+", type=_positive_int, default=None, metavar="M",
+                   help="with --approx: the numbers m of random features / landmarks (default 16 32 64 128 256)")
+    p.add_argument("--logit-scales", nargs="+", type=_positive_float, default=None, metavar="SIGMA",
+                   help="with --approx: the standard deviations of the logits to measure at (default 1 3)")
     p.set_defaults(func=cmd_bench)
 
 

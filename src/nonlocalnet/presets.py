@@ -276,7 +276,8 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
                          f"({', '.join(K.exp_kernels())}); kernel {kern!r} takes "
                          f"{', '.join(map(repr, K.valid_normalizations(kern)))}")
     backends = K.valid_backends(kern, norm, mode)
-    if backend not in backends:
+    _check_approx(o, options)
+    if backend not in backends and o.get("approx") is None:
         if mode != "positions":
             raise ValueError(f"backend: {name} supports {', '.join(map(repr, backends))}, got {backend!r}")
         if backend == "lowrank":
@@ -338,16 +339,16 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
                              f"leaves [-1, 1], where the Chebyshev approximation is fitted; use unary=False")
     if probe.exact_lowrank:
         lowrank_kernels = K.lowrank_kernels()
-        if o.get("spectral_path") == "exact" and (kern not in lowrank_kernels or backend not in ("auto", "lowrank")
-                                                  or preset.mode != "positions"):
+        if o.get("spectral_path") == "exact" and o.get("approx") is None and (
+                kern not in lowrank_kernels or backend not in ("auto", "lowrank") or preset.mode != "positions"):
             raise ValueError(f"spectral_path='exact' needs a factorizable kernel ({', '.join(lowrank_kernels)}) "
                              f"on the 'lowrank' or 'auto' backend, got kernel={kern!r}, backend={backend!r}")
         if kern in lowrank_kernels and backend == "auto" and preset.mode == "positions":
             o["backend"] = "lowrank"  # the exact r x r path, also where `auto` would form a small dense A
     if "approx_order" in fopts:  # warns with the measured error where the approximation will be used and is coarse
         check_approx_order(o["filter"], o["order"], o["approx_order"], used=(
-            o["spectral_path"] == "chebyshev" or kern not in K.lowrank_kernels() or backend not in ("auto", "lowrank")
-            or preset.mode != "positions"))
+            o["spectral_path"] == "chebyshev" or (o.get("approx") is None and (
+                kern not in K.lowrank_kernels() or backend not in ("auto", "lowrank") or preset.mode != "positions"))))
     max_power = probe.max_power if polynomial else None
     if max_power is not None and max_power >= 2 and o["sub_sample"]:
         raise ValueError(f"sub_sample: powers of A (order {max_power}) need a square affinity; "
@@ -410,6 +411,33 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
     return o
 
 
+def _check_approx(o: dict[str, Any], given: dict[str, Any]) -> None:
+    """``approx`` (positions graphs): a factorized approximation of the softmax of an exp kernel, so only with
+    such a kernel, the softmax (row) normalization and the backends that mean "as the block computes it"."""
+    approx = o.get("approx")
+    if approx is None:
+        if "approx_features" in given:
+            raise ValueError("approx_features: the number of random features or landmarks of approx='performer' or "
+                             "'nystrom'; give approx too (approx=None is the exact softmax)")
+        return
+    kern = K.KERNELS[o["kernel"]]
+    if not kern.exp or kern.unary:
+        exp = ", ".join(k for k in K.exp_kernels() if not K.KERNELS[k].unary)
+        why = (" (a factorizable kernel: its graph is already low-rank, exactly)" if kern.factorizable
+               else "")
+        raise ValueError(f"approx={approx!r} approximates the softmax of an exp kernel ({exp}); kernel "
+                         f"{o['kernel']!r} is not one{why}")
+    if o["normalization"] not in ("softmax", "row"):
+        raise ValueError(f"approx={approx!r} approximates the softmax (row) normalization, got normalization="
+                         f"{o['normalization']!r}; use normalization='softmax'")
+    if o.get("heads", 1) != 1:
+        raise ValueError(f"heads: approx={approx!r} approximates one softmax graph; heads={o['heads']} with approx is "
+                         f"not supported (use heads=1)")
+    if o["backend"] not in ("auto", "lowrank"):
+        raise ValueError(f"backend: approx={approx!r} builds its own factorized graph (the 'lowrank' backend); use "
+                         f"backend='auto' or 'lowrank', got {o['backend']!r}")
+
+
 def _check_heads(name: str, mode_spec: K.GraphMode, o: dict[str, Any], in_channels: int, key_channels: int,
                  value_channels: int) -> None:
     """``heads``: a positive int; ``> 1`` needs an exp kernel on a graph mode that builds multi-head graphs, and
@@ -456,7 +484,8 @@ def build_block(name: str, in_channels: int, *, dim: int = 2, device: torch.devi
         order=o.get("taylor_order", 0), rbf_gamma=o.get("rbf_gamma", 1e-4), whiten=o["whiten"], unary=o["unary"],
         temperature=o["temperature"], rbf_prefactor=o.get("rbf_prefactor", "exact"), pool_sizes=o["pool_sizes"],
         memory_size=o.get("memory_size", 0), agents=o.get("agents"), pairwise_gamma=o.get("pairwise_gamma", False),
-        kernel_size=o.get("kernel_size", 1), heads=o["heads"], **fk,
+        kernel_size=o.get("kernel_size", 1), heads=o["heads"], approx=o.get("approx"),
+        approx_features=o.get("approx_features", 64), **fk,
     )
     fspec = FILTERS[o["filter"]]
     units = [

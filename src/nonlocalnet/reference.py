@@ -257,6 +257,11 @@ def affinity_tokens(graph, x: torch.Tensor, spatial: tuple[int, ...]) -> torch.T
     if KERNELS[kernel].unary:
         return normalize(unary, "row")
     a_unary = 0 if unary is None else normalize(unary, "row")
+    if getattr(graph, "approx", None) is not None:  # a softmax approximation, formed densely
+        pairwise = approximate_affinity(graph, q, k, s)
+        if getattr(graph, "gamma", None) is not None:  # the DNL authors' γ, as below
+            pairwise = graph.gamma.to(pairwise.dtype) * pairwise
+        return pairwise + a_unary
     if graph.mode == "crisscross":
         logits = s * q @ k.transpose(1, 2)
         m = torch.exp(logits) * crisscross_mask(spatial).to(logits.dtype)
@@ -280,6 +285,58 @@ def affinity_tokens(graph, x: torch.Tensor, spatial: tuple[int, ...]) -> torch.T
     if getattr(graph, "gamma", None) is not None:  # the DNL authors' A = γ·A_pairwise + 1·aᵀ
         pairwise = graph.gamma.to(pairwise.dtype) * pairwise
     return pairwise + a_unary
+
+
+def performer_affinity(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, s: float) -> torch.Tensor:
+    """Choromanski et al., "Rethinking Attention with Performers", ICLR 2021 (FAVOR+, positive random features):
+    ``M̂_ij = φ(√s q_i)·φ(√s k_j)``, ``φ(x) = exp(Wx − ‖x‖²/2)/√m`` with the block's features ``W`` ``(m, d)``, the
+    random-feature estimate of ``exp(s q_i·k_j)``; ``A = D⁻¹ M̂`` (the ``N × N'`` matrix formed, no stabilizer)."""
+    m = w.shape[0]
+
+    def phi(x):
+        x = math.sqrt(s) * x
+        return torch.exp(x @ w.T - (x * x).sum(-1, keepdim=True) / 2) / math.sqrt(m)
+
+    return normalize(phi(q) @ phi(k).transpose(1, 2), "row")
+
+
+def landmarks(t: torch.Tensor, m: int) -> torch.Tensor:
+    """Segment means, by a loop over the segments: the first ``(⌊N/m⌋+1)·m − N`` segments have ``⌊N/m⌋``
+    positions, the others one more (all of them ``N/m`` when ``m`` divides ``N``)."""
+    n = t.shape[1]
+    lengths = [n // m] * m if n % m == 0 else \
+        [n // m] * ((n // m + 1) * m - n) + [n // m + 1] * (m - ((n // m + 1) * m - n))
+    out, start = [], 0
+    for length in lengths:
+        out.append(t[:, start:start + length].sum(1) / length)
+        start += length
+    return torch.stack(out, 1)
+
+
+def nystrom_affinity(q: torch.Tensor, k: torch.Tensor, m: int, s: float, iterations: int = 6) -> torch.Tensor:
+    """Xiong et al., "Nyströmformer: A Nyström-Based Algorithm for Approximating Self-Attention", AAAI 2021:
+    ``A = softmax(s Q K̃ᵀ) Z softmax(s Q̃ Kᵀ)`` with ``Z`` the paper's iterative Moore-Penrose pseudo-inverse of
+    ``S = softmax(s Q̃ K̃ᵀ)``: ``Z_0 = Sᵀ/(‖S‖_1 ‖S‖_∞)``, ``Z_{j+1} = ¼ Z_j (13I − S Z_j (15I − S Z_j (7I − S Z_j)))``,
+    6 iterations (the ``N × N'`` matrix formed)."""
+    ql, kl = landmarks(q, m), landmarks(k, m)
+    f1 = normalize(torch.exp(s * q @ kl.transpose(1, 2)), "row")
+    f2 = normalize(torch.exp(s * ql @ kl.transpose(1, 2)), "row")
+    f3 = normalize(torch.exp(s * ql @ k.transpose(1, 2)), "row")
+    norm1 = f2.abs().sum(1).amax(-1)  # max column sum
+    norm_inf = f2.abs().sum(2).amax(-1)  # max row sum (1 for a softmax)
+    z = f2.transpose(1, 2) / (norm1 * norm_inf)[:, None, None]
+    eye = torch.eye(m, dtype=f2.dtype)
+    for _ in range(iterations):
+        sz = f2 @ z
+        z = z @ (13 * eye - sz @ (15 * eye - sz @ (7 * eye - sz))) / 4
+    return f1 @ z @ f3
+
+
+def approximate_affinity(graph, q: torch.Tensor, k: torch.Tensor, s: float) -> torch.Tensor:
+    """The dense ``A`` of a block's softmax approximation (``approx``) from its queries and keys."""
+    if graph.approx == "performer":
+        return performer_affinity(q, k, graph.random_features, s)
+    return nystrom_affinity(q, k, graph.approx_features, s)
 
 
 def chebyshev_matrices(a: torch.Tensor, order: int) -> list[torch.Tensor]:
