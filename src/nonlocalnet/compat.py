@@ -838,6 +838,9 @@ def from_official_dnl(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, tem
         frozen.append(block.units[0].w[0].bias)
     for t in frozen:
         t.requires_grad_(False)
+    return block
+
+
 # timm's GlobalContext key -> mmcv ContextBlock key (the same GCNet block; its mapping is _mmcv_context_block's)
 _TIMM_GC_KEYS = {"conv_attn": "conv_mask", "mlp_add.fc1": "channel_add_conv.0", "mlp_add.norm": "channel_add_conv.1",
                  "mlp_add.fc2": "channel_add_conv.3", "mlp_scale.fc1": "channel_mul_conv.0",
