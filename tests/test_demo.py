@@ -57,6 +57,8 @@ def test_demo_with_several_seeds_reports_mean_and_each_seed(tmp_path):
         assert row[8] == f"{sum(v >= SOLVED_TOP1 for v in final)}/2"
     assert rows["baseline"][1] == "none" and rows["snl"][1].startswith("snl")
     assert "mean over 2 seeds" in page and "top-5" not in page and "top5" not in page
+    assert "You are looking at how well PreResNet-8 without" in page and "at stage 1, after_block 1;" in page
+    assert "32 training images of 16×16 pixels" in page and "at least 8 px apart" in page and "--seeds" not in page
     assert (tmp_path / "runs" / "demo" / "curves.png").is_file()
 
 
@@ -66,7 +68,7 @@ def test_demo_with_one_seed_uses_the_configs_seed(tmp_path):
     assert load_config(run / "config.yaml").train.seed == 0
     row = _rows(path.read_text())[1]
     assert row[0] == "baseline" and row[2] == "1" and row[5] == f"{_finals(run)['top1']:.1f}" and row[6] == ""
-    assert "one seed" in path.read_text()
+    assert "one seed" in path.read_text() and "--seeds 0 1 2" in path.read_text()
 
 
 def test_demo_errors(tmp_path):

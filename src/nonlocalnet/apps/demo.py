@@ -8,8 +8,8 @@ and links to the analysis report (spectra, k-hop affinities, attention maps, fil
 each nonlocal model's first seed.
 
 One seed per model by default (the configs' ``train.seed``, into ``<out_root>/demo-<name>``); ``seeds`` runs
-each model with each seed (``<out_root>/demo-<name>-seed<s>``). The shipped task and schedule were chosen so
-that the outcome does not hinge on the seed: docs/results.md lists the seeds tried and each one's result.
+each model with each seed (``<out_root>/demo-<name>-seed<s>``): on the shipped task one run's outcome can
+hinge on its seed (a run solves the relation, memorizes, or stops at about 75 %; docs/results.md, "Issue 22").
 """
 
 from __future__ import annotations
@@ -57,17 +57,30 @@ def _mean_history(histories: Sequence[list[dict]]) -> list[dict]:
             for i in range(n)]
 
 
-def _task_sentence(run_dir: Path) -> str:
-    """What the runs were trained on, read from the first run's config."""
-    try:
-        cfg = load_config(run_dir / "config.yaml")
-    except (OSError, ValueError):
-        return "the bundled \"same glyph?\" task"
+def _arch_name(arch: str) -> str:
+    return f"PreResNet-{arch[len('preresnet'):]}" if arch.startswith("preresnet") else arch
+
+
+def _setup(run_dirs: Sequence[Path]) -> tuple[str, str, str]:
+    """``(network, task, where the blocks sit)`` read from the runs' configs."""
+    cfgs = []
+    for d in run_dirs:
+        try:
+            cfgs.append(load_config(d / "config.yaml"))
+        except (OSError, ValueError):
+            continue
+    if not cfgs:
+        return "the network", "the bundled \"same glyph?\" task", "?"
+    cfg = cfgs[0]
     opts, size = cfg.data.options, cfg.data.size or 32
     distance = opts.get("min_distance", size // 2)
-    return (f"{opts.get('train_size', 4000)} training images of {size}×{size} pixels, each with two 5×5 glyphs "
+    task = (f"{opts.get('train_size', 4000)} training images of {size}×{size} pixels, each with two 5×5 glyphs "
             f"whose centers are at least {distance:g} px apart, label = same glyph or not, {cfg.train.epochs} "
             f"epochs")
+    places = {", ".join(f"{k} {v}" for k, v in b.to_dict().items()
+                        if k not in ("block", "options") and not (k in ("units", "count") and v == 1))
+              for c in cfgs for b in c.model.blocks}
+    return _arch_name(cfg.model.arch), task, "; ".join(sorted(places)) or "none"
 
 
 def write_demo_report(out: Path, runs: dict[str, list[Path]], timings: dict[str, list[float]],
@@ -99,22 +112,23 @@ def write_demo_report(out: Path, runs: dict[str, list[Path]], timings: dict[str,
         elif link:
             links.append(f"<li>{html.escape(name)}: {html.escape(str(link))}</li>")
     figure = save_figure(curves_figure(curves, chance=50.0), out / "curves.png") if curves else None
-    first = next((d[0] for d in runs.values() if d), None)
+    network, task, where = _setup([d[0] for d in runs.values() if d])
     seeds = max((len(d) for d in runs.values()), default=0)
     over = f"mean over {seeds} seeds" if seeds > 1 else "one seed"
     measured = "; ".join(f"{n} {statistics.fmean(v):.1f} %" for n, v in finals.items())
     body = [
         "<h1>nonlocalnet demo: the bundled \"same glyph?\" task</h1>",
-        para("You are looking at how well PreResNet-20 without a nonlocal block (baseline) and with one nonlocal "
+        para(f"You are looking at how well {network} without a nonlocal block (baseline) and with one nonlocal "
              "block (NL, SNL: the blocks column) tells whether two far-apart glyphs in an image are the same shape "
              "(test accuracy, chance = 50 %): a plain CNN must relate them through its deep layers, a nonlocal "
              "block relates them directly."),
         para(f"Here, final test top-1 ({over}): {measured}. A run counts as solving the task at ≥ "
              f"{SOLVED_TOP1:g} % test top-1. A run near 50 % test top-1 with a high training top-1 has "
              f"memorized its training images instead."),
-        para(f"Setup: {_task_sentence(first) if first else 'no runs'}; the blocks sit after the 2nd residual "
-             f"block of stage 1, every model has the same seed(s) and schedule (block options as listed). "
-             f"docs/results.md lists the seeds this configuration was tried with; docs/data.md the task."),
+        para(f"Setup: {task}; the blocks sit at {where}; every model has the same seed(s) and schedule (block "
+             f"options as listed); docs/data.md describes the task. "
+             + ("On this task a single run's outcome can hinge on its seed (docs/results.md): "
+                "`nonlocalnet demo --seeds 0 1 2` trains every model with several." if seeds <= 1 else "")),
         table(["model", "blocks (options)", "seeds", "epochs", "final train top-1 %", "final test top-1 %",
                "per seed", "best test top-1 %", f"solved (≥ {SOLVED_TOP1:g} %)", "time s / run"], rows, left=2),
         "<h2>Training curves</h2>", img(figure, "training curves") if figure else para("no metrics yet"),
