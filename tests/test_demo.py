@@ -92,3 +92,15 @@ def test_shipped_demo_configs_share_one_task():
         assert (cfg.data, cfg.train, cfg.model.arch) == (base.data, base.train, base.model.arch)
         assert [b.block for b in cfg.model.blocks] == [name]
     assert base.model.blocks == []
+
+
+def test_preresnet8_is_one_unit_per_stage():
+    """docs/models.md: 77,850 parameters with 10 classes; the net of the demo trials in docs/results.md."""
+    import torch
+
+    from nonlocalnet.models import build_model
+
+    model = build_model("preresnet8", 10)
+    assert sum(p.numel() for p in model.parameters()) == 77_850
+    assert [len(getattr(model, f"stage{k}")) for k in (1, 2, 3)] == [1, 1, 1]
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
