@@ -76,7 +76,7 @@ def _setup(run_dirs: Sequence[Path]) -> tuple[str, str, str]:
     distance = opts.get("min_distance", size // 2)
     task = (f"{opts.get('train_size', 4000)} training images of {size}×{size} pixels, each with two 5×5 glyphs "
             f"whose centers are at least {distance:g} px apart, label = same glyph or not, {cfg.train.epochs} "
-            f"epochs")
+            f"epoch{'s' if cfg.train.epochs != 1 else ''}")
     places = {", ".join(f"{k} {v}" for k, v in b.to_dict().items()
                         if k not in ("block", "options") and not (k in ("units", "count") and v == 1))
               for c in cfgs for b in c.model.blocks}
@@ -126,8 +126,8 @@ def write_demo_report(out: Path, runs: dict[str, list[Path]], timings: dict[str,
              f"{SOLVED_TOP1:g} % test top-1. A run near 50 % test top-1 with a high training top-1 has "
              f"memorized its training images instead."),
         para(f"Setup: {task}; the blocks sit at {where}; every model has the same seed(s) and schedule (block "
-             f"options as listed); docs/data.md describes the task. "
-             + ("On this task a single run's outcome can hinge on its seed (docs/results.md): "
+             f"options as listed); docs/data.md describes the task."
+             + (" On this task a single run's outcome can hinge on its seed (docs/results.md): "
                 "`nonlocalnet demo --seeds 0 1 2` trains every model with several." if seeds <= 1 else "")),
         table(["model", "blocks (options)", "seeds", "epochs", "final train top-1 %", "final test top-1 %",
                "per seed", "best test top-1 %", f"solved (≥ {SOLVED_TOP1:g} %)", "time s / run"], rows, left=2),
