@@ -32,6 +32,7 @@ ALL_ARCHS = [
     "preresnet56",
     "preresnet110",
     "preresnet164",
+    "preresnet8",
     "resnet50",
     "resnet50_cifar",
     "resnet3d18",

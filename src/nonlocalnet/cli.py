@@ -136,7 +136,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    run_demo(args.out, args.configs, args.runs, args.set, not args.no_analysis)
+    run_demo(args.out, args.configs, args.runs, args.set, not args.no_analysis, seeds=args.seeds)
     return 0
 
 
@@ -298,7 +298,8 @@ def _add_train(sub) -> None:
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on the test split",
                        description="Evaluate a .safetensors checkpoint with the config saved next to it "
-                                   "(config.yaml) or inside it; prints {\"top1\", \"top5\", \"loss\"} as JSON.")
+                                   "(config.yaml) or inside it; prints {\"top1\", \"top5\", \"loss\"} as JSON "
+                                   "(top5 only with more than 5 classes).")
     e.add_argument("checkpoint", help="a .safetensors checkpoint written by `nonlocalnet train`, or its run dir "
                                       "(last.safetensors, else best, else the latest epoch file)")
     _set_option(e, "the run's config (e.g. --set data.root=/data/cifar --set run.device=cpu)")
@@ -387,6 +388,9 @@ def _add_demo(sub) -> None:
                    help="directory with baseline.yaml, nl.yaml, snl.yaml (default: the shipped demo configs, "
                         "`nonlocalnet configs`)")
     p.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), help="which configs to train")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="train every model with each of these seeds (runs/demo-NAME-seedS) and report mean ± std; "
+                        "default: one run per model with the config's train.seed (runs/demo-NAME)")
     _set_option(p, "every run's config")
     p.add_argument("--no-analysis", action="store_true", help="skip the per-run analysis reports")
     p.set_defaults(func=cmd_demo)

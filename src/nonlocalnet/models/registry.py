@@ -38,6 +38,7 @@ _ARCHS: dict[str, Factory] = {
     "preresnet56": partial(PreResNet, 56),
     "preresnet110": partial(PreResNet, 110),
     "preresnet164": partial(PreResNet, 164),
+    "preresnet8": partial(PreResNet, 8),
     "resnet50": resnet50,
     "resnet50_cifar": resnet50_cifar,
     "resnet3d18": resnet3d18,

@@ -506,8 +506,8 @@ def _train(cfg: Config, env: D.DistEnv, resume: bool, allow_model_change: bool =
                 best_top1, best_epoch = test["top1"], k
             record = {"epoch": k, "step": step, "train_loss": train_loss / train_n,
                       "train_top1": 100.0 * train_correct / train_n, "test_loss": test["loss"],
-                      "top1": test["top1"], "top5": test["top5"], "lr": lr_used, "time_s": round(elapsed, 3),
-                      "best_top1": best_top1, "best_epoch": best_epoch}
+                      "top1": test["top1"], **({"top5": test["top5"]} if "top5" in test else {}),
+                      "lr": lr_used, "time_s": round(elapsed, 3), "best_top1": best_top1, "best_epoch": best_epoch}
             history.append(record)
             last = record
             rngs = _gather_rng(env, gens)
@@ -520,10 +520,13 @@ def _train(cfg: Config, env: D.DistEnv, resume: bool, allow_model_change: bool =
                     run_dir, stage = out, None
                 if tb is not None:
                     for key in ("train_loss", "train_top1", "test_loss", "top1", "top5", "lr"):
-                        tb.add_scalar(key, record[key], k)
+                        if key in record:
+                            tb.add_scalar(key, record[key], k)
                     tb.flush()
                 _log(env, f"epoch {k}/{t.epochs}  loss {record['train_loss']:.4f}  "
-                          f"top1 {record['top1']:.2f}  top5 {record['top5']:.2f}  lr {lr_used:.4g}  "
+                          f"top1 {record['top1']:.2f}  "
+                          + (f"top5 {record['top5']:.2f}  " if "top5" in record else "")
+                          + f"lr {lr_used:.4g}  "
                           f"{elapsed:.1f}s")
     finally:
         if tb is not None:
@@ -545,7 +548,7 @@ def _save_epoch(cfg: Config, out: Path, model: nn.Module, optimizer, scheduler, 
                 history, is_best: bool) -> None:
     k, step = record["epoch"], record["step"]
     weights = _unwrap(model).state_dict()
-    meta = _weights_metadata(cfg, k, step, {"top1": record["top1"], "top5": record["top5"]})
+    meta = _weights_metadata(cfg, k, step, {key: record[key] for key in ("top1", "top5") if key in record})
     # order matters for crash safety: epoch file, best, then the last.* pair
     if cfg.run.keep_epochs:
         save_weights(out / epoch_file(k), weights, meta)
