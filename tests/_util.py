@@ -8,6 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nonlocalnet import reference as ref
+from nonlocalnet.blocks import NonlocalUnit
+
 RTOL = 1e-6
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,6 +27,31 @@ class Tokens(nn.Module):
     def forward(self, x):
         t = self.patch(x).flatten(2).transpose(1, 2)
         return self.blocks(torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1))[:, 0]
+
+
+def dnl_terms(block: nn.Module, x: torch.Tensor, tau: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """DNL's two graphs written out for a 2-D input (Yin et al., ECCV 2020, Eq. 12): the whitened pairwise softmax
+    ``softmax((θ-μ_θ)(φ-μ_φ)ᵀ/(√C_s·τ))`` ``(B, N, N)`` and the unary row ``a = softmax(w_m X)`` ``(B, N)``."""
+    tok = x.flatten(2).transpose(1, 2)
+    e = block.edges
+    q = tok @ e.theta.weight.flatten(1).T + e.theta.bias
+    k = tok @ e.phi.weight.flatten(1).T + e.phi.bias
+    q, k = q - q.mean(1, keepdim=True), k - k.mean(1, keepdim=True)
+    pair = torch.softmax(q @ k.transpose(1, 2) / (q.shape[-1] ** 0.5 * tau), -1)
+    return pair, torch.softmax((tok @ e.mask.weight.flatten(1).T + e.mask.bias)[..., 0], -1)
+
+
+def assert_structured_path(block: nn.Module, x: torch.Tensor, monkeypatch, rtol: float = 1e-10) -> None:
+    """``block(x)`` equals the dense reference with the generic filter path patched to raise: a structured path
+    (the low-rank one, ...) computed it."""
+    want = ref.forward(block, x)
+
+    def generic(*args, **kwargs):
+        raise AssertionError("the generic filter path was taken")
+
+    monkeypatch.setattr(NonlocalUnit, "filter_terms", generic)
+    torch.testing.assert_close(block(x), want, rtol=rtol, atol=rtol)
+    monkeypatch.undo()
 
 
 def run_docs_example(doc: str, heading: str) -> None:

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _util import assert_structured_path
 from torch.testing import assert_close
 
 import nonlocalnet
 from nonlocalnet import reference as ref
-from nonlocalnet.blocks import NonlocalUnit
 from nonlocalnet.testing import check_block, largest_tensor, randomize
 
 DT = torch.float64
@@ -234,14 +234,7 @@ def test_agent_is_low_rank_checked_and_never_n_by_n(monkeypatch):
     assert graph.backend == "lowrank" and graph.u.shape == (2, 42, 9) and graph.unit_rows  # A = P Vᵀ, rank n
     assert_close(block.affinity(x), ref.affinity(block, x), rtol=1e-12, atol=1e-14)
     assert_close(block.affinity(x).sum(-1), torch.ones(2, 42, dtype=DT))  # rows of both factors sum to 1
-    want = ref.forward(block, x)
-
-    def generic(*args, **kwargs):
-        raise AssertionError("the generic filter path was taken")
-
-    monkeypatch.setattr(NonlocalUnit, "filter_terms", generic)
-    assert_close(block(x), want, rtol=1e-10, atol=1e-10)
-    monkeypatch.undo()
+    assert_structured_path(block, x, monkeypatch)
     n = 24 * 24
     assert largest_tensor(nonlocalnet.build_block("agent", 8), torch.randn(2, 8, 24, 24)) < n * n
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _util import assert_close, randomize
+from _util import assert_close, dnl_terms, randomize
 
 import nonlocalnet
 from nonlocalnet import affinity as aff
@@ -124,13 +124,7 @@ def test_unary_kernel_on_other_presets():
 def test_dnl_affinity_is_whitened_pairwise_plus_unary():
     block = randomize(nonlocalnet.build_block("dnl", 8, dim=2))
     x = x_of((2, 8, 4, 5))
-    tok = x.flatten(2).transpose(1, 2)
-    e = block.edges
-    q = tok @ e.theta.weight.flatten(1).T + e.theta.bias
-    k = tok @ e.phi.weight.flatten(1).T + e.phi.bias
-    q, k = q - q.mean(1, keepdim=True), k - k.mean(1, keepdim=True)
-    pair = torch.softmax(q @ k.transpose(1, 2) / (4 ** 0.5 * 0.05), -1)  # C_s = 4, τ = 0.05 (mmseg default)
-    a = torch.softmax((tok @ e.mask.weight.flatten(1).T + e.mask.bias)[..., 0], -1)
+    pair, a = dnl_terms(block, x)  # C_s = 4, τ = 0.05 (the preset's and mmseg's default)
     expect = pair + a[:, None, :]
     got = block.affinity(x)
     assert_close(got, expect)

@@ -295,6 +295,24 @@ class NaiveRow:
     ratio_hi: float | None = None
 
 
+def timed_step(fn, x: torch.Tensor, mode: str, params=()):
+    """One call to time: ``fn(x)`` under ``no_grad`` (``mode="fwd"``), or the forward and backward of
+    ``fn(x).sum()`` with the gradients of ``x`` and ``params`` cleared first (``"fwd+bwd"``)."""
+    if mode != "fwd+bwd":
+        def step():
+            with torch.no_grad():
+                fn(x)
+        return step
+    xg, params = x.clone().requires_grad_(True), list(params)
+
+    def step():
+        for p in params:
+            p.grad = None
+        xg.grad = None
+        fn(xg).sum().backward()
+    return step
+
+
 def interleaved_medians(fns: list, repeats: int, warmup: int = 1, min_sample_s: float = 0.01) -> list[float]:
     """Median seconds per call of each function, the samples interleaved (a, b, a, b, ...; the order alternates
     each repeat) so that the machine's drift hits all of them alike. A sample is ``n`` back-to-back calls, ``n``
@@ -359,26 +377,10 @@ def run_naive_case(case: str, shape: tuple[int, ...], mode: str, threads: int, r
     try:
         with torch.no_grad():
             row.path = block.build_graph(x).backend
-        if mode == "fwd+bwd":
-            block.train()
-            xg = x.clone().requires_grad_(True)
-
-            def make(fn):
-                def step():
-                    for p in params:
-                        p.grad = None
-                    xg.grad = None
-                    fn(xg).sum().backward()
-                return step
-        else:
-            block.eval()
-
-            def make(fn):
-                def step():
-                    with torch.no_grad():
-                        fn(x)
-                return step
-        t_naive, t_ours = interleaved_medians([make(lambda t: naive.naive_forward(block, t)), make(block)], repeats)
+        block.train(mode == "fwd+bwd")
+        steps = [timed_step(lambda t: naive.naive_forward(block, t), x, mode, params),
+                 timed_step(block, x, mode, params)]
+        t_naive, t_ours = interleaved_medians(steps, repeats)
     finally:
         torch.set_num_threads(saved)
     row.naive_ms, row.ours_ms, row.ratio = 1e3 * t_naive, 1e3 * t_ours, t_naive / t_ours

@@ -35,7 +35,7 @@ from torch import nn
 from nonlocalnet.compat import from_mmcv, from_timm
 from nonlocalnet.profiling import peak_memory
 
-from . import environment, interleaved_medians
+from . import environment, interleaved_medians, timed_step
 
 __all__ = ["PEERS", "Peer", "PeerMissingError", "PeerRow", "available_peers", "build_pair", "check_pair",
            "format_peers", "mmcv_criss_cross_class", "run_peer_case", "run_peers"]
@@ -223,28 +223,9 @@ def run_peer_case(name: str, shape: tuple[int, ...], mode: str, threads: int, re
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        if mode == "fwd+bwd":
-            peer.train(), ours.train()
-            xg = x.clone().requires_grad_(True)
-
-            def make(module, fn):
-                params = list(module.parameters())
-
-                def step():
-                    for p in params:
-                        p.grad = None
-                    xg.grad = None
-                    fn(xg).sum().backward()
-                return step
-        else:
-            peer.eval(), ours.eval()
-
-            def make(module, fn):
-                def step():
-                    with torch.no_grad():
-                        fn(x)
-                return step
-        steps = [make(peer, lambda t: apply(peer, t)), make(ours, ours)]
+        peer.train(mode == "fwd+bwd"), ours.train(mode == "fwd+bwd")
+        steps = [timed_step(lambda t: apply(peer, t), x, mode, peer.parameters()),
+                 timed_step(ours, x, mode, ours.parameters())]
         t_peer, t_ours = interleaved_medians(steps, repeats)
         if memory:
             row.peer_mib, row.ours_mib = (peak_memory(s, torch.device("cpu")) / 2**20 for s in steps)
