@@ -9,6 +9,7 @@ allocation records (``profile_memory=True``), i.e. the largest live set of inter
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
@@ -295,6 +296,17 @@ class NaiveRow:
     ratio_hi: float | None = None
 
 
+@contextlib.contextmanager
+def num_threads(n: int):
+    """torch's intra-op thread count set to ``n`` inside the ``with`` block, restored after it."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def timed_step(fn, x: torch.Tensor, mode: str, params=()):
     """One call to time: ``fn(x)`` under ``no_grad`` (``mode="fwd"``), or the forward and backward of
     ``fn(x).sum()`` with the gradients of ``x`` and ``params`` cleared first (``"fwd+bwd"``)."""
@@ -372,17 +384,13 @@ def run_naive_case(case: str, shape: tuple[int, ...], mode: str, threads: int, r
     if channels_last and len(shape) in (4, 5):
         x = x.to(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
     params = list(block.parameters())
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         with torch.no_grad():
             row.path = block.build_graph(x).backend
         block.train(mode == "fwd+bwd")
         steps = [timed_step(lambda t: naive.naive_forward(block, t), x, mode, params),
                  timed_step(block, x, mode, params)]
         t_naive, t_ours = interleaved_medians(steps, repeats)
-    finally:
-        torch.set_num_threads(saved)
     row.naive_ms, row.ours_ms, row.ratio = 1e3 * t_naive, 1e3 * t_ours, t_naive / t_ours
     return row
 
@@ -501,10 +509,8 @@ def training_throughput(blocks: list[str] = ("snl", "nl", "cc"), *, arch: str = 
     against the same network with the block on its ``dense`` backend and with the block's naive formulation
     (the authors' NCHW code, :mod:`naive`). The three networks share one set of weights and one batch; their SGD
     steps (forward, backward, update) are interleaved; median step time."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
     out = []
-    try:
+    with num_threads(threads):
         for name in blocks:
             opts = {"reduction": 8} if name == "cc" else {}
             nets = {}
@@ -539,8 +545,6 @@ def training_throughput(blocks: list[str] = ("snl", "nl", "cc"), *, arch: str = 
             print(f"{name:5} {arch} B={batch} {size}x{size} stage {stage}, {threads} threads: auto "
                   f"{row['auto_img_s']:7.1f} img/s, dense {row['dense_img_s']:7.1f}, naive {row['naive_img_s']:7.1f}"
                   f"  auto/dense {row['auto_vs_dense']:.2f}x  auto/naive {row['auto_vs_naive']:.2f}x", flush=True)
-    finally:
-        torch.set_num_threads(saved)
     if json_path:
         with open(json_path, "w") as fh:
             json.dump({"environment": environment(), "throughput": out}, fh, indent=1)

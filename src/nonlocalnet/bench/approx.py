@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import statistics
 import time
 
@@ -43,6 +42,8 @@ import torch.nn.functional as F
 
 from nonlocalnet.presets import build_block
 from nonlocalnet.profiling import peak_memory
+
+from . import environment
 
 METHODS = ("performer", "nystrom")
 
@@ -106,8 +107,7 @@ def run_approx(sides=(16, 32, 64, 128), video=((4, 32, 32),), features=(16, 32, 
     environment as JSON (docs/approximations.md)."""
     if threads:
         torch.set_num_threads(threads)
-    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-           "threads": torch.get_num_threads()}
+    env = environment()
     print(f"# softmax approximations vs exact (sdpa) — torch {env['torch']}, {env['threads']} thread(s), B={batch}, "
           f"C={channels}, C_s=C_v={channels // 2}", flush=True)
     device = torch.device("cpu")

@@ -35,7 +35,7 @@ from torch import nn
 from nonlocalnet.compat import from_mmcv, from_timm
 from nonlocalnet.profiling import peak_memory
 
-from . import environment, interleaved_medians, timed_step
+from . import _cell, environment, interleaved_medians, num_threads, timed_step
 
 __all__ = ["PEERS", "Peer", "PeerMissingError", "PeerRow", "available_peers", "build_pair", "check_pair",
            "format_peers", "mmcv_criss_cross_class", "run_peer_case", "run_peers"]
@@ -220,17 +220,13 @@ def run_peer_case(name: str, shape: tuple[int, ...], mode: str, threads: int, re
     peer, ours = peer.float(), ours.float()
     apply = PEERS[name].apply
     x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         peer.train(mode == "fwd+bwd"), ours.train(mode == "fwd+bwd")
         steps = [timed_step(lambda t: apply(peer, t), x, mode, peer.parameters()),
                  timed_step(ours, x, mode, ours.parameters())]
         t_peer, t_ours = interleaved_medians(steps, repeats)
         if memory:
             row.peer_mib, row.ours_mib = (peak_memory(s, torch.device("cpu")) / 2**20 for s in steps)
-    finally:
-        torch.set_num_threads(saved)
     row.peer_ms, row.ours_ms, row.ratio = 1e3 * t_peer, 1e3 * t_ours, t_peer / t_ours
     return row
 
@@ -239,9 +235,7 @@ def format_peers(rows: list[PeerRow]) -> str:
     head = (f"{'peer':14} {'shape':12} {'mode':8} {'thr':>3} {'peer ms':>9} {'ours ms':>9} {'peer/ours':>9} "
             f"{'peer MiB':>9} {'ours MiB':>9} {'f64 err':>8}")
     lines = [head, "-" * len(head)]
-
-    def f(v, spec):
-        return format(v, spec) if v is not None else "-"
+    f = _cell
     for r in rows:
         spread = f" [{r.ratio_lo:.2f}-{r.ratio_hi:.2f}]" if r.ratio_lo is not None else ""
         lines.append(f"{r.peer:14} {r.shape:12} {r.mode:8} {r.threads:3d} {f(r.peer_ms, '9.3f')} "

@@ -22,7 +22,6 @@ Times: median and minimum over ``--repeats`` calls (the minimum is the robust fi
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
 
@@ -32,6 +31,8 @@ import nonlocalnet
 from nonlocalnet import spectral as sp
 from nonlocalnet import spectral_filters as sf
 from nonlocalnet.profiling import peak_memory
+
+from . import environment
 
 
 def times(fn, repeats: int, warmup: int = 1) -> list[float]:
@@ -103,8 +104,7 @@ def run_spectral(sizes=(32, 64, 96), batch: int = 1, channels: int = 64, repeats
         torch.set_num_threads(threads)
     rows = []
     device = torch.device("cpu")  # peak_memory's device
-    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-           "threads": torch.get_num_threads()}
+    env = environment()
     print(f"# spectral filters — torch {env['torch']}, {env['threads']} threads, B={batch}, C={channels}", flush=True)
     for s in sizes:
         torch.manual_seed(0)
@@ -141,8 +141,7 @@ def run_spectral_vs_snl(channels=(256, 512, 1024), sides=(7, 10, 14, 32, 64), ba
     round; ratio = preset / SNL. docs/benchmarks.md, "Spectral filters against SNL"."""
     if threads:
         torch.set_num_threads(threads)
-    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-           "threads": torch.get_num_threads()}
+    env = environment()
     print(f"# spectral presets vs SNL, forward+backward — torch {env['torch']}, {env['threads']} threads, B={batch}",
           flush=True)
     rows = []
