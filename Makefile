@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # OpenMMLab tests run there.
 VISION_VENV ?= .venv-vision
 VISION_TORCH ?= torch==2.14.1 torchvision==0.29.1
-VISION_MMCV ?= mmcv-lite
+VISION_MMCV ?= mmcv-lite mmsegmentation
 VBIN := $(VISION_VENV)/bin
 
 .PHONY: test test-interop test-gpu lint venv vision-venv demo bench bench-peers clean

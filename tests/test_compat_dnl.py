@@ -67,7 +67,7 @@ def mmseg_dnl(sd, x, mode="embedded_gaussian", use_scale=True, temperature=0.05,
     y = (pair @ g_x).transpose(1, 2).reshape(b, -1, h, w)
     mask = torch.softmax(conv("conv_mask", x).reshape(b, 1, h * w), -1)
     u = (mask @ g_x).transpose(1, 2).reshape(b, -1, 1, 1)
-    return x + conv_out(y) + conv_out(u)
+    return x + conv_out(y + u)  # mmseg 0.30 and 1.2.2: one conv_out on the sum
 
 
 @pytest.mark.parametrize("mode", ["embedded_gaussian", "dot_product"])
@@ -80,7 +80,7 @@ def test_mmseg_dnl_without_norm_in_train_and_eval(mode):
         block.train(train)
         assert_close(block(x), mmseg_dnl(sd, x, mode))
     assert block.edges.gamma is None and block.units[0].norm.kind == "none"
-    assert_close(block.units[0].w[0].bias, 2 * sd["conv_out.conv.bias"])  # conv_out's bias once per term
+    assert_close(block.units[0].w[0].bias, sd["conv_out.conv.bias"])  # one conv_out on the sum of both terms
     # the gradient with respect to the input equals the literal module's
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     wt = randn(2, 16, 6, 5, g=torch.Generator().manual_seed(2), std=1.0)
@@ -97,16 +97,29 @@ def test_mmseg_dnl_scale_and_temperature(use_scale, temperature):
     assert_close(block(x), mmseg_dnl(sd, x, use_scale=use_scale, temperature=temperature))
 
 
-def test_mmseg_dnl_batchnorm_folded_in_eval_mode():
+@pytest.mark.parametrize("train", [False, True])
+def test_mmseg_dnl_batchnorm_in_train_and_eval(train):
     sd = dnl_state(bn=True, seed=2)
-    with pytest.raises(ValueError, match="conv_out has a BatchNorm.*fold_norm=True"):
-        from_mmseg_dnl(sd)
-    block = from_mmseg_dnl(sd, fold_norm=True).eval()
+    block = from_mmseg_dnl(sd).train(train)
+    assert block.units[0].norm.kind == "bn"
     x = randn(2, 16, 5, 5, g=torch.Generator().manual_seed(1), std=1.0)
-    assert_close(block(x), mmseg_dnl(sd, x))
-    assert block.units[0].norm.kind == "none" and not any(".bn." in k for k in block.state_dict())
-    # in train mode mmseg normalizes each term with its own batch statistics: not this block (documented)
-    assert not torch.allclose(block.train()(x), mmseg_dnl(sd, x, train=True))
+    assert_close(block(x), mmseg_dnl(sd, x, train=train))
+
+
+def test_mmseg_dnl_groupnorm_needs_its_groups():
+    sd = {k: v for k, v in dnl_state(seed=3).items() if k != "conv_out.conv.bias"}
+    g = torch.Generator().manual_seed(4)
+    sd.update({"conv_out.gn.weight": 1 + randn(16, g=g), "conv_out.gn.bias": randn(16, g=g)})
+    with pytest.raises(ValueError, match="GroupNorm after conv_out.*pass gn_groups="):
+        from_mmseg_dnl(sd)
+    block = from_mmseg_dnl(sd, gn_groups=4)
+    x = randn(2, 16, 5, 5, g=torch.Generator().manual_seed(1), std=1.0)
+    b, c, h, w = x.shape
+    ref_sd = dict(sd)
+    ref = mmseg_dnl({k: v for k, v in ref_sd.items() if not k.startswith("conv_out.gn")}, x)
+    # the reference's conv_out without its norm, then the GroupNorm on that output (the residual taken off first)
+    expected = x + F.group_norm(ref - x, 4, sd["conv_out.gn.weight"], sd["conv_out.gn.bias"], eps=1e-5)
+    assert_close(block(x), expected)
 
 
 def test_mmseg_dnl_errors():
@@ -120,8 +133,8 @@ def test_mmseg_dnl_errors():
     bad = dict(sd, **{"conv_mask.weight": torch.zeros(2, 16, 1, 1, dtype=DT)})
     with pytest.raises(ValueError, match=r"'conv_mask.weight' has shape \(2, 16, 1, 1\), expected \(1, 16, 1, 1\)"):
         from_mmseg_dnl(bad)
-    bad = dict(sd, **{"conv_out.gn.weight": torch.ones(16, dtype=DT), "conv_out.gn.bias": torch.zeros(16, dtype=DT)})
-    with pytest.raises(ValueError, match="GroupNorm after conv_out"):
+    bad = dict(sd, **{"conv_out.bn.weight": torch.ones(16, dtype=DT), "conv_out.gn.weight": torch.ones(16, dtype=DT)})
+    with pytest.raises(ValueError, match="both BatchNorm .* and GroupNorm"):
         from_mmseg_dnl(bad)
     bad = dict(sd, gamma=torch.zeros(1, dtype=DT))
     with pytest.raises(ValueError, match="unexpected keys \\['gamma'\\].*pairwise_gamma=True"):

@@ -395,12 +395,35 @@ def test_demo_glyphs_are_drawn_far_apart():
     assert (GLYPHS.sum(axis=(1, 2)) == 9).all() and len({g.tobytes() for g in GLYPHS}) == 4
 
 
+def test_demo_glyph_subset():
+    import hashlib
+    a = build_dataset("demo", None, "train", train_size=400, seed=2, glyphs=["plus", "cross"])
+    assert a.glyphs == ("plus", "cross") and set(a.glyph_ids.unique().tolist()) == {0, 1}
+    assert torch.equal(a.labels, (a.glyph_ids[:, 0] == a.glyph_ids[:, 1]).long()) and int(a.labels.sum()) == 200
+    # with two kinds, a "different" pair is always one of each
+    diff = a.glyph_ids[a.labels == 0]
+    assert (diff.min(1).values == 0).all() and (diff.max(1).values == 1).all()
+    # the glyphs are painted as GLYPHS[glyph_ids]: check one
+    y, x = a.glyph_positions[0, 0].tolist()
+    patch = a.images[0, 0, y:y + GLYPH_SIZE, x:x + GLYPH_SIZE].numpy()
+    assert ((patch >= 96) == GLYPHS[int(a.glyph_ids[0, 0])]).all()
+    # the default draws from all four exactly as before the option existed (GENERATOR_VERSION 1)
+    d = build_dataset("demo", None, "train", train_size=200, seed=5)
+    assert d.glyphs == ("plus", "cross", "L", "T")
+    assert hashlib.md5(d.images.numpy().tobytes()).hexdigest() == "65a4fb40d6a4779f64ebf9d4dea91013"
+    for bad in (["plus"], ["plus", "plus"], ["plus", "star"], "plus"):
+        with pytest.raises(ValueError, match="glyphs"):
+            build_dataset("demo", None, "train", train_size=10, glyphs=bad)
+
+
 def test_demo_cache(tmp_path):
     a = build_dataset("demo", tmp_path, "test", test_size=10)
     files = list(tmp_path.iterdir())
     assert len(files) == 1 and files[0].suffix == ".npz"
     b = build_dataset("demo", tmp_path, "test", test_size=10)
     assert torch.equal(a.images, b.images) and torch.equal(a.glyph_positions, b.glyph_positions)
+    c = build_dataset("demo", tmp_path, "test", test_size=10, glyphs=["L", "T"])  # its own file
+    assert len(list(tmp_path.iterdir())) == 2 and set(c.glyph_ids.unique().tolist()) <= {2, 3}
     with pytest.raises(ValueError, match="not achievable"):
         build_dataset("demo", None, "train", size=16, min_distance=20)
     loader = torch.utils.data.DataLoader(a, batch_size=4)

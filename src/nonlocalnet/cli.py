@@ -173,7 +173,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   json_path=args.json, processes=args.processes)
         return 0
     if args.baseline == "peers":
-        run_peers(peers=args.peers, sizes=args.sizes or [32, 64], batch=args.batch or 2, channels=args.channels or 64,
+        run_peers(peers=args.peers, sizes=args.sizes or [32, 64], video=args.video or [(8, 16, 16)],
+                  batch=args.batch or 2, channels=args.channels or 64,
                   modes=args.modes or ["fwd", "fwd+bwd"], threads=args.threads or [1, 2], repeats=args.repeats or 7,
                   memory=not args.no_memory, json_path=args.json, processes=args.processes)
         return 0

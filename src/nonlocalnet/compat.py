@@ -676,54 +676,54 @@ def from_external_attention(state_dict: Mapping[str, torch.Tensor] | nn.Module, 
     return _load(block, ours, w, sd, what, prefix)
 # --------------------------------------------------------------------------------------- mmseg DNL
 def from_mmseg_dnl(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, mode: str = "embedded_gaussian",
-                   use_scale: bool = True, temperature: float = 0.05, fold_norm: bool = False,
+                   use_scale: bool = True, temperature: float = 0.05, gn_groups: int | None = None,
                    prefix: str = "") -> nn.Module:
     """A block equal to mmsegmentation's ``DisentangledNonLocal2d`` (the block of its ``DNLHead``; Yin et al.,
     "Disentangled Non-Local Neural Networks", ECCV 2020, arXiv 2006.06668): our ``dnl`` preset.
 
     mmseg's block is mmcv's ``NonLocal2d`` plus ``conv_mask`` (``C → 1``): queries and keys minus their means over
     the positions, the pairwise softmax of ``θφᵀ/(√C_s·τ)`` (``embedded_gaussian``; ``√C_s`` when ``use_scale``)
-    or ``θφᵀ/N`` (``dot_product``, no τ), the unary term ``softmax(conv_mask(X))ᵀ g(X)``, and
-    ``Y = X + conv_out(y) + conv_out(u)``: ``conv_out`` applied to each term **separately** (``u`` broadcast over
-    the positions). mmseg has no learnable scale on the pairwise term (the DNL authors' code does: ``dnl`` with
-    ``pairwise_gamma=True``). ``mode``, ``use_scale`` and ``temperature`` (DNLHead's defaults) are not in a state
-    dict.
+    or ``θφᵀ/N`` (``dot_product``, no τ), the unary term ``u = softmax(conv_mask(X))ᵀ g(X)`` (broadcast over the
+    positions), and ``Y = X + conv_out(y + u)`` (``mmseg/models/decode_heads/dnl_head.py``, 0.30 and 1.2.2 alike):
+    one output map on the sum, which is our single output map on ``A Z`` with ``A`` the sum of both graphs. mmseg
+    has no learnable scale on the pairwise term (the DNL authors' code does: ``dnl`` with ``pairwise_gamma=True``).
+    ``mode``, ``use_scale`` and ``temperature`` (DNLHead's defaults) are not in a state dict.
 
     Keys: ``g.conv.*``, ``theta.conv.*``, ``phi.conv.*`` (``C_s×C×1×1`` with bias), ``conv_mask.{weight,bias}``,
-    ``conv_out.conv.weight`` (``C×C_s×1×1``), ``conv_out.conv.bias`` (without a norm), ``conv_out.bn.*`` with
-    mmseg's ``norm_cfg`` (BatchNorm/SyncBN). As ``conv_out`` is affine without a norm, ``W y + b + W u + b =
-    W(y + u) + 2b``: our block with ``out_norm="none"`` and the bias ``2b``, equal in train and eval mode. With a
-    BatchNorm the two terms are normalized separately (in train mode with their own batch statistics), which no
-    single output map expresses: ``fold_norm=True`` folds the running statistics into the conv, ``W' = s·W``,
-    ``b' = 2(β − s·μ) (+ 2s·b)``, ``s = γ/√(σ² + ε)`` (ε = 1e-5, mmcv's) — equal in eval mode only, and the block
-    has no BatchNorm; without it such a state dict is refused.
+    ``conv_out.conv.weight`` (``C×C_s×1×1``), ``conv_out.conv.bias`` (without a norm), and the norm of mmseg's
+    ``norm_cfg`` if any: ``conv_out.bn.*`` (BatchNorm/SyncBN, DNLHead's configs) → ``out_norm="bn"``, or
+    ``conv_out.gn.*`` → ``out_norm="gn"`` (its groups are not in a state dict: ``gn_groups``). Equal in train and
+    eval mode.
     """
     if mode not in MMSEG_DNL_MODES:
         raise ValueError(f"mode: expected one of {', '.join(map(repr, MMSEG_DNL_MODES))} (DNLHead's modes), "
                          f"got {mode!r}")
     _bool("use_scale", use_scale)
-    _bool("fold_norm", fold_norm)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 or \
             temperature == float("inf"):
         raise ValueError(f"temperature: expected a positive finite number (DNLHead's, 0.05 by default), "
                          f"got {temperature!r}")
     what = f"from_mmseg_dnl(mode={mode!r})"
     sd = _select(state_dict, prefix, what)
-    if any(k.startswith("conv_out.gn.") for k in sd):
-        raise ValueError(f"{what}: a GroupNorm after conv_out ('conv_out.gn.*') normalizes each term with its own "
-                         "per-sample statistics, which neither a single output map nor a fold expresses")
     has_bn = any(k.startswith("conv_out.bn.") for k in sd)
-    if has_bn and not fold_norm:
-        raise ValueError(f"{what}: conv_out has a BatchNorm ('conv_out.bn.*'), which mmseg applies to the pairwise "
-                         "and the unary term separately (in train mode with each term's own batch statistics); no "
-                         "single block equals that in train mode. Pass fold_norm=True to fold its running "
-                         "statistics into the conv: the block then equals the module in eval mode")
+    has_gn = any(k.startswith("conv_out.gn.") for k in sd)
+    if has_bn and has_gn:
+        raise ValueError(f"{what}: both BatchNorm ('conv_out.bn.*') and GroupNorm ('conv_out.gn.*') keys after "
+                         "conv_out; expected at most one norm")
+    norm = "bn" if has_bn else "gn" if has_gn else "none"
+    if norm == "gn" and (isinstance(gn_groups, bool) or not isinstance(gn_groups, int) or gn_groups < 1):
+        raise ValueError(f"{what}: the state dict has a GroupNorm after conv_out (keys 'conv_out.gn.*'); its number "
+                         f"of groups is not stored in a state dict: pass gn_groups= (mmseg's norm_cfg num_groups), "
+                         f"got gn_groups={gn_groups!r}")
     required = [f"{m}.conv.{p}" for m in ("g", "theta", "phi") for p in ("weight", "bias")]
     required += ["conv_mask.weight", "conv_mask.bias", "conv_out.conv.weight"]
     optional: list[str] = []
-    if has_bn:
+    if norm == "bn":
         required += [f"conv_out.bn.{n}" for n in _BN_KEYS]
         optional += ["conv_out.conv.bias"] + [f"conv_out.bn.{n}" for n in _BN_OPTIONAL]
+    elif norm == "gn":
+        required += ["conv_out.gn.weight", "conv_out.gn.bias"]
+        optional.append("conv_out.conv.bias")
     else:
         required.append("conv_out.conv.bias")
     hints = []
@@ -741,26 +741,27 @@ def from_mmseg_dnl(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, mode: 
                               "conv_mask.weight": (1, c, *ones), "conv_mask.bias": (1,),
                               "conv_out.conv.weight": (c, cs, *ones), "conv_out.conv.bias": (c,),
                               "conv_out.bn.num_batches_tracked": ()}
-    shapes.update({f"conv_out.bn.{n}": (c,) for n in _BN_KEYS})
+    shapes.update({f"conv_out.{n}.{k}": (c,) for n in ("bn", "gn") for k in _BN_KEYS})
     _check_shapes(sd, shapes, what, prefix, _shape_context(sd, "g.conv.weight", prefix, C=c, C_s=cs, dim=dim))
+    if norm == "gn" and c % gn_groups:
+        raise ValueError(f"{what}: gn_groups={gn_groups} does not divide C = {c}")
     r = _reduction(c, cs, prefix + "g.conv.weight", what)
     embedded = mode == "embedded_gaussian"
     block = build_block("dnl", c, dim=dim, reduction=r, kernel=mode, normalization="softmax" if embedded else "count",
                         scale=bool(use_scale and embedded), temperature=float(temperature) if embedded else 1.0,
-                        bias=True, out_norm="none", zero_init=False)
-    w, b = sd["conv_out.conv.weight"], sd.get("conv_out.conv.bias")
-    if has_bn:
-        with torch.no_grad():
-            s_ = sd["conv_out.bn.weight"] / torch.sqrt(sd["conv_out.bn.running_var"] + 1e-5)
-            shift = sd["conv_out.bn.bias"] - s_ * sd["conv_out.bn.running_mean"]
-            if b is not None:
-                shift = shift + s_ * b
-            w, b = w * s_.reshape(c, *(1,) * (w.dim() - 1)), shift
+                        bias=True, out_norm=norm, zero_init=False,
+                        **({"norm_groups": gn_groups} if norm == "gn" else {}))
+    w = sd["conv_out.conv.weight"]
     ours = {"edges.theta.weight": sd["theta.conv.weight"], "edges.theta.bias": sd["theta.conv.bias"],
             "edges.phi.weight": sd["phi.conv.weight"], "edges.phi.bias": sd["phi.conv.bias"],
             "edges.mask.weight": sd["conv_mask.weight"], "edges.mask.bias": sd["conv_mask.bias"],
             "units.0.g.weight": sd["g.conv.weight"], "units.0.g.bias": sd["g.conv.bias"],
-            "units.0.w.0.weight": w, "units.0.w.0.bias": 2 * b}  # conv_out's bias, once per term
+            "units.0.w.0.weight": w, "units.0.w.0.bias": sd.get("conv_out.conv.bias", w.new_zeros(c))}
+    if norm == "bn":
+        ours.update(_bn(sd, "conv_out.bn", "units.0.norm.bn"))
+    elif norm == "gn":
+        ours.update({"units.0.norm.gn.weight": sd["conv_out.gn.weight"],
+                     "units.0.norm.gn.bias": sd["conv_out.gn.bias"]})
     return _load(block, ours, sd["g.conv.weight"], sd, what, prefix)
 
 

@@ -13,6 +13,14 @@ The peer packages are imported lazily, only here (they are the optional extra ``
 compiled ops, so ``import mmcv.ops`` fails (no ``mmcv._ext``); ``CrissCrossAttention`` is pure PyTorch since mmcv
 1.3.13, so its own source file ``mmcv/ops/cc_attention.py`` is loaded from the installed package
 (:func:`mmcv_criss_cross_class`): it imports only torch, mmengine's registry and ``mmcv.cnn.Scale``, all present.
+mmsegmentation's ``DisentangledNonLocal2d`` (the block of its ``DNLHead``) likewise: mmseg 1.2.2 refuses to import
+beside mmcv 2.2.0 (its ``__init__`` asserts ``mmcv < 2.2.0``), so its own file ``models/decode_heads/dnl_head.py``
+is loaded from the installed package (:func:`mmseg_dnl_class`), given what it imports: ``mmcv.cnn.NonLocal2d``
+(the real one), and, for the ``DNLHead`` class it also defines (not used here), a registry and a placeholder
+``FCNHead``.
+
+2-D peers are timed at ``sizes`` (``H = W``), 3-D peers (mmcv's ``NonLocal3d``) at the clips ``video``
+(``T × H × W``).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import types
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,13 +41,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nonlocalnet.compat import from_mmcv, from_timm
+from nonlocalnet.compat import from_mmcv, from_mmseg_dnl, from_timm
 from nonlocalnet.profiling import peak_memory
 
 from . import _cell, environment, interleaved_medians, num_threads, timed_step
 
 __all__ = ["PEERS", "Peer", "PeerMissingError", "PeerRow", "available_peers", "build_pair", "check_pair",
-           "format_peers", "mmcv_criss_cross_class", "run_peer_case", "run_peers"]
+           "check_shape", "format_peers", "mmcv_criss_cross_class", "mmseg_dnl_class", "run_peer_case", "run_peers"]
 
 RTOL = 1e-6  # float64 agreement asked of a pair before it is timed
 
@@ -83,6 +92,56 @@ def mmcv_criss_cross_class() -> type:
     return cls
 
 
+_DNL_CLASS: list[type] = []
+
+
+def mmseg_dnl_class() -> type:
+    """mmsegmentation's ``DisentangledNonLocal2d``: from ``mmseg`` where it imports, else from the installed
+    package's own ``models/decode_heads/dnl_head.py``, loaded as a module of its own with what it imports."""
+    if _DNL_CLASS:
+        return _DNL_CLASS[0]
+    cnn = _mmcv_cnn()  # the file's base class, mmcv.cnn.NonLocal2d
+    try:
+        from mmseg.models.decode_heads import dnl_head  # optional extra `peers`: imported lazily, only here
+        cls = dnl_head.DisentangledNonLocal2d
+    except (ImportError, AssertionError):  # mmseg's __init__ asserts an mmcv version range
+        spec = importlib.util.find_spec("mmseg")  # locates the package without running its __init__
+        if spec is None or spec.origin is None:
+            raise PeerMissingError("mmsegmentation is not installed (no module mmseg)") from None
+        path = Path(spec.origin).parent / "models" / "decode_heads" / "dnl_head.py"
+        if not path.is_file():
+            raise PeerMissingError(f"mmseg at {Path(spec.origin).parent} has no models/decode_heads/dnl_head.py") \
+                from None
+        from mmengine.registry import Registry  # optional extra `peers` (mmengine)
+        package = "nonlocalnet_peer_mmseg"
+        registry = types.ModuleType("mmseg.registry")
+        registry.MODELS = Registry("nonlocalnet peer: mmseg models")
+        stub = types.ModuleType("mmseg")
+        stub.__path__, stub.registry = [], registry
+        parent = types.ModuleType(package)
+        parent.__path__ = []
+        fcn = types.ModuleType(f"{package}.fcn_head")
+        fcn.FCNHead = nn.Module  # DNLHead's base: the file defines DNLHead too; it is never built here
+        given = {"mmseg": stub, "mmseg.registry": registry, package: parent, f"{package}.fcn_head": fcn}
+        saved = {k: sys.modules.get(k) for k in given}
+        sys.modules.update(given)
+        try:
+            mod_spec = importlib.util.spec_from_file_location(f"{package}.dnl_head", path)
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules[mod_spec.name] = module
+            mod_spec.loader.exec_module(module)
+        finally:  # the stubs only while the file runs: a later `import mmseg` sees the real package
+            for k, v in saved.items():
+                if v is None:
+                    sys.modules.pop(k, None)
+                else:
+                    sys.modules[k] = v
+        cls = module.DisentangledNonLocal2d
+        assert issubclass(cls, cnn.NonLocal2d)
+    _DNL_CLASS.append(cls)
+    return cls
+
+
 @dataclass(frozen=True)
 class Peer:
     """A public module and how to map it into ours: ``build(C)`` gives the peer module, ``convert(peer)`` the
@@ -95,6 +154,7 @@ class Peer:
     build: Callable[[int], nn.Module]
     convert: Callable[[nn.Module], nn.Module]
     apply: Callable[[nn.Module, torch.Tensor], torch.Tensor] = None  # default: _once
+    dim: int = 2  # 2: timed at the sizes H = W; 3: at the clips T x H x W
 
     def __post_init__(self):
         if self.apply is None:
@@ -128,6 +188,13 @@ PEERS: dict[str, Peer] = {
     "cc-r2/mmcv": Peer("mmcv-lite", "CrissCrossAttention applied twice (mmseg CCHead)", "cc (recurrence 2)",
                        ("mmcv", "mmengine"), lambda c: mmcv_criss_cross_class()(c),
                        lambda m: from_mmcv(m, module="CrissCrossAttention", recurrence=2), _twice),
+    "nl3d/mmcv": Peer("mmcv-lite", "mmcv.cnn.NonLocal3d(C)", "nl, dim 3 (embedded Gaussian, reduction 2)",
+                      ("mmcv", "mmengine"), lambda c: _mmcv_cnn().NonLocal3d(c),
+                      lambda m: from_mmcv(m, mode="embedded_gaussian", dim=3, use_scale=True), dim=3),
+    "dnl/mmseg": Peer("mmsegmentation", "mmseg DisentangledNonLocal2d(C, temperature=0.05)",
+                      "dnl (DNLHead's defaults: reduction 2, scale, τ = 0.05)", ("mmcv", "mmengine", "mmseg"),
+                      lambda c: mmseg_dnl_class()(c, temperature=0.05),
+                      lambda m: from_mmseg_dnl(m, temperature=0.05)),
     "gc/mmcv": Peer("mmcv-lite", "mmcv.cnn.ContextBlock(C, 1/16)", "gc (add, bottleneck C/16)",
                     ("mmcv", "mmengine"), lambda c: _mmcv_cnn().ContextBlock(c, 1 / 16),
                     lambda m: from_mmcv(m, module="ContextBlock")),
@@ -207,13 +274,25 @@ class PeerRow:
     ratio_hi: float | None = None
 
 
+def check_shape(name: str, channels: int) -> tuple[int, ...]:
+    """The small odd-sized input a pair is checked on in float64 (``2 × C × 9 × 7``; 3-D ``2 × C × 3 × 5 × 4``)."""
+    return (2, channels, 9, 7) if PEERS[name].dim == 2 else (2, channels, 3, 5, 4)
+
+
+def peer_shapes(name: str, batch: int, channels: int, sizes, video) -> list[tuple[int, ...]]:
+    """The inputs a peer is timed on: ``B × C × s × s`` per size (2-D), ``B × C × T × H × W`` per clip (3-D)."""
+    if PEERS[name].dim == 2:
+        return [(batch, channels, s, s) for s in sizes]
+    return [(batch, channels, *clip) for clip in video]
+
+
 def run_peer_case(name: str, shape: tuple[int, ...], mode: str, threads: int, repeats: int,
                   memory: bool = True) -> PeerRow:
     """One cell: the pair built and checked in float64 (refused above :data:`RTOL`), then timed in float32 on
     ``threads`` intra-op threads, interleaved."""
     peer, ours = build_pair(name, shape[1])
     row = PeerRow(name, PEERS[name].module, "x".join(map(str, shape)), mode, threads, None, None, None)
-    row.max_rel_err = check_pair(name, peer, ours, (2, shape[1], 9, 7))
+    row.max_rel_err = check_pair(name, peer, ours, check_shape(name, shape[1]))
     if not row.max_rel_err <= RTOL:
         row.note = f"refused: outputs differ in float64 (max relative error {row.max_rel_err:.2e} > {RTOL:g})"
         return row
@@ -264,13 +343,14 @@ def _merge(runs: list[list[dict]]) -> list[PeerRow]:
     return out
 
 
-def run_peers(*, peers: list[str] | None = None, sizes: list[int] = (32, 64), batch: int = 2, channels: int = 64,
+def run_peers(*, peers: list[str] | None = None, sizes: list[int] = (32, 64),
+              video: list[tuple[int, int, int]] = ((8, 16, 16),), batch: int = 2, channels: int = 64,
               modes: list[str] = ("fwd", "fwd+bwd"), threads: list[int] = (1, 2), repeats: int = 7,
               memory: bool = True, json_path: str | None = None, processes: int = 1) -> list[PeerRow]:
     """Every peer whose package is installed (or ``peers``, each of which must be) against our converted block,
     printed as ``peer time / our time``. No peer installed, or a named one missing: :class:`PeerMissingError`.
-    ``processes > 1``: the table measured in that many fresh processes, one after another, merged (median per
-    cell and the ratios' range)."""
+    2-D peers run at ``sizes``, 3-D ones at the clips ``video``. ``processes > 1``: the table measured in that
+    many fresh processes, one after another, merged (median per cell and the ratios' range)."""
     unknown = [p for p in peers or () if p not in PEERS]
     if unknown:
         raise ValueError(f"peers (--peers): unknown {', '.join(map(repr, unknown))}; valid: {', '.join(PEERS)}")
@@ -286,11 +366,12 @@ def run_peers(*, peers: list[str] | None = None, sizes: list[int] = (32, 64), ba
     env = environment()
     env.update(_versions(found))
     print(f"# nonlocalnet bench --baseline peers — torch {env['torch']}, "
-          + ", ".join(f"{k} {v}" for k, v in env.items() if k in ("timm", "mmcv", "mmengine"))
+          + ", ".join(f"{k} {v}" for k, v in env.items() if k in ("timm", "mmcv", "mmengine", "mmseg"))
           + f"; {env['processor']}, B={batch}, C={channels}, float32, median of {repeats} interleaved"
           + (f", {processes} processes" if processes > 1 else ""), flush=True)
     if processes > 1:
-        argv = ["--peers", *found, "--sizes", *map(str, sizes), "--batch", str(batch), "--channels", str(channels),
+        argv = ["--peers", *found, "--sizes", *map(str, sizes), "--video", *("x".join(map(str, c)) for c in video),
+                "--batch", str(batch), "--channels", str(channels),
                 "--modes", *modes, "--threads", *map(str, threads), "--repeats", str(repeats)]
         runs = []
         with tempfile.TemporaryDirectory() as tmp:
@@ -306,10 +387,10 @@ def run_peers(*, peers: list[str] | None = None, sizes: list[int] = (32, 64), ba
     else:
         rows = []
         for name in found:
-            for s in sizes:
+            for shape in peer_shapes(name, batch, channels, sizes, video):
                 for mode in modes:
                     for thr in threads:
-                        r = run_peer_case(name, (batch, channels, s, s), mode, thr, repeats, memory)
+                        r = run_peer_case(name, shape, mode, thr, repeats, memory)
                         print(f"  {name:14} {r.shape:12} {mode:8} {thr}t "
                               f"{(f'{r.ratio:.2f}x' if r.ratio else r.note)}", file=sys.stderr, flush=True)
                         rows.append(r)
@@ -328,7 +409,8 @@ def _versions(found: list[str]) -> dict[str, str]:
     """The installed versions of the peer packages in use (from their distributions' metadata)."""
     needs = {m for n in found for m in PEERS[n].needs}
     out = {}
-    for dist, key in (("timm", "timm"), ("mmcv-lite", "mmcv"), ("mmcv", "mmcv"), ("mmengine", "mmengine")):
+    for dist, key in (("timm", "timm"), ("mmcv-lite", "mmcv"), ("mmcv", "mmcv"), ("mmengine", "mmengine"),
+                      ("mmsegmentation", "mmseg")):
         if key in needs and key not in out:
             try:
                 out[key] = importlib.metadata.version(dist)

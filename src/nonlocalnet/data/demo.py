@@ -37,7 +37,7 @@ import torch
 
 from ._common import InMemoryDataset, normalize_split
 
-__all__ = ["DemoDataset", "GLYPHS", "GLYPH_NAMES", "generate_demo"]
+__all__ = ["DemoDataset", "GLYPHS", "GLYPH_NAMES", "generate_demo", "glyph_indices"]
 
 GENERATOR_VERSION = 1
 GLYPH_SIZE = 5
@@ -84,19 +84,34 @@ def _check_geometry(size: int, min_distance: float, margin: int) -> None:
                          f"(at most about {0.9 * math.sqrt(2) * span:.1f})")
 
 
+def glyph_indices(glyphs) -> tuple[int, ...]:
+    """The indices into :data:`GLYPH_NAMES` of ``glyphs`` (names, at least two, distinct), checked."""
+    names = tuple(glyphs)
+    unknown = [g for g in names if g not in GLYPH_NAMES]
+    if unknown or len(names) < 2 or len(set(names)) != len(names):
+        raise ValueError(f"demo: glyphs must be at least two distinct names of {', '.join(GLYPH_NAMES)}, got "
+                         f"{list(names)}")
+    return tuple(GLYPH_NAMES.index(g) for g in names)
+
+
 def generate_demo(count: int, rng: np.random.Generator, *, size: int = 32, min_distance: float = 16,
-                  margin: int = 1, noise: int = 48, distractors: int = 8):
-    """Generate ``count`` samples: ``(images uint8 (N,3,S,S), labels int64, glyph_ids, positions)``."""
+                  margin: int = 1, noise: int = 48, distractors: int = 8, glyphs=GLYPH_NAMES):
+    """Generate ``count`` samples: ``(images uint8 (N,3,S,S), labels int64, glyph_ids, positions)``.
+
+    ``glyphs``: the patterns drawn from (names of :data:`GLYPH_NAMES`; ``glyph_ids`` index :data:`GLYPHS`). With
+    two, "same" is the XOR of the two glyphs' kinds: the smallest relation no additive score separates."""
     _check_geometry(size, min_distance, margin)
     if not 0 <= noise < _COLOR_LOW:
         raise ValueError(f"demo: noise must be in [0, {_COLOR_LOW}), got {noise}")
+    kinds = np.array(glyph_indices(glyphs))
+    k = len(kinds)
     n = int(count)
     labels = np.zeros(n, dtype=np.int64)
     labels[: n // 2] = 1
     labels = labels[rng.permutation(n)]
-    first = rng.integers(0, len(GLYPHS), n)
-    second = np.where(labels == 1, first, (first + rng.integers(1, len(GLYPHS), n)) % len(GLYPHS))
-    glyph_ids = np.stack([first, second], axis=1)
+    first = rng.integers(0, k, n)
+    second = np.where(labels == 1, first, (first + rng.integers(1, k, n)) % k)
+    glyph_ids = kinds[np.stack([first, second], axis=1)]
 
     low, high = margin, size - GLYPH_SIZE - margin + 1
     pos = rng.integers(low, high, (n, 2, 2))  # (sample, glyph, yx)
@@ -127,10 +142,10 @@ def generate_demo(count: int, rng: np.random.Generator, *, size: int = 32, min_d
 
 
 @functools.lru_cache(maxsize=16)
-def _reference_stats(size: int, min_distance: float, margin: int, noise: int, distractors: int):
+def _reference_stats(size: int, min_distance: float, margin: int, noise: int, distractors: int, glyphs: tuple):
     rng = np.random.default_rng([0, _SPLIT_CODES["reference"]])
     images = generate_demo(512, rng, size=size, min_distance=min_distance, margin=margin, noise=noise,
-                           distractors=distractors)[0].astype(np.float64) / 255.0
+                           distractors=distractors, glyphs=glyphs)[0].astype(np.float64) / 255.0
     mean = images.mean(axis=(0, 2, 3))
     std = images.std(axis=(0, 2, 3))
     return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
@@ -145,17 +160,21 @@ class DemoDataset(InMemoryDataset):
 
     def __init__(self, root: str | os.PathLike | None = None, split: str = "train", size: int = 32,
                  train_size: int = 4000, test_size: int = 1000, seed: int = 0,
-                 min_distance: float | None = None, margin: int = 1, noise: int = 48, distractors: int = 8):
+                 min_distance: float | None = None, margin: int = 1, noise: int = 48, distractors: int = 8,
+                 glyphs=GLYPH_NAMES):
         self.split = normalize_split(split, "demo")
         self.size = int(size)
         self.min_distance = float(size // 2 if min_distance is None else min_distance)
         self.margin, self.noise, self.distractors = int(margin), int(noise), int(distractors)
+        if isinstance(glyphs, str):
+            raise ValueError(f"demo: glyphs must be a list of glyph names, got the string {glyphs!r}")
+        self.glyphs = tuple(GLYPH_NAMES[i] for i in glyph_indices(glyphs))
         self.seed = int(seed)
         count = int(train_size if self.split == "train" else test_size)
         if count <= 0:
             raise ValueError(f"demo: {self.split}_size must be positive, got {count}")
         geometry = dict(size=self.size, min_distance=self.min_distance, margin=self.margin, noise=self.noise,
-                        distractors=self.distractors)
+                        distractors=self.distractors, glyphs=self.glyphs)
         _check_geometry(self.size, self.min_distance, self.margin)
         self.classes = ["different", "same"]
         self.input_shape = (3, self.size, self.size)
@@ -163,8 +182,9 @@ class DemoDataset(InMemoryDataset):
 
         cache = None
         if root is not None:
+            kinds = "" if self.glyphs == GLYPH_NAMES else "-g" + "".join(str(GLYPH_NAMES.index(g)) for g in self.glyphs)
             key = (f"demo-{self.split}-v{GENERATOR_VERSION}-n{count}-s{self.size}-seed{self.seed}"
-                   f"-d{self.min_distance:g}-m{self.margin}-z{self.noise}-k{self.distractors}.npz")
+                   f"-d{self.min_distance:g}-m{self.margin}-z{self.noise}-k{self.distractors}{kinds}.npz")
             cache = Path(root).expanduser() / key
         arrays = self._load_cache(cache, count) if cache is not None else None
         if arrays is None:
