@@ -79,8 +79,10 @@ MODULES = _modules()
 # (integrations/openmmlab.py imports mmengine, the extra 'openmmlab', at its top in a try: importing that module
 # is what asks for it.)
 OPTIONAL_EXTRAS = {"torchvision": "vision", "timm": "vision", "torch.utils.tensorboard": "tensorboard"}
-# bench/peers.py: the public modules `bench --baseline peers` times (timm, mmcv-lite), the extra 'peers'.
-OPTIONAL_EXTRAS.update({"timm": ("vision", "peers"), "mmcv": "peers"})
+# bench/peers.py: the public modules `bench --baseline peers` times (timm, mmcv-lite, mmsegmentation), the extra
+# 'peers'.
+OPTIONAL_EXTRAS.update({"timm": ("vision", "peers"), "mmcv": "peers", "mmseg.models.decode_heads": "peers",
+                        "mmengine.registry": "peers"})
 
 
 def _function_imports(path: Path) -> list[tuple[str, int, str]]:
