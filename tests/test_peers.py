@@ -135,3 +135,15 @@ def test_cli_error_in_this_environment(capsys):
     assert main(["bench", "--baseline", "peers"]) == EXIT_ERROR
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("nonlocalnet: error: ") and "pip install" in err[0]
+
+
+@pytest.mark.interop
+def test_compiled_columns_are_measured_in_the_same_rounds():
+    name = "gc/timm" if _have("gc/timm") else "gc/mmcv"
+    if not _have(name):
+        pytest.skip("neither timm nor mmcv installed")
+    row = peers.run_peer_case(name, (2, 16, 8, 8), "fwd", 1, repeats=1, memory=False, compiled=True)
+    assert row.note == "" and row.peer_compiled_ms > 0 and row.ours_compiled_ms > 0
+    assert row.ratio_compiled == pytest.approx(row.peer_compiled_ms / row.ours_compiled_ms)
+    text = peers.format_peers([row])
+    assert "ours c ms" in text.splitlines()[0] and f"{row.ratio_compiled:.2f}" in text.splitlines()[2]

@@ -176,7 +176,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         run_peers(peers=args.peers, sizes=args.sizes or [32, 64], video=args.video or [(8, 16, 16)],
                   batch=args.batch or 2, channels=args.channels or 64,
                   modes=args.modes or ["fwd", "fwd+bwd"], threads=args.threads or [1, 2], repeats=args.repeats or 7,
-                  memory=not args.no_memory, json_path=args.json, processes=args.processes)
+                  memory=not args.no_memory, json_path=args.json, processes=args.processes, compiled=args.compile)
         return 0
     if args.approx:
         run_approx(sides=args.sizes or (16, 32, 64, 128),
@@ -469,6 +469,9 @@ def _add_bench(sub) -> None:
                         "selects every case of a preset")
     p.add_argument("--threads", nargs="+", type=_positive_int, default=None,
                    help="with --baseline naive/peers: intra-op thread counts, each set explicitly (default 1 2)")
+    p.add_argument("--compile", action="store_true",
+                   help="with --baseline peers: also time both modules under torch.compile (inductor) in the same "
+                        "rounds (columns 'peer c', 'ours c'); the eager columns are what a user gets by default")
     p.add_argument("--processes", type=_positive_int, default=1,
                    help="with --baseline naive/peers: measure the table in this many fresh processes, one after "
                         "another, "

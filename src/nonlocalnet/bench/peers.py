@@ -272,6 +272,10 @@ class PeerRow:
     note: str = ""
     ratio_lo: float | None = None  # with --processes K: the lowest and highest of the K processes' ratios
     ratio_hi: float | None = None
+    # with --compile: both modules under torch.compile (inductor), timed in the same interleaved rounds
+    peer_compiled_ms: float | None = None
+    ours_compiled_ms: float | None = None
+    ratio_compiled: float | None = None  # peer compiled / ours compiled
 
 
 def check_shape(name: str, channels: int) -> tuple[int, ...]:
@@ -287,9 +291,10 @@ def peer_shapes(name: str, batch: int, channels: int, sizes, video) -> list[tupl
 
 
 def run_peer_case(name: str, shape: tuple[int, ...], mode: str, threads: int, repeats: int,
-                  memory: bool = True) -> PeerRow:
+                  memory: bool = True, compiled: bool = False) -> PeerRow:
     """One cell: the pair built and checked in float64 (refused above :data:`RTOL`), then timed in float32 on
-    ``threads`` intra-op threads, interleaved."""
+    ``threads`` intra-op threads, interleaved. ``compiled``: also both under ``torch.compile`` (default inductor
+    backend), in the same rounds; what a user gets by default is the eager column."""
     peer, ours = build_pair(name, shape[1])
     row = PeerRow(name, PEERS[name].module, "x".join(map(str, shape)), mode, threads, None, None, None)
     row.max_rel_err = check_pair(name, peer, ours, check_shape(name, shape[1]))
@@ -303,10 +308,20 @@ def run_peer_case(name: str, shape: tuple[int, ...], mode: str, threads: int, re
         peer.train(mode == "fwd+bwd"), ours.train(mode == "fwd+bwd")
         steps = [timed_step(lambda t: apply(peer, t), x, mode, peer.parameters()),
                  timed_step(ours, x, mode, ours.parameters())]
-        t_peer, t_ours = interleaved_medians(steps, repeats)
+        if compiled:
+            peer_c, ours_c = torch.compile(peer), torch.compile(ours)
+            steps += [timed_step(lambda t: apply(peer_c, t), x, mode, peer.parameters()),
+                      timed_step(ours_c, x, mode, ours.parameters())]
+            for step in steps[2:]:  # compile (and recompile for the backward) before any timing
+                step(), step()
+        medians = interleaved_medians(steps, repeats)
+        t_peer, t_ours = medians[:2]
         if memory:
-            row.peer_mib, row.ours_mib = (peak_memory(s, torch.device("cpu")) / 2**20 for s in steps)
+            row.peer_mib, row.ours_mib = (peak_memory(s, torch.device("cpu")) / 2**20 for s in steps[:2])
     row.peer_ms, row.ours_ms, row.ratio = 1e3 * t_peer, 1e3 * t_ours, t_peer / t_ours
+    if compiled:
+        row.peer_compiled_ms, row.ours_compiled_ms = 1e3 * medians[2], 1e3 * medians[3]
+        row.ratio_compiled = medians[2] / medians[3]
     return row
 
 
@@ -315,11 +330,17 @@ def format_peers(rows: list[PeerRow]) -> str:
             f"{'peer MiB':>9} {'ours MiB':>9} {'f64 err':>8}")
     lines = [head, "-" * len(head)]
     f = _cell
+    compiled = any(r.ratio_compiled is not None for r in rows)
+    if compiled:
+        lines[0] += f" {'peer c ms':>10} {'ours c ms':>10} {'c ratio':>8}"
+        lines[1] = "-" * len(lines[0])
     for r in rows:
         spread = f" [{r.ratio_lo:.2f}-{r.ratio_hi:.2f}]" if r.ratio_lo is not None else ""
+        extra = (f" {f(r.peer_compiled_ms, '10.3f')} {f(r.ours_compiled_ms, '10.3f')} {f(r.ratio_compiled, '8.2f')}"
+                 if compiled else "")
         lines.append(f"{r.peer:14} {r.shape:12} {r.mode:8} {r.threads:3d} {f(r.peer_ms, '9.3f')} "
                      f"{f(r.ours_ms, '9.3f')} {f(r.ratio, '9.2f')} {f(r.peer_mib, '9.2f')} {f(r.ours_mib, '9.2f')} "
-                     f"{f(r.max_rel_err, '8.1e')}{spread} {r.note}".rstrip())
+                     f"{f(r.max_rel_err, '8.1e')}{extra}{spread} {r.note}".rstrip())
     return "\n".join(lines)
 
 
@@ -333,8 +354,9 @@ def _merge(runs: list[list[dict]]) -> list[PeerRow]:
                       peer_ms=None, ours_ms=None, note=first.get("note", ""))
         ok = [c for c in cells if c.get("ratio")]
         if ok:
-            for k in ("peer_ms", "ours_ms", "peer_mib", "ours_mib"):
-                vals = [c[k] for c in ok if c[k] is not None]
+            for k in ("peer_ms", "ours_ms", "peer_mib", "ours_mib", "peer_compiled_ms", "ours_compiled_ms",
+                      "ratio_compiled"):
+                vals = [c[k] for c in ok if c.get(k) is not None]
                 setattr(row, k, statistics.median(vals) if vals else None)
             ratios = [c["ratio"] for c in ok]
             row.ratio, row.ratio_lo, row.ratio_hi = statistics.median(ratios), min(ratios), max(ratios)
@@ -346,7 +368,8 @@ def _merge(runs: list[list[dict]]) -> list[PeerRow]:
 def run_peers(*, peers: list[str] | None = None, sizes: list[int] = (32, 64),
               video: list[tuple[int, int, int]] = ((8, 16, 16),), batch: int = 2, channels: int = 64,
               modes: list[str] = ("fwd", "fwd+bwd"), threads: list[int] = (1, 2), repeats: int = 7,
-              memory: bool = True, json_path: str | None = None, processes: int = 1) -> list[PeerRow]:
+              memory: bool = True, json_path: str | None = None, processes: int = 1,
+              compiled: bool = False) -> list[PeerRow]:
     """Every peer whose package is installed (or ``peers``, each of which must be) against our converted block,
     printed as ``peer time / our time``. No peer installed, or a named one missing: :class:`PeerMissingError`.
     2-D peers run at ``sizes``, 3-D ones at the clips ``video``. ``processes > 1``: the table measured in that
@@ -379,7 +402,8 @@ def run_peers(*, peers: list[str] | None = None, sizes: list[int] = (32, 64),
                 path = f"{tmp}/run{i}.json"
                 print(f"# process {i + 1} of {processes}", file=sys.stderr, flush=True)
                 subprocess.run([sys.executable, "-m", "nonlocalnet", "bench", "--baseline", "peers", *argv,
-                                *([] if memory else ["--no-memory"]), "--json", path],
+                                *([] if memory else ["--no-memory"]), *(["--compile"] if compiled else []),
+                                "--json", path],
                                check=True, stdout=subprocess.DEVNULL)
                 with open(path) as fh:
                     runs.append(json.load(fh)["rows"])
@@ -390,7 +414,7 @@ def run_peers(*, peers: list[str] | None = None, sizes: list[int] = (32, 64),
             for shape in peer_shapes(name, batch, channels, sizes, video):
                 for mode in modes:
                     for thr in threads:
-                        r = run_peer_case(name, shape, mode, thr, repeats, memory)
+                        r = run_peer_case(name, shape, mode, thr, repeats, memory, compiled)
                         print(f"  {name:14} {r.shape:12} {mode:8} {thr}t "
                               f"{(f'{r.ratio:.2f}x' if r.ratio else r.note)}", file=sys.stderr, flush=True)
                         rows.append(r)
