@@ -1,7 +1,9 @@
 """The 10-seed success table of docs/results.md: seeds 0-2 from docs/results/presets.json (session 3) and seeds 3-9
-from runs/claims10 (session 5); a run solves the task when its final test top-1 is >= 90 %.
+from runs/claims10 (sessions 5 and 6); a run solves the task when its final test top-1 is >= 90 %.
 
-Run from the repository root after the sweep: `python docs/results/claims10.py snl nl baseline`."""
+Run from the repository root after the sweep: `python docs/results/claims10.py snl nl baseline`. Groups already in
+docs/results/claims10.json keep their recorded runs (the run directories of an earlier session need not be on
+this machine); runs found under runs/claims10 are added, and every group is written back."""
 import json
 import statistics
 import sys
@@ -10,13 +12,21 @@ from pathlib import Path
 from nonlocalnet.apps.summary import wilson_interval
 
 ROOT = Path(__file__).resolve().parents[2]
-old = {g["label"]: g for g in json.load(open(ROOT / "docs/results/presets.json"))["groups"]}
+old = {g["label"]: g for g in json.load(open(ROOT / "docs/results/presets_new.json"))["groups"]}  # cayley … dnl
+old.update({g["label"]: g for g in json.load(open(ROOT / "docs/results/presets.json"))["groups"]})  # the first nine
+recorded_path = ROOT / "docs/results/claims10.json"
+recorded = {g["label"]: g for g in json.load(open(recorded_path))["groups"]} if recorded_path.is_file() else {}
 out = {"definition": "a run solves the task when its final test top-1 (epoch 12) is >= 90 %; 95 % Wilson interval",
-       "seeds_0_2": "docs/results/presets.json (session 3 code)", "seeds_3_9": "runs/claims10 (this session's code)",
+       "seeds_0_2": "docs/results/presets.json (session 3 code)",
+       "seeds_3_9": "runs/claims10 (baseline, nl, snl: session 5's code; the others: session 6's)",
        "groups": []}
 rows = []
-for label in sys.argv[1:]:
-    finals = dict(zip(old[label]["seeds"], old[label]["final_top1"]))
+labels = list(dict.fromkeys([*recorded, *sys.argv[1:]]))
+for label in labels:
+    if label in recorded:
+        finals = dict(zip(recorded[label]["seeds"], recorded[label]["final_top1"]))
+    else:
+        finals = dict(zip(old[label]["seeds"], old[label]["final_top1"]))
     for s in range(3, 10):
         try:
             last = open(ROOT / f"runs/claims10/{label}/seed{s}/metrics.jsonl").read().strip().splitlines()[-1]

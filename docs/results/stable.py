@@ -1,0 +1,40 @@
+"""The stable hypothesis on trained graphs (docs/results.md): ||A^k - A||_F / ||A||_F for k = 2, 3, 4, from
+`nonlocalnet analyze affinity RUN` (8 test images per run; the block's dense A on its captured input), per preset,
+over the seeds given. Run from the repository root after the analyses:
+
+    python docs/results/stable.py OUT.json LABEL=RUN_DIR_GLOB [LABEL=RUN_DIR_GLOB ...]
+
+e.g. `python docs/results/stable.py docs/results/stable_demo.json nl='runs/F/nl/seed*' snl='runs/F/snl/seed*'`."""
+import glob
+import json
+import statistics
+import sys
+from pathlib import Path
+
+out = {"definition": "rel_fro(k) = ||A^k - A||_F / ||A||_F, mean over 8 test images per run (nonlocalnet analyze "
+                     "affinity); per preset: each seed's value and their mean", "groups": []}
+rows = []
+for arg in sys.argv[2:]:
+    label, pattern = arg.split("=", 1)
+    per_k = {"2": [], "3": [], "4": []}
+    runs = []
+    for run in sorted(glob.glob(pattern)):
+        f = Path(run) / "analysis" / "affinity" / "affinity.json"
+        if not f.is_file():
+            continue
+        block = json.loads(f.read_text())["blocks"][0]
+        dist = block["stats"].get("distance") or {}
+        if not dist:
+            continue
+        runs.append(run)
+        for k in per_k:
+            per_k[k].append(dist[k]["rel_fro"])
+    if not runs:
+        continue
+    g = {"label": label, "runs": runs, "rel_fro": per_k, "mean": {k: statistics.fmean(v) for k, v in per_k.items()}}
+    out["groups"].append(g)
+    rows.append(f"| {label} | {len(runs)} | " + " | ".join(
+        f"{g['mean'][k]:.3f} ({min(v):.3f}–{max(v):.3f})" for k, v in per_k.items()) + " |")
+Path(sys.argv[1]).write_text(json.dumps(out, indent=1) + "\n")
+print("| preset | runs | A² | A³ | A⁴ |\n| --- | --- | --- | --- | --- |")
+print("\n".join(rows))
