@@ -29,7 +29,7 @@ for cells in rows.values():
         if s not in shapes_all:
             shapes_all.append(s)
 cols = []
-for name, cells in rows.items():
+for cells in rows.values():
     for s, m in cells:
         side = "x".join(s.split("x")[2:])
         if (side, m) not in cols:

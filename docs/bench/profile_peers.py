@@ -2,7 +2,8 @@
 of the peer and of our converted block, 1 thread, float32, B = 2, C = 64; the ops by self CPU time, and how many
 operator calls a step makes. Run in the interop environment, pinned:
 
-    taskset -c 1 env PYTHONPATH=src .venv-vision/bin/python docs/bench/profile_peers.py > docs/bench/profile_peers_cpu.txt
+    taskset -c 1 env PYTHONPATH=src .venv-vision/bin/python docs/bench/profile_peers.py \
+        > docs/bench/profile_peers_cpu.txt
 """
 import collections
 import sys
@@ -25,7 +26,9 @@ for name, side, mode in CELLS:
     apply = peers.PEERS[name].apply
     x = torch.randn(2, 64, side, side, generator=torch.Generator().manual_seed(2))
     peer.train(mode == "fwd+bwd"), ours.train(mode == "fwd+bwd")
-    for who, fn, params in (("peer", lambda t: apply(peer, t), peer.parameters()), ("ours", ours, ours.parameters())):
+    def peer_fn(t, apply=apply, peer=peer):
+        return apply(peer, t)
+    for who, fn, params in (("peer", peer_fn, peer.parameters()), ("ours", ours, ours.parameters())):
         step = timed_step(fn, x, mode, params)
         for _ in range(3):
             step()
