@@ -136,8 +136,9 @@ def mmseg_dnl_class() -> type:
                     sys.modules.pop(k, None)
                 else:
                     sys.modules[k] = v
-        cls = module.DisentangledNonLocal2d
-        assert issubclass(cls, cnn.NonLocal2d)
+        cls = getattr(module, "DisentangledNonLocal2d", None)
+        if not (isinstance(cls, type) and issubclass(cls, cnn.NonLocal2d)):
+            raise PeerMissingError(f"{path} defines no DisentangledNonLocal2d(mmcv.cnn.NonLocal2d) class")
     _DNL_CLASS.append(cls)
     return cls
 
