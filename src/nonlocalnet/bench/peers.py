@@ -138,7 +138,7 @@ def mmseg_dnl_class() -> type:
                     sys.modules[k] = v
         cls = getattr(module, "DisentangledNonLocal2d", None)
         if not (isinstance(cls, type) and issubclass(cls, cnn.NonLocal2d)):
-            raise PeerMissingError(f"{path} defines no DisentangledNonLocal2d(mmcv.cnn.NonLocal2d) class")
+            raise PeerMissingError(f"{path} defines no DisentangledNonLocal2d(mmcv.cnn.NonLocal2d) class") from None
     _DNL_CLASS.append(cls)
     return cls
 
