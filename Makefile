@@ -4,7 +4,8 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 # The second test environment: torchvision and timm (the `vision` extra) beside the torch they are built for, and
-# mmengine (the `openmmlab` extra) with mmcv-lite (mmcv without compiled ops: its build_plugin_layer), so that the
+# mmengine (the `openmmlab` extra) with mmcv-lite (mmcv without compiled ops: its build_plugin_layer) and mmsegmentation
+# (the peer of bench --baseline peers' dnl/mmseg), so that the
 # OpenMMLab tests run there.
 VISION_VENV ?= .venv-vision
 VISION_TORCH ?= torch==2.14.1 torchvision==0.29.1
@@ -68,7 +69,7 @@ demo: venv
 bench: venv
 	$(BIN)/nonlocalnet bench --quick
 
-# The public modules themselves (timm, mmcv-lite: the extra `peers`, in the vision environment) against our blocks,
+# The public modules themselves (timm, mmcv-lite, mmsegmentation: the extra `peers`, in the vision environment) against our blocks,
 # weights mapped through compat, checked equal in float64, then timed: 1 thread pinned to one core, then 2 threads;
 # each table measured in 3 fresh processes (docs/benchmarks.md).
 bench-peers: vision-venv
