@@ -291,6 +291,57 @@ def from_official_snl(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, uni
 
 
 # --------------------------------------------------------------------------------------- mmcv
+# mmcv's ``conv_out`` ConvModule (NonLocal's and mmseg's DNL block's): a 1x1 conv, then the norm of ``norm_cfg``
+def _conv_out_norm(sd: Mapping[str, torch.Tensor], what: str, prefix: str, gn_groups: int | None) -> str:
+    """``"bn"``, ``"gn"`` or ``"none"``: the norm after ``conv_out``, read from the keys (``gn_groups`` checked)."""
+    has_bn = any(k.startswith("conv_out.bn.") for k in sd)
+    has_gn = any(k.startswith("conv_out.gn.") for k in sd)
+    if has_bn and has_gn:
+        bn_keys = _fmt_keys(prefix + k for k in sd if k.startswith("conv_out.bn."))
+        gn_keys = _fmt_keys(prefix + k for k in sd if k.startswith("conv_out.gn."))
+        raise ValueError(f"{what}: both BatchNorm keys {bn_keys} and GroupNorm keys {gn_keys} after conv_out; "
+                         f"expected at most one norm")
+    norm = "bn" if has_bn else "gn" if has_gn else "none"
+    if norm == "gn" and (isinstance(gn_groups, bool) or not isinstance(gn_groups, int) or gn_groups < 1):
+        raise ValueError(f"{what}: the state dict has a GroupNorm after conv_out (keys 'conv_out.gn.*'); its "
+                         f"number of groups is not stored in a state dict: pass gn_groups= (mmcv's "
+                         f"norm_cfg num_groups), got gn_groups={gn_groups!r}")
+    return norm
+
+
+def _conv_out_keys(norm: str) -> tuple[list[str], list[str]]:
+    """``(required, optional)`` keys of ``conv_out``: mmcv's ConvModule has no conv bias before a norm (one is
+    accepted if present)."""
+    required, optional = ["conv_out.conv.weight"], []
+    (optional if norm != "none" else required).append("conv_out.conv.bias")
+    if norm == "bn":
+        required += [f"conv_out.bn.{n}" for n in _BN_KEYS]
+        optional += [f"conv_out.bn.{n}" for n in _BN_OPTIONAL]
+    elif norm == "gn":
+        required += ["conv_out.gn.weight", "conv_out.gn.bias"]
+    return required, optional
+
+
+def _conv_out_shapes(norm: str, c: int) -> dict[str, Any]:
+    """The shapes of ``conv_out``'s norm keys for ``C = c`` output channels."""
+    if norm == "bn":
+        return {**{f"conv_out.bn.{n}": (c,) for n in _BN_KEYS}, "conv_out.bn.num_batches_tracked": ()}
+    if norm == "gn":
+        return {"conv_out.gn.weight": (c,), "conv_out.gn.bias": (c,)}
+    return {}
+
+
+def _conv_out_state(sd: Mapping[str, torch.Tensor], norm: str, c: int) -> dict[str, torch.Tensor]:
+    """``conv_out`` as our unit's output map ``units.0.w.0`` (a zero bias where mmcv has none) and norm."""
+    w = sd["conv_out.conv.weight"]
+    out = {"units.0.w.0.weight": w, "units.0.w.0.bias": sd.get("conv_out.conv.bias", w.new_zeros(c))}
+    if norm == "bn":
+        out.update(_bn(sd, "conv_out.bn", "units.0.norm.bn"))
+    elif norm == "gn":
+        out.update({"units.0.norm.gn.weight": sd["conv_out.gn.weight"], "units.0.norm.gn.bias": sd["conv_out.gn.bias"]})
+    return out
+
+
 def from_mmcv(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, mode: str | None = None, dim: int = 2,
               sub_sample: bool = False, use_scale: bool = True, gn_groups: int | None = None,
               prefix: str = "", module: str = "NonLocal", recurrence: int = 1) -> nn.Module:
@@ -330,36 +381,15 @@ def from_mmcv(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, mode: str |
     what = f"from_mmcv(mode={mode!r}, dim={dim}, sub_sample={sub_sample})"
     sd = _select(state_dict, prefix, what)
 
-    has_bn = any(k.startswith("conv_out.bn.") for k in sd)
-    has_gn = any(k.startswith("conv_out.gn.") for k in sd)
-    if has_bn and has_gn:
-        bn_keys = _fmt_keys(prefix + k for k in sd if k.startswith("conv_out.bn."))
-        gn_keys = _fmt_keys(prefix + k for k in sd if k.startswith("conv_out.gn."))
-        raise ValueError(f"{what}: both BatchNorm keys {bn_keys} and GroupNorm keys {gn_keys} after conv_out; "
-                         f"expected at most one norm")
-    norm = "bn" if has_bn else "gn" if has_gn else "none"
-    if norm == "gn":
-        if isinstance(gn_groups, bool) or not isinstance(gn_groups, int) or gn_groups < 1:
-            raise ValueError(f"{what}: the state dict has a GroupNorm after conv_out (keys 'conv_out.gn.*'); its "
-                             f"number of groups is not stored in a state dict: pass gn_groups= (mmcv's "
-                             f"norm_cfg num_groups), got gn_groups={gn_groups!r}")
+    norm = _conv_out_norm(sd, what, prefix, gn_groups)
 
     g = "g.0.conv" if sub_sample else "g.conv"
     ph = "phi.0.conv" if sub_sample else "phi.conv"
     required = [f"{g}.weight", f"{g}.bias"]
     if mode != "gaussian":
         required += ["theta.conv.weight", "theta.conv.bias", f"{ph}.weight", f"{ph}.bias"]
-    required.append("conv_out.conv.weight")
-    optional: list[str] = []
-    if norm == "none":
-        required.append("conv_out.conv.bias")
-    else:  # mmcv's ConvModule has no conv bias before a norm; one is accepted if present
-        optional.append("conv_out.conv.bias")
-    if norm == "bn":
-        required += [f"conv_out.bn.{n}" for n in _BN_KEYS]
-        optional += [f"conv_out.bn.{n}" for n in _BN_OPTIONAL]
-    elif norm == "gn":
-        required += ["conv_out.gn.weight", "conv_out.gn.bias"]
+    out_required, optional = _conv_out_keys(norm)
+    required += out_required
     if mode == "concatenation":
         required.append("concat_project.conv.weight")
     hints = []
@@ -386,11 +416,7 @@ def from_mmcv(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, mode: str |
     if mode != "gaussian":
         shapes.update({"theta.conv.weight": (cs, c, *ones), "theta.conv.bias": (cs,),
                        f"{ph}.weight": (cs, c, *ones), f"{ph}.bias": (cs,)})
-    if norm == "bn":
-        shapes.update({f"conv_out.bn.{n}": (c,) for n in _BN_KEYS})
-        shapes["conv_out.bn.num_batches_tracked"] = ()
-    elif norm == "gn":
-        shapes.update({"conv_out.gn.weight": (c,), "conv_out.gn.bias": (c,)})
+    shapes.update(_conv_out_shapes(norm, c))
     if mode == "concatenation":  # mmcv's concat_project is a Conv2d for every dim
         shapes["concat_project.conv.weight"] = [(1, 2 * cs, 1, 1)] + ([(1, 2 * cs, *ones)] if dim != 2 else [])
     _check_shapes(sd, shapes, what, prefix, f"inferred from {prefix}{g}.weight {tuple(sd[g + '.weight'].shape)}: "
@@ -403,20 +429,12 @@ def from_mmcv(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, mode: str |
     block = build_block("nl", c, dim=dim, reduction=r, kernel=mode, normalization=normalization,
                         scale=bool(use_scale and mode == "embedded_gaussian"), bias=True, sub_sample=sub_sample,
                         out_norm=norm, zero_init=False, **({"norm_groups": gn_groups} if norm == "gn" else {}))
-    w_out = sd["conv_out.conv.weight"]
-    ours = {"units.0.g.weight": sd[f"{g}.weight"], "units.0.g.bias": sd[f"{g}.bias"],
-            "units.0.w.0.weight": w_out,
-            "units.0.w.0.bias": sd["conv_out.conv.bias"] if "conv_out.conv.bias" in sd else w_out.new_zeros(c)}
+    ours = {"units.0.g.weight": sd[f"{g}.weight"], "units.0.g.bias": sd[f"{g}.bias"], **_conv_out_state(sd, norm, c)}
     if mode != "gaussian":
         ours.update({"edges.theta.weight": sd["theta.conv.weight"], "edges.theta.bias": sd["theta.conv.bias"],
                      "edges.phi.weight": sd[f"{ph}.weight"], "edges.phi.bias": sd[f"{ph}.bias"]})
     if mode == "concatenation":
         ours["edges.concat.weight"] = sd["concat_project.conv.weight"].reshape(1, 2 * cs, *ones)
-    if norm == "bn":
-        ours.update(_bn(sd, "conv_out.bn", "units.0.norm.bn"))
-    elif norm == "gn":
-        ours.update({"units.0.norm.gn.weight": sd["conv_out.gn.weight"],
-                     "units.0.norm.gn.bias": sd["conv_out.gn.bias"]})
     return _load(block, ours, sd[f"{g}.weight"], sd, what, prefix)
 
 
@@ -705,27 +723,10 @@ def from_mmseg_dnl(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, mode: 
                          f"got {temperature!r}")
     what = f"from_mmseg_dnl(mode={mode!r})"
     sd = _select(state_dict, prefix, what)
-    has_bn = any(k.startswith("conv_out.bn.") for k in sd)
-    has_gn = any(k.startswith("conv_out.gn.") for k in sd)
-    if has_bn and has_gn:
-        raise ValueError(f"{what}: both BatchNorm ('conv_out.bn.*') and GroupNorm ('conv_out.gn.*') keys after "
-                         "conv_out; expected at most one norm")
-    norm = "bn" if has_bn else "gn" if has_gn else "none"
-    if norm == "gn" and (isinstance(gn_groups, bool) or not isinstance(gn_groups, int) or gn_groups < 1):
-        raise ValueError(f"{what}: the state dict has a GroupNorm after conv_out (keys 'conv_out.gn.*'); its number "
-                         f"of groups is not stored in a state dict: pass gn_groups= (mmseg's norm_cfg num_groups), "
-                         f"got gn_groups={gn_groups!r}")
+    norm = _conv_out_norm(sd, what, prefix, gn_groups)
     required = [f"{m}.conv.{p}" for m in ("g", "theta", "phi") for p in ("weight", "bias")]
-    required += ["conv_mask.weight", "conv_mask.bias", "conv_out.conv.weight"]
-    optional: list[str] = []
-    if norm == "bn":
-        required += [f"conv_out.bn.{n}" for n in _BN_KEYS]
-        optional += ["conv_out.conv.bias"] + [f"conv_out.bn.{n}" for n in _BN_OPTIONAL]
-    elif norm == "gn":
-        required += ["conv_out.gn.weight", "conv_out.gn.bias"]
-        optional.append("conv_out.conv.bias")
-    else:
-        required.append("conv_out.conv.bias")
+    out_required, optional = _conv_out_keys(norm)
+    required += ["conv_mask.weight", "conv_mask.bias", *out_required]
     hints = []
     if any(k.startswith(("g.0.", "phi.0.")) for k in sd):
         hints.append("Keys 'g.0.conv.*' / 'phi.0.conv.*' are a sub-sampled NonLocal2d: mmseg's DNL block cannot "
@@ -740,8 +741,7 @@ def from_mmseg_dnl(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, mode: 
                               "phi.conv.weight": (cs, c, *ones), "phi.conv.bias": (cs,),
                               "conv_mask.weight": (1, c, *ones), "conv_mask.bias": (1,),
                               "conv_out.conv.weight": (c, cs, *ones), "conv_out.conv.bias": (c,),
-                              "conv_out.bn.num_batches_tracked": ()}
-    shapes.update({f"conv_out.{n}.{k}": (c,) for n in ("bn", "gn") for k in _BN_KEYS})
+                              **_conv_out_shapes(norm, c)}
     _check_shapes(sd, shapes, what, prefix, _shape_context(sd, "g.conv.weight", prefix, C=c, C_s=cs, dim=dim))
     if norm == "gn" and c % gn_groups:
         raise ValueError(f"{what}: gn_groups={gn_groups} does not divide C = {c}")
@@ -751,17 +751,11 @@ def from_mmseg_dnl(state_dict: Mapping[str, torch.Tensor] | nn.Module, *, mode: 
                         scale=bool(use_scale and embedded), temperature=float(temperature) if embedded else 1.0,
                         bias=True, out_norm=norm, zero_init=False,
                         **({"norm_groups": gn_groups} if norm == "gn" else {}))
-    w = sd["conv_out.conv.weight"]
     ours = {"edges.theta.weight": sd["theta.conv.weight"], "edges.theta.bias": sd["theta.conv.bias"],
             "edges.phi.weight": sd["phi.conv.weight"], "edges.phi.bias": sd["phi.conv.bias"],
             "edges.mask.weight": sd["conv_mask.weight"], "edges.mask.bias": sd["conv_mask.bias"],
             "units.0.g.weight": sd["g.conv.weight"], "units.0.g.bias": sd["g.conv.bias"],
-            "units.0.w.0.weight": w, "units.0.w.0.bias": sd.get("conv_out.conv.bias", w.new_zeros(c))}
-    if norm == "bn":
-        ours.update(_bn(sd, "conv_out.bn", "units.0.norm.bn"))
-    elif norm == "gn":
-        ours.update({"units.0.norm.gn.weight": sd["conv_out.gn.weight"],
-                     "units.0.norm.gn.bias": sd["conv_out.gn.bias"]})
+            **_conv_out_state(sd, norm, c)}
     return _load(block, ours, sd["g.conv.weight"], sd, what, prefix)
 
 
