@@ -86,6 +86,8 @@ def _check_geometry(size: int, min_distance: float, margin: int) -> None:
 
 def glyph_indices(glyphs) -> tuple[int, ...]:
     """The indices into :data:`GLYPH_NAMES` of ``glyphs`` (names, at least two, distinct), checked."""
+    if isinstance(glyphs, str):
+        raise ValueError(f"demo: glyphs must be a list of glyph names, got the string {glyphs!r}")
     names = tuple(glyphs)
     unknown = [g for g in names if g not in GLYPH_NAMES]
     if unknown or len(names) < 2 or len(set(names)) != len(names):
@@ -166,8 +168,6 @@ class DemoDataset(InMemoryDataset):
         self.size = int(size)
         self.min_distance = float(size // 2 if min_distance is None else min_distance)
         self.margin, self.noise, self.distractors = int(margin), int(noise), int(distractors)
-        if isinstance(glyphs, str):
-            raise ValueError(f"demo: glyphs must be a list of glyph names, got the string {glyphs!r}")
         self.glyphs = tuple(GLYPH_NAMES[i] for i in glyph_indices(glyphs))
         self.seed = int(seed)
         count = int(train_size if self.split == "train" else test_size)
