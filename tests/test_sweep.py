@@ -83,6 +83,28 @@ def test_sweep_runs_resumes_and_skips(tmp_path, capsys):
     assert (summary / "curves.png").stat().st_size > 1000
 
 
+def test_sweep_restarts_a_run_killed_before_its_first_checkpoint(tmp_path, capsys):
+    """A kill during epoch 1 leaves config.yaml and an empty metrics.jsonl (nothing saved): the sweep starts that
+    run again instead of stopping at it; a directory with results but no checkpoint is still never replaced."""
+    base = _configs(tmp_path)[0]
+    out = tmp_path / "runs"
+    killed = out / "base" / "seed0"
+    killed.mkdir(parents=True)
+    (killed / "config.yaml").write_text(base.read_text())
+    (killed / "metrics.jsonl").write_text("")
+    run_sweep([base], [0], out, ["train.epochs=1"])
+    assert "restarting (killed before its first checkpoint)" in capsys.readouterr().err
+    assert [r["epoch"] for r in read_metrics(killed)] == [1]
+    assert (killed / "last.safetensors").is_file() and not (out / "base" / ".seed0.incoming").exists()
+
+    odd = out / "base" / "seed1"  # metric rows without any checkpoint: not a run to throw away
+    odd.mkdir()
+    (odd / "metrics.jsonl").write_text((killed / "metrics.jsonl").read_text())
+    with pytest.raises(Exception, match="already holds a run"):
+        run_sweep([base], [1], out, ["train.epochs=1"])
+    assert (odd / "metrics.jsonl").read_text() == (killed / "metrics.jsonl").read_text()
+
+
 def test_summarize_errors(tmp_path, capsys):
     with pytest.raises(ConfigError, match="not a run directory"):
         summarize([tmp_path], tmp_path / "s")
