@@ -238,3 +238,41 @@ def test_checkpoints_from_before_the_parts_load_and_agree(case):
     assert set(block.state_dict()) == set(state)
     block.load_state_dict(state, strict=True)
     assert_close(block(x), y, rtol=1e-10, atol=1e-12)
+
+
+def test_user_graph_mode_reads_its_own_options():
+    """A registered graph mode declares its options (Option specs); build_block resolves them, checks them and
+    hands them to the mode's build() as ``edges.mode_options`` (also for options Affinity has no keyword for)."""
+    from nonlocalnet import affinity as aff
+    from nonlocalnet.blocks import PositionsMode
+    from nonlocalnet.kernels import GRAPH_MODES, register_graph
+    from nonlocalnet.presets import Preset, build_block, register_block
+    from nonlocalnet.registry import Option, positive_number
+
+    class Sharpened(PositionsMode):  # the positions graph times a fixed factor s (a user's toy)
+        def build(self, edges, x, spatial, budget):
+            s = edges.mode_options["sharpness"]
+            return aff.ScaledGraph(super().build(edges, x, spatial, budget), torch.tensor(s, dtype=x.dtype))
+
+    register_graph(Sharpened("sharpened", "s·A over the positions (a test's mode)",
+                             options={**GRAPH_MODES["positions"].options,
+                                      "sharpness": Option(1.0, "the factor s", positive_number)}))
+    register_block(Preset("sharpened_nl", "a test", {"out_norm": "none", "zero_init": False, "bias": False},
+                          mode="sharpened"))
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(2, 8, 5, 4, dtype=torch.float64)
+        plain = build_block("sharpened_nl", 8, dtype=torch.float64)
+        assert plain.edges.mode_options["sharpness"] == 1.0  # the Option's default
+        three = build_block("sharpened_nl", 8, dtype=torch.float64, sharpness=3.0)
+        assert three.edges.mode_options == {**plain.edges.mode_options, "sharpness": 3.0}
+        three.load_state_dict(plain.state_dict())
+        with torch.no_grad():  # no bias, no normalization: y - x is linear in s
+            assert_close(three(x) - x, 3.0 * (plain(x) - x), rtol=1e-12, atol=1e-12)
+        with pytest.raises(ValueError, match="sharpness"):
+            build_block("sharpened_nl", 8, sharpness=-1.0)
+        with pytest.raises(ValueError, match="sharpness"):  # the option is the mode's: other blocks refuse it
+            build_block("nl", 8, sharpness=2.0)
+    finally:
+        PRESETS.unregister("sharpened_nl")
+        GRAPH_MODES.unregister("sharpened")

@@ -31,6 +31,7 @@ channels_last input is the transposed case: everything stays tokens-major, and t
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -173,8 +174,12 @@ class Affinity(nn.Module):
                  whiten: bool = False, unary: bool = False, temperature: float = 1.0, rbf_prefactor: str = "exact",
                  pool_sizes: tuple[int, ...] | None = None, memory_size: int = 0,
                  agents: int | tuple[int, ...] | None = None, pairwise_gamma: bool = False, kernel_size: int = 1,
-                 heads: int = 1, approx: str | None = None, approx_features: int = 64, device=None, dtype=None):
+                 heads: int = 1, approx: str | None = None, approx_features: int = 64,
+                 mode_options: Mapping[str, Any] | None = None, device=None, dtype=None):
         super().__init__()
+        # every option of the graph mode by its option name (the built-in modes' also arrive as the keywords above):
+        # a registered mode's build() reads its own options here
+        self.mode_options = dict(mode_options or {})
         self.kernel, self.normalization, self.backend, self.mode = kernel, normalization, backend, mode
         self.agent_grid = None if agents is None else agent_grid(agents, dim)  # Agent Attention's pooled grid
         self.pool_sizes = None if pool_sizes is None else tuple(pool_sizes)  # APNB's pyramid (sub_sample's pooling)

@@ -17,6 +17,7 @@ submission (OpenReview rkgb9kSKwS). Wang et al. is arXiv:1711.07971, Tao et al. 
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -460,6 +461,11 @@ def _check_heads(name: str, mode_spec: K.GraphMode, o: dict[str, Any], in_channe
                          f"takes an equal channel group of the queries, keys and values")
 
 
+# Affinity's keyword for a graph mode's option, where the two names differ (CGNL's Taylor order)
+_AFFINITY_KEYWORD = {"taylor_order": "order"}
+_AFFINITY_KEYWORDS = frozenset(inspect.signature(Affinity.__init__).parameters) - {"self", "mode_options"}
+
+
 def build_block(name: str, in_channels: int, *, dim: int = 2, device: torch.device | str | None = None,
                 dtype: torch.dtype | None = None, **options: Any) -> NonlocalBlock:
     """Build a nonlocal block ``(B, C, *S) -> (B, C, *S)`` with ``len(S) == dim``.
@@ -477,15 +483,17 @@ def build_block(name: str, in_channels: int, *, dim: int = 2, device: torch.devi
     o = resolve_options(name, in_channels, dim, options)
     preset = PRESETS[name]
     fk = dict(device=device, dtype=dtype)
+    # the graph mode's own options (resolved by resolve_options): all of them as Affinity.mode_options, and those
+    # Affinity takes as keywords (the built-in modes') also so; a mode without one leaves Affinity's "off" value
+    mode_options = {k: o[k] for k in K.GRAPH_MODES[preset.mode].options}
+    keywords = {_AFFINITY_KEYWORD.get(k, k): v for k, v in mode_options.items()}
+    keywords = {k: v for k, v in keywords.items() if k in _AFFINITY_KEYWORDS}
     graph = Affinity(
         in_channels, o["key_channels"], dim=dim, kernel=o["kernel"], normalization=o["normalization"],
         scale=o["scale"], bias=o["bias"], sub_sample=o["sub_sample"], backend=o["backend"],
-        memory_budget=o["memory_budget"], mode=preset.mode, groups=o.get("groups", 1),
-        order=o.get("taylor_order", 0), rbf_gamma=o.get("rbf_gamma", 1e-4), whiten=o["whiten"], unary=o["unary"],
-        temperature=o["temperature"], rbf_prefactor=o.get("rbf_prefactor", "exact"), pool_sizes=o["pool_sizes"],
-        memory_size=o.get("memory_size", 0), agents=o.get("agents"), pairwise_gamma=o.get("pairwise_gamma", False),
-        kernel_size=o.get("kernel_size", 1), heads=o["heads"], approx=o.get("approx"),
-        approx_features=o.get("approx_features", 64), **fk,
+        memory_budget=o["memory_budget"], mode=preset.mode, whiten=o["whiten"], unary=o["unary"],
+        temperature=o["temperature"], pool_sizes=o["pool_sizes"], heads=o["heads"], mode_options=mode_options,
+        **keywords, **fk,
     )
     fspec = FILTERS[o["filter"]]
     units = [
