@@ -278,7 +278,10 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
                          f"{', '.join(map(repr, K.valid_normalizations(kern)))}")
     backends = K.valid_backends(kern, norm, mode)
     _check_approx(o, options)
-    if backend not in backends and o.get("approx") is None:
+    approx = o.get("approx")  # an approximate softmax graph builds its own factors (any backend check is its own)
+    # the exact graph factorizes (M = P Qᵀ on the low-rank backend): the spectral filters' exact path applies there
+    factored = kern in K.lowrank_kernels() and backend in ("auto", "lowrank") and mode == "positions"
+    if backend not in backends and approx is None:
         if mode != "positions":
             raise ValueError(f"backend: {name} supports {', '.join(map(repr, backends))}, got {backend!r}")
         if backend == "lowrank":
@@ -339,17 +342,14 @@ def resolve_options(name: str, in_channels: int, dim: int, options: dict[str, An
                              f"eigenvalues up to 2) is not supported: the graph does not factor and its spectrum "
                              f"leaves [-1, 1], where the Chebyshev approximation is fitted; use unary=False")
     if probe.exact_lowrank:
-        lowrank_kernels = K.lowrank_kernels()
-        if o.get("spectral_path") == "exact" and o.get("approx") is None and (
-                kern not in lowrank_kernels or backend not in ("auto", "lowrank") or preset.mode != "positions"):
-            raise ValueError(f"spectral_path='exact' needs a factorizable kernel ({', '.join(lowrank_kernels)}) "
+        if o.get("spectral_path") == "exact" and approx is None and not factored:
+            raise ValueError(f"spectral_path='exact' needs a factorizable kernel ({', '.join(K.lowrank_kernels())}) "
                              f"on the 'lowrank' or 'auto' backend, got kernel={kern!r}, backend={backend!r}")
-        if kern in lowrank_kernels and backend == "auto" and preset.mode == "positions":
+        if factored and backend == "auto":
             o["backend"] = "lowrank"  # the exact r x r path, also where `auto` would form a small dense A
     if "approx_order" in fopts:  # warns with the measured error where the approximation will be used and is coarse
         check_approx_order(o["filter"], o["order"], o["approx_order"], used=(
-            o["spectral_path"] == "chebyshev" or (o.get("approx") is None and (
-                kern not in K.lowrank_kernels() or backend not in ("auto", "lowrank") or preset.mode != "positions"))))
+            o["spectral_path"] == "chebyshev" or (approx is None and not factored)))
     max_power = probe.max_power if polynomial else None
     if max_power is not None and max_power >= 2 and o["sub_sample"]:
         raise ValueError(f"sub_sample: powers of A (order {max_power}) need a square affinity; "
