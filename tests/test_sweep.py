@@ -93,7 +93,8 @@ def test_sweep_restarts_a_run_killed_before_its_first_checkpoint(tmp_path, capsy
     (killed / "config.yaml").write_text(base.read_text())
     (killed / "metrics.jsonl").write_text("")
     run_sweep([base], [0], out, ["train.epochs=1"])
-    assert "restarting (killed before its first checkpoint)" in capsys.readouterr().err
+    assert f"(written to {out / 'base' / '.seed0.incoming'} until the first checkpoint replaces the previous run)" \
+        in capsys.readouterr().err  # staged: the leftover files stayed until the new run's first epoch
     assert [r["epoch"] for r in read_metrics(killed)] == [1]
     assert (killed / "last.safetensors").is_file() and not (out / "base" / ".seed0.incoming").exists()
 

@@ -3,7 +3,7 @@
 Run ``k`` of config ``NAME.yaml`` with seed ``s`` goes to ``<out>/<NAME>/seed<s>`` (``train.seed = s``). A run
 that finished all its epochs is skipped; one that was interrupted continues from its last checkpoint
 (``--resume``), so re-running the same command after a kill finishes the sweep with the same numbers; one killed
-before its first checkpoint (nothing saved) starts again.
+before its first checkpoint (nothing saved) starts again (``train`` does that for any run).
 ``nonlocalnet summarize <out>/*/seed*`` then tables and plots it (:mod:`nonlocalnet.apps.summary`).
 """
 
@@ -55,14 +55,9 @@ def run_sweep(configs: Sequence[str | Path], seeds: Sequence[int], out: str | Pa
             _log(f"[{i}/{len(plan)}] {name} seed {seed}: done ({done} epochs) in {run_dir}; skipped")
             continue
         resume = (run_dir / LAST_WEIGHTS).is_file()
-        # A run killed before its first checkpoint left config.yaml and an empty metrics.jsonl: no result to keep.
-        # It starts again, staged (train's run.overwrite): those files stay until the new run has saved an epoch.
-        restart = not resume and done == 0 and not any(run_dir.glob("epoch_[0-9]*.safetensors"))
-        leftover = restart and run_dir.is_dir() and any(run_dir.iterdir())
-        how = "resuming" if resume else "restarting (killed before its first checkpoint)" if leftover else "training"
-        _log(f"[{i}/{len(plan)}] {name} seed {seed}: {how} -> {run_dir}")
+        _log(f"[{i}/{len(plan)}] {name} seed {seed}: {'resuming' if resume else 'training'} -> {run_dir}")
         t0 = time.perf_counter()
-        cfg.run.overwrite = restart  # otherwise a sweep never replaces a run; it resumes or skips it
+        cfg.run.overwrite = False  # a sweep never replaces a run; it resumes or skips it
         train(cfg, resume=resume)
         _log(f"[{i}/{len(plan)}] {name} seed {seed}: finished in {time.perf_counter() - t0:.0f} s")
     return dirs

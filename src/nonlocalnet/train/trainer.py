@@ -140,7 +140,10 @@ def _fresh_out(out: Path, overwrite: bool) -> Path | None:
     if not old:
         _clean_temporaries(out)
         return None
-    if not overwrite:
+    # a run killed before its first checkpoint left config.yaml and an empty metrics.jsonl: no result to keep, so it
+    # starts again, staged as with overwrite (those files stay until the new run has saved its first epoch)
+    killed_early = old == [out / METRICS_FILE] and not (out / METRICS_FILE).read_text().strip()
+    if not overwrite and not killed_early:
         raise TrainingError(f"{out} already holds a run ({', '.join(p.name for p in old[:4])}"
                             f"{', ...' if len(old) > 4 else ''}); continue it with --resume, choose another "
                             "run.out, or set run.overwrite=true to replace it")
