@@ -464,6 +464,10 @@ def _check_heads(name: str, mode_spec: K.GraphMode, o: dict[str, Any], in_channe
 # Affinity's keyword for a graph mode's option, where the two names differ (CGNL's Taylor order)
 _AFFINITY_KEYWORD = {"taylor_order": "order"}
 _AFFINITY_KEYWORDS = frozenset(inspect.signature(Affinity.__init__).parameters) - {"self", "mode_options"}
+# likewise the unit's keyword for a graph mode's option that also shapes the unit (CGNL's groups group the value
+# and output projections; External Attention's memory slots replace the values)
+_UNIT_KEYWORD = {"groups": "proj_groups"}
+_UNIT_KEYWORDS = frozenset({"proj_groups", "memory_size"})
 
 
 def build_block(name: str, in_channels: int, *, dim: int = 2, device: torch.device | str | None = None,
@@ -488,6 +492,8 @@ def build_block(name: str, in_channels: int, *, dim: int = 2, device: torch.devi
     mode_options = {k: o[k] for k in K.GRAPH_MODES[preset.mode].options}
     keywords = {_AFFINITY_KEYWORD.get(k, k): v for k, v in mode_options.items()}
     keywords = {k: v for k, v in keywords.items() if k in _AFFINITY_KEYWORDS}
+    unit_keywords = {_UNIT_KEYWORD.get(k, k): v for k, v in mode_options.items()}
+    unit_keywords = {k: v for k, v in unit_keywords.items() if k in _UNIT_KEYWORDS}
     graph = Affinity(
         in_channels, o["key_channels"], dim=dim, kernel=o["kernel"], normalization=o["normalization"],
         scale=o["scale"], bias=o["bias"], sub_sample=o["sub_sample"], backend=o["backend"],
@@ -499,10 +505,10 @@ def build_block(name: str, in_channels: int, *, dim: int = 2, device: torch.devi
     units = [
         NonlocalUnit(in_channels, o["value_channels"], fspec.make(**o["filter_options"]).to(**fk), dim=dim,
                      bias=o["bias"], out_norm=o["out_norm"], zero_init=o["zero_init"], norm_groups=o["norm_groups"],
-                     out_proj=o["out_proj"], proj_groups=o.get("groups", 1), sub_sample=o["sub_sample"],
+                     out_proj=o["out_proj"], sub_sample=o["sub_sample"],
                      value_proj=o["value_proj"], out_map=o["out_map"],
                      bottleneck_channels=o["bottleneck_channels"] or 1, fusion=o["fusion"],
-                     pool_sizes=o["pool_sizes"], memory_size=o.get("memory_size", 0), **fk)
+                     pool_sizes=o["pool_sizes"], **unit_keywords, **fk)
         for _ in range(o["units"])
     ]
     shown = {k: v for k, v in o.items() if k in options}
