@@ -137,6 +137,38 @@ def test_heads_literally():
     assert block.edges.scale_value == pytest.approx(1 / 2 ** 0.5)
 
 
+@pytest.mark.parametrize("name", ["efficient", "a2"])
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("backend", ["auto", "lowrank", "dense"])
+def test_heads_of_double_attention(name, dim, backend):
+    """A²'s kernel with heads = 2 (the Efficient Attention authors' head_count): each head's queries softmaxed
+    over its own channel group, its keys over the positions, against the reference's per-head literal graphs; the
+    low-rank path forms no N x N' tensor."""
+    block = randomize(nonlocalnet.build_block(name, 8, dim=dim, heads=2, backend=backend)).eval()
+    x = _x(SHAPES[dim])
+    assert_close(block(x), ref.forward(block, x), rtol=RTOL, atol=ATOL)
+    if backend != "dense" and dim == 2:  # nothing larger than the 2 x 8 x 576 input (a graph: 2 x 576 x 576)
+        assert largest_tensor(block, torch.randn(2, 8, 24, 24, dtype=torch.float64)) <= 2 * 8 * 576
+
+
+def test_heads_of_double_attention_literally():
+    """heads = 2 on the efficient preset, written out: head i's softmax over channels of its θ group times the
+    softmax over positions of its φ group, applied to its group of Z; one softmax over all 4 channels differs."""
+    block = randomize(nonlocalnet.build_block("efficient", 8, dim=1, heads=2, key_channels=4,
+                                              value_channels=6)).eval()
+    x = _x((2, 8, 7))
+    tok = x.transpose(1, 2)
+    q, k = ref._lin(block.edges.theta, tok), ref._lin(block.edges.phi, tok)
+    z = ref._lin(block.units[0].g, tok)
+    heads = [torch.softmax(q[..., 2 * i:2 * i + 2], -1) @ torch.softmax(k[..., 2 * i:2 * i + 2], 1).transpose(1, 2)
+             @ z[..., 3 * i:3 * i + 3] for i in range(2)]
+    want = tok + ref._lin(block.units[0].w[0], torch.cat(heads, -1))
+    assert_close(block(x), want.transpose(1, 2), rtol=1e-10, atol=1e-12)
+    one = nonlocalnet.build_block("efficient", 8, dim=1, key_channels=4, value_channels=6, dtype=torch.float64).eval()
+    one.load_state_dict(block.state_dict())
+    assert (one(x) - block(x)).abs().max() > 1e-3
+
+
 def test_heads_keep_the_state_dict():
     for name in ("nl", "axial", "neighborhood", "dnl"):
         one, two = nonlocalnet.build_block(name, 8), nonlocalnet.build_block(name, 8, heads=2)
@@ -146,7 +178,8 @@ def test_heads_keep_the_state_dict():
 
 @pytest.mark.parametrize("name,opts", [("axial", {}), ("neighborhood", {}), ("nl", {"heads": 2}),
                                        ("axial", {"heads": 2, "units": 2}), ("neighborhood", {"heads": 2}),
-                                       ("nl", {"heads": 2, "backend": "dense", "normalization": "symmetric"})])
+                                       ("nl", {"heads": 2, "backend": "dense", "normalization": "symmetric"}),
+                                       ("efficient", {"heads": 2}), ("a2", {"heads": 2, "backend": "dense"})])
 def test_gradcheck(name, opts):
     block = randomize(nonlocalnet.build_block(name, 4, dim=2, **opts)).eval()
     x = _x((1, 4, 3, 4)).requires_grad_(True)
@@ -228,7 +261,9 @@ def test_kernel_size_larger_than_the_input():
     ("nl", dict(heads=3), ["heads (3) must divide C_s (4) and value_channels (4)"]),
     ("nl", dict(heads=2, value_channels=3), ["value_channels (3)"]),
     ("nl", dict(heads=3, kernel="gaussian", value_channels=6), ["in_channels", "(8)"]),
-    ("nl", dict(heads=2, kernel="dot_product"), ["heads=2", "exp kernels", "dot_product"]),
+    ("nl", dict(heads=2, kernel="dot_product"), ["heads=2", "kernels embedded_gaussian, gaussian, double_attention",
+                                                 "dot_product"]),
+    ("efficient", dict(heads=3, key_channels=6, value_channels=4), ["heads (3)", "value_channels (4)"]),
     ("cc", dict(heads=2), ["heads=2", "crisscross"]),
     ("cgnl", dict(heads=2), ["heads=2"]),
     ("gc", dict(heads=2), ["heads=2", "unary"]),

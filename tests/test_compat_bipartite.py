@@ -31,17 +31,22 @@ def efficient_state(c=8, ck=4, cv=6, seed=0):
     return sd
 
 
-def efficient_attention(sd, x):
-    """EfficientAttention.forward with head_count=1: keys softmax over positions, queries over channels,
-    context = keys valuesᵀ, attended = contextᵀ queries, reprojection, plus the input."""
+def efficient_attention(sd, x, head_count=1):
+    """EfficientAttention.forward: per head (an equal channel group of the keys, queries and values), keys
+    softmaxed over positions, queries over the head's channels, context = keys valuesᵀ, attended = contextᵀ
+    queries; the heads concatenated, reprojection, plus the input."""
     n, _, h, w = x.shape
     keys = F.conv2d(x, sd["keys.weight"], sd["keys.bias"]).reshape(n, -1, h * w)
     queries = F.conv2d(x, sd["queries.weight"], sd["queries.bias"]).reshape(n, -1, h * w)
     values = F.conv2d(x, sd["values.weight"], sd["values.bias"]).reshape(n, -1, h * w)
-    key, query = torch.softmax(keys, dim=2), torch.softmax(queries, dim=1)
-    context = key @ values.transpose(1, 2)
-    attended = (context.transpose(1, 2) @ query).reshape(n, -1, h, w)
-    return F.conv2d(attended, sd["reprojection.weight"], sd["reprojection.bias"]) + x
+    hk, hv = keys.shape[1] // head_count, values.shape[1] // head_count
+    attended = []
+    for i in range(head_count):
+        key = torch.softmax(keys[:, i * hk:(i + 1) * hk], dim=2)
+        query = torch.softmax(queries[:, i * hk:(i + 1) * hk], dim=1)
+        context = key @ values[:, i * hv:(i + 1) * hv].transpose(1, 2)
+        attended.append((context.transpose(1, 2) @ query).reshape(n, hv, h, w))
+    return F.conv2d(torch.cat(attended, 1), sd["reprojection.weight"], sd["reprojection.bias"]) + x
 
 
 @pytest.mark.parametrize("ck,cv", [(4, 6), (8, 8), (3, 5)])
@@ -54,10 +59,21 @@ def test_efficient_attention(ck, cv):
     assert block.units[0].g.weight.shape == (cv, 8, 1, 1)
 
 
+@pytest.mark.parametrize("heads,ck,cv", [(2, 4, 6), (4, 8, 8), (3, 6, 3)])
+def test_efficient_attention_heads(heads, ck, cv):
+    sd = efficient_state(ck=ck, cv=cv)
+    block = from_efficient_attention(sd, head_count=heads)
+    x = randn(2, 8, 5, 7, g=torch.Generator().manual_seed(1), std=1.0)
+    assert_close(block(x), efficient_attention(sd, x, heads), rtol=1e-10, atol=1e-10)
+    assert block.edges.heads == heads
+    assert (block(x) - efficient_attention(sd, x)).abs().max() > 1e-3  # one softmax over all channels differs
+
+
 def test_efficient_attention_errors():
     sd = efficient_state()
-    with pytest.raises(NotImplementedError, match="head_count=2: only head_count=1"):
-        from_efficient_attention(sd, head_count=2)
+    with pytest.raises(ValueError, match=r"head_count \(3\) must divide the key channels \(4\) and the value "
+                                         r"channels \(6\)"):
+        from_efficient_attention(sd, head_count=3)
     with pytest.raises(ValueError, match="head_count: expected a positive int"):
         from_efficient_attention(sd, head_count=0)
     bad = {k: v for k, v in sd.items() if k != "keys.bias"}

@@ -159,7 +159,8 @@ class Affinity(nn.Module):
     ``mode``: a registered graph mode (:data:`~nonlocalnet.kernels.GRAPH_MODES`): ``positions`` (the N × N' graph
     of NL/NS/SNL/A²), ``crisscross`` (CC's masked graph), ``channels`` (CGNL's graph over positions × channels),
     ``axial`` (a product of per-axis graphs) or ``neighborhood`` (a window around each position; ``kernel_size``).
-    ``heads``: ``h`` graphs on channel groups of ``θ``, ``φ`` and the values (exp kernels).
+    ``heads``: ``h`` graphs on channel groups of ``θ``, ``φ`` and the values (the kernels that take heads:
+    ``Kernel.takes_heads``).
     ``kernel``: a registered :class:`~nonlocalnet.kernels.Kernel`. Parameters: ``theta``, ``phi`` (1×1 convs
     ``C → C_k``; ``None`` for a kernel that uses ``X`` itself, e.g. ``gaussian``), ``concat`` (``2C_k → 1``, no
     bias; the concatenation kernel) and ``mask`` (``C → 1``: the unary logits of GC and DNL), each ``None`` where the
@@ -191,7 +192,7 @@ class Affinity(nn.Module):
         self.kernel_spec = kern = KERNELS[kernel]
         uses_projection = self.graph_mode.projects(kern)
         feat = key_channels if uses_projection else in_channels
-        self.heads = heads  # h graphs on h channel groups of θ, φ and the values (exp kernels)
+        self.heads = heads  # h graphs on h channel groups of θ, φ and the values (Kernel.takes_heads)
         if isinstance(scale, bool):  # 1/sqrt of the channels each graph's logits sum over (per head)
             self.scale_value = 1.0 / math.sqrt(feat // heads) if scale else 1.0
         else:
@@ -250,7 +251,7 @@ class Affinity(nn.Module):
 
 class PositionsMode(GraphMode):
     """The graph over all positions (``N × N'``): every kernel; DNL's unary term is added as a rank-1 graph
-    (:class:`~nonlocalnet.affinity.SumGraph`), GC's unary kernel is that term alone. ``heads > 1`` (exp kernels):
+    (:class:`~nonlocalnet.affinity.SumGraph`), GC's unary kernel is that term alone. ``heads > 1``:
     one graph per channel group (:meth:`heads_graph`)."""
 
     multihead = True
@@ -275,7 +276,7 @@ class PositionsMode(GraphMode):
         if edges.approx is not None:
             return PositionsMode.approximate(edges, x, spatial)
         if edges.normalization == "symmetric" and kern.factorizable and kern.pointwise and kern.projected and \
-                not edges.sub_sample and not edges.whiten:
+                not edges.sub_sample and not edges.whiten and edges.heads == 1:
             # θ and φ in one GEMM; the symmetric low-rank graph keeps them as one tensor (LowRankGraph `joint`)
             w = torch.cat([edges.theta.weight.flatten(1), edges.phi.weight.flatten(1)])
             bias = None if edges.theta.bias is None else torch.cat([edges.theta.bias, edges.phi.bias])
@@ -289,6 +290,11 @@ class PositionsMode(GraphMode):
             w = edges.concat.weight.flatten()
             return aff.build_graph(edges.kernel, edges.normalization, edges.backend, q=None, k=None,
                                    budget_bytes=budget, concat=(q @ w[:kc], k @ w[kc:]))
+        if edges.heads > 1 and not kern.exp:  # each head's channel group pre-transformed on its own (A²'s softmax)
+            h = edges.heads
+            q, k = kern.transform(aff.split_heads(q, h), aff.split_heads(k, h))
+            return aff.HeadsGraph(aff.build_graph(edges.kernel, edges.normalization, edges.backend, q=q, k=k,
+                                                  scale=edges.scale_value, budget_bytes=budget), h)
         q, k = kern.transform(q, k)
         if edges.heads > 1:
             return PositionsMode.heads_graph(edges, q, k, budget)

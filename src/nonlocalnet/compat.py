@@ -632,15 +632,12 @@ def from_efficient_attention(state_dict: Mapping[str, torch.Tensor] | nn.Module,
     2021; the cmsflash/efficient-attention module): our ``efficient`` preset.
 
     Keys: ``queries``, ``keys`` (``C_k×C×1×1`` with bias), ``values`` (``C_v×C×1×1``), ``reprojection``
-    (``C×C_v×1×1``). ``head_count`` is a constructor argument, not in the state dict: only 1 is converted (the
-    ``efficient`` preset is one graph over all ``C_k`` channels; ``head_count > 1`` softmaxes each group of
-    ``C_k / h`` channels on its own, which our blocks do not express).
+    (``C×C_v×1×1``). ``head_count`` is a constructor argument, not in the state dict: with ``h`` heads, head ``i``
+    takes the ``i``-th of ``h`` equal channel groups of the queries, keys and values, each softmaxed on its own
+    (our ``heads=h``); it must divide ``C_k`` and ``C_v``.
     """
     if isinstance(head_count, bool) or not isinstance(head_count, int) or head_count < 1:
         raise ValueError(f"head_count: expected a positive int, got {head_count!r}")
-    if head_count != 1:
-        raise NotImplementedError(f"head_count={head_count}: only head_count=1 converts (the efficient preset is one "
-                                  "softmax over all key channels; multi-head graphs are not a block option)")
     what = "from_efficient_attention(EfficientAttention)"
     sd = _select(state_dict, prefix, what)
     names = ("queries", "keys", "values", "reprojection")
@@ -652,7 +649,11 @@ def from_efficient_attention(state_dict: Mapping[str, torch.Tensor] | nn.Module,
                               "values.weight": (cv, c, *ones), "values.bias": (cv,),
                               "reprojection.weight": (c, cv, *ones), "reprojection.bias": (c,)}
     _check_shapes(sd, shapes, what, prefix, _shape_context(sd, "queries.weight", prefix, C=c, C_k=ck, dim=dim))
-    block = build_block("efficient", c, dim=dim, key_channels=ck, value_channels=cv, bias=True)
+    if ck % head_count or cv % head_count:
+        raise ValueError(f"{what}: head_count ({head_count}) must divide the key channels ({ck}) and the value "
+                         f"channels ({cv}) of the state dict")
+    block = build_block("efficient", c, dim=dim, key_channels=ck, value_channels=cv, bias=True,
+                        **({"heads": head_count} if head_count > 1 else {}))
     ours = {"edges.theta.weight": sd["queries.weight"], "edges.theta.bias": sd["queries.bias"],
             "edges.phi.weight": sd["keys.weight"], "edges.phi.bias": sd["keys.bias"],
             "units.0.g.weight": sd["values.weight"], "units.0.g.bias": sd["values.bias"],

@@ -67,6 +67,9 @@ class Kernel:
     transformed queries sums to 1 (a softmax over channels), so with normalization ``none`` every row of ``A``'s
     left factor does (the low-rank path folds a bias into the small factor). ``pointwise``: the pre-transform acts
     on each entry alone, so queries and keys can be transformed as one tensor (SNL's joint θ/φ GEMM).
+    ``multihead``: a kernel that is not ``exp`` also forms ``heads`` graphs (the common option ``heads``), its
+    pre-transform applied to each head's channel group on its own (A²'s softmax over the head's channels: the
+    Efficient Attention authors' ``head_count``); the exp kernels always take ``heads``.
     """
 
     name: str
@@ -78,6 +81,7 @@ class Kernel:
     natural_normalization: str = "count"
     unary: bool = False
     unit_rows: bool = False
+    multihead: bool = False
     reference: str = ""
 
     def __post_init__(self):
@@ -98,6 +102,11 @@ class Kernel:
             return ("softmax",)
         common = tuple(n for n in NORMALIZATIONS if n not in MODE_ONLY_NORMALIZATIONS)
         return common if self.exp else tuple(n for n in common if n != "softmax")
+
+    @property
+    def takes_heads(self) -> bool:
+        """Whether the kernel forms ``heads > 1`` graphs: the exp kernels and those declared ``multihead``."""
+        return (self.exp or self.multihead) and not self.unary
 
     @property
     def pointwise(self) -> bool:
@@ -154,7 +163,7 @@ for _k in [
     Kernel("concatenation", "relu(w·[θ_i; φ_j])", pretransform="concat", natural_normalization="count",
            reference='Wang et al., "Non-local Neural Networks", CVPR 2018, Eq. 5'),
     Kernel("double_attention", "softmax_C(θ)_i·softmax_N(φ)_j", pretransform="softmax", factorizable=True,
-           natural_normalization="none", unit_rows=True,
+           natural_normalization="none", unit_rows=True, multihead=True,
            reference='Chen et al., "A²-Nets: Double Attention Networks", NeurIPS 2018'),
     Kernel("unary", "exp(w_m·x_j + b_m)", factorizable=True, projected=False, natural_normalization="softmax",
            unary=True, reference='Cao et al., "GCNet", ICCVW 2019, Eq. 2-3'),
@@ -164,6 +173,10 @@ for _k in [
 
 def exp_kernels() -> tuple[str, ...]:
     return tuple(n for n, k in KERNELS.items() if k.exp)
+
+
+def multihead_kernels() -> tuple[str, ...]:
+    return tuple(n for n, k in KERNELS.items() if k.takes_heads)
 
 
 def lowrank_kernels() -> tuple[str, ...]:
@@ -184,8 +197,8 @@ class GraphMode:
     slots): ``A`` is ``N × N'`` with ``N'`` set by the mode, so, as with sub-sampled keys, only filters of order ≤ 1
     apply, with the values at the key nodes given by the unit (its ``memory``). ``doc``: one line for
     ``nonlocalnet blocks`` and error messages. A subclass that sets the class attribute ``multihead = True``
-    builds ``heads`` graphs on channel groups for the exp kernels (the common option ``heads``; its ``build`` reads
-    ``edges.heads``).
+    builds ``heads`` graphs on channel groups for the kernels that take them (:attr:`Kernel.takes_heads`; the
+    common option ``heads``; its ``build`` reads ``edges.heads``).
     """
 
     name: str

@@ -441,7 +441,8 @@ def _check_approx(o: dict[str, Any], given: dict[str, Any]) -> None:
 
 def _check_heads(name: str, mode_spec: K.GraphMode, o: dict[str, Any], in_channels: int, key_channels: int,
                  value_channels: int) -> None:
-    """``heads``: a positive int; ``> 1`` needs an exp kernel on a graph mode that builds multi-head graphs, and
+    """``heads``: a positive int; ``> 1`` needs a kernel that takes heads (``Kernel.takes_heads``: the exp kernels,
+    A²'s) on a graph mode that builds multi-head graphs, and
     ``heads`` must divide the query/key channels and the value channels."""
     h = o["heads"]
     if isinstance(h, bool) or not isinstance(h, int) or h < 1:
@@ -449,9 +450,9 @@ def _check_heads(name: str, mode_spec: K.GraphMode, o: dict[str, Any], in_channe
     if h == 1:
         return
     kern = K.KERNELS[o["kernel"]]
-    if not kern.exp or kern.unary or not mode_spec.multihead:
+    if not kern.takes_heads or not mode_spec.multihead:
         modes = [m for m, spec in K.GRAPH_MODES.items() if spec.multihead]
-        raise ValueError(f"heads={h}: multi-head graphs are for the exp kernels ({', '.join(K.exp_kernels())}) on "
+        raise ValueError(f"heads={h}: multi-head graphs are for the kernels {', '.join(K.multihead_kernels())} on "
                          f"the {', '.join(modes)} graphs; got kernel={o['kernel']!r} on block {name!r} "
                          f"({mode_spec.name} graph)")
     qk = key_channels if kern.projected else in_channels
