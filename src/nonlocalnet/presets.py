@@ -153,12 +153,13 @@ for _preset in [
 register_block(Preset(
     "axial", 'Ho, Kalchbrenner, Weissenborn, Salimans, "Axial Attention in Multidimensional Transformers", arXiv '
              '1912.12180, 2019; Wang et al., "Axial-DeepLab: Stand-Alone Axial-Attention for Panoptic Segmentation", '
-             'ECCV 2020, §3.2 (axial attention without its positional terms): softmax along H, then along W on its '
+             'ECCV 2020 (its axial-attention layer without the positional terms): softmax along H, then along W on its '
              'output, A = A_W A_H, F = A Z W, Y = X + BN(F)', dict(filter="nl", scale=True), mode="axial"))
 register_block(Preset(
-    "neighborhood", 'Hassani, Walton, Li, Li, Shi, "Neighborhood Attention Transformer", CVPR 2023, §3.1 (also '
-                    'Ramachandran et al., "Stand-Alone Self-Attention in Vision Models", NeurIPS 2019): softmax over '
-                    'a k x k window around each position, shifted inward at the borders, F = A Z W, Y = X + BN(F)',
+    "neighborhood", 'Hassani, Walton, Li, Li, Shi, "Neighborhood Attention Transformer", CVPR 2023 (neighborhood '
+                    'attention; also Ramachandran et al., "Stand-Alone Self-Attention in Vision Models", NeurIPS '
+                    '2019): softmax over a k x k window around each position, shifted inward at the borders, '
+                    'F = A Z W, Y = X + BN(F)',
     dict(filter="nl", scale=True), mode="neighborhood"))
 
 
