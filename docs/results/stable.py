@@ -4,7 +4,9 @@ over the seeds given. Run from the repository root after the analyses:
 
     python docs/results/stable.py OUT.json LABEL=RUN_DIR_GLOB [LABEL=RUN_DIR_GLOB ...]
 
-e.g. `python docs/results/stable.py docs/results/stable_demo.json nl='runs/F/nl/seed*' snl='runs/F/snl/seed*'`."""
+e.g. `python docs/results/stable.py docs/results/stable_demo.json nl='runs/F/nl/seed*' snl='runs/F/snl/seed*'`.
+Groups already in OUT that are not given again keep their recorded runs (the run directories of an earlier session
+need not be on this machine); a group given again is measured again from its glob."""
 import glob
 import json
 import statistics
@@ -13,7 +15,9 @@ from pathlib import Path
 
 out = {"definition": "rel_fro(k) = ||A^k - A||_F / ||A||_F, mean over 8 test images per run (nonlocalnet analyze "
                      "affinity); per preset: each seed's value and their mean", "groups": []}
-rows = []
+recorded = {g["label"]: g for g in json.loads(Path(sys.argv[1]).read_text())["groups"]} \
+    if Path(sys.argv[1]).is_file() else {}
+measured = {}
 for arg in sys.argv[2:]:
     label, pattern = arg.split("=", 1)
     per_k = {"2": [], "3": [], "4": []}
@@ -31,10 +35,14 @@ for arg in sys.argv[2:]:
             per_k[k].append(dist[k]["rel_fro"])
     if not runs:
         continue
-    g = {"label": label, "runs": runs, "rel_fro": per_k, "mean": {k: statistics.fmean(v) for k, v in per_k.items()}}
+    measured[label] = {"label": label, "runs": runs, "rel_fro": per_k,
+                       "mean": {k: statistics.fmean(v) for k, v in per_k.items()}}
+rows = []
+for label in dict.fromkeys([*recorded, *measured]):
+    g = measured.get(label) or recorded[label]
     out["groups"].append(g)
-    rows.append(f"| {label} | {len(runs)} | " + " | ".join(
-        f"{g['mean'][k]:.3f} ({min(v):.3f}–{max(v):.3f})" for k, v in per_k.items()) + " |")
+    rows.append(f"| {label} | {len(g['runs'])} | " + " | ".join(
+        f"{g['mean'][k]:.3f} ({min(v):.3f}–{max(v):.3f})" for k, v in g["rel_fro"].items()) + " |")
 Path(sys.argv[1]).write_text(json.dumps(out, indent=1) + "\n")
 print("| preset | runs | A² | A³ | A⁴ |\n| --- | --- | --- | --- | --- |")
 print("\n".join(rows))
