@@ -27,6 +27,9 @@ for arg in sys.argv[2:]:
         if not f.is_file():
             continue
         block = json.loads(f.read_text())["blocks"][0]
+        if "stats" not in block:  # no N x N position graph (CGNL: positions x channels), the analysis says why
+            print(f"{run}: {block.get('note', 'no affinity statistics')}", file=sys.stderr)
+            continue
         dist = block["stats"].get("distance") or {}
         if not dist:
             continue
