@@ -21,10 +21,10 @@ recorded_path = ROOT / "docs/results/claims10.json"
 recorded = {g["label"]: g for g in json.load(open(recorded_path))["groups"]} if recorded_path.is_file() else {}
 out = {"definition": "a run solves the task when its final test top-1 (epoch 12) is >= 90 %; 95 % Wilson interval",
        "seeds_0_2": "docs/results/presets.json (session 3 code)",
-       "seeds_3_9": "runs/claims10 (baseline, nl, snl: session 5's code; ns, gsnl: session 6's; the others and "
-                    "nl_same4, ns_same4, nl_stage2/3, snl_stage2/3: session 7's; a2, cc, cgnl, cayley, heat, "
-                    "wavelet, gc, dnl seeds 3-9, nl_same2/3 seeds 3-4 and every seed of snl_same2/3/5, nl_same5, "
-                    "ns_same5: session 8's. A seed's trajectory depends on the code version (docs/results.md, "
+       "seeds_3_9": "runs/claims10 (baseline, nl, snl: session 5's code; ns, gsnl: session 6's; cheby: sessions 6-7's; "
+                    "nl_same4, ns_same4, nl_stage2/3, snl_stage2/3: session 7's; a2, cc, cgnl, cayley seeds 3-9, "
+                    "heat seed 3, nl_same2/3 seeds 3-4 and every seed of snl_same2/3/5, nl_same5, ns_same5: "
+                    "session 8's. A seed's trajectory depends on the code version (docs/results.md, "
                     "'the graded task'), so each seed is one draw of the pinned config, not a fixed outcome)",
        "groups": []}
 rows = []
