@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nonlocalnet.apps.summary import summarize, wilson_interval
+from nonlocalnet.apps.summary import fisher_exact, summarize, wilson_interval
 from nonlocalnet.apps.sweep import run_sweep
 from nonlocalnet.cli import main
 from nonlocalnet.runs import ConfigError, read_metrics
@@ -133,3 +133,19 @@ def test_wilson_interval():
         wilson_interval(1.5, 2)
     with pytest.raises(ValueError, match="z must be"):
         wilson_interval(1, 2, z=float("nan"))
+
+
+def test_fisher_exact():
+    # Fisher's tea-tasting table (3 of 4 right against 1 of 4) and SciPy's documented example [[6, 2], [1, 4]]
+    assert fisher_exact(3, 4, 1, 4) == pytest.approx(34 / 70)
+    assert fisher_exact(6, 8, 1, 5) == pytest.approx(0.10256410256410256)
+    # 9 / 10 against 4 / 10: the tables with 9 or 10 (or 4 or 3) of the 13 successes in the first group,
+    # C(10, 9) C(10, 4) + C(10, 10) C(10, 3) twice, over C(20, 13)
+    assert fisher_exact(9, 10, 4, 10) == pytest.approx(2 * (10 * 210 + 1 * 120) / 77520)
+    assert fisher_exact(10, 10, 0, 10) == pytest.approx(2 / 184756)  # 2 / C(20, 10)
+    assert fisher_exact(5, 10, 5, 10) == 1.0 and fisher_exact(0, 3, 0, 5) == 1.0
+    assert fisher_exact(2, 7, 5, 9) == pytest.approx(fisher_exact(5, 9, 2, 7))  # symmetric in the groups
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        fisher_exact(4, 3, 1, 2)
+    with pytest.raises(TypeError, match="k1 must be an int"):
+        fisher_exact(1.0, 3, 1, 2)

@@ -11,7 +11,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from nonlocalnet.apps.summary import wilson_interval
+from nonlocalnet.apps.summary import fisher_exact, wilson_interval
 
 ROOT = Path(__file__).resolve().parents[2]
 old = {}
@@ -26,6 +26,8 @@ out = {"definition": "a run solves the task when its final test top-1 (epoch 12)
                     "heat seed 3, nl_same2/3 seeds 3-4 and every seed of snl_same2/3/5, nl_same5, ns_same5: "
                     "session 8's. A seed's trajectory depends on the code version (docs/results.md, "
                     "'the graded task'), so each seed is one draw of the pinned config, not a fixed outcome)",
+       "fisher": "fisher_p_vs_baseline / fisher_p_vs_nl: two-sided Fisher exact test of the group's success rate "
+                 "against the baseline's / NL's",
        "groups": []}
 rows = []
 labels = list(dict.fromkeys([*recorded, *sys.argv[1:]]))
@@ -52,8 +54,17 @@ for label in labels:
          "solved": k, "runs": len(top), "rate": k / len(top),
          "wilson95": [lo, hi], "mean_top1_solving": statistics.mean(solving) if solving else None}
     out["groups"].append(g)
-    mean_solving = f"{g['mean_top1_solving']:.1f} %" if solving else "—"
-    rows.append(f"| {label} | {k} / {len(top)} | {100*k/len(top):.0f} % [{100*lo:.0f}, {100*hi:.0f}] | "
-                f"{mean_solving} | " + ", ".join(f"{t:.1f}" for t in top) + " |")
+# Fisher's exact test (two-sided) of each rate against the baseline's and NL's ten-seed rates
+ref = {g["label"]: g for g in out["groups"]}
+for g in out["groups"]:
+    for other in ("baseline", "nl"):
+        if other in ref and other != g["label"]:
+            g[f"fisher_p_vs_{other}"] = fisher_exact(g["solved"], g["runs"], ref[other]["solved"], ref[other]["runs"])
+    mean_solving = f"{g['mean_top1_solving']:.1f} %" if g["solved"] else "—"
+    p_values = " | ".join(f"{g[f'fisher_p_vs_{o}']:.3f}" if f"fisher_p_vs_{o}" in g else "—"
+                          for o in ("baseline", "nl"))
+    lo, hi = g["wilson95"]
+    rows.append(f"| {g['label']} | {g['solved']} / {g['runs']} | {100*g['rate']:.0f} % [{100*lo:.0f}, {100*hi:.0f}] | "
+                f"{mean_solving} | {p_values} | " + ", ".join(f"{t:.1f}" for t in g["final_top1"]) + " |")
 json.dump(out, open(ROOT / "docs/results/claims10.json", "w"), indent=1)
 print("\n".join(rows))

@@ -37,7 +37,7 @@ from nonlocalnet.runs import (
 )
 from nonlocalnet.runs.layout import CONFIG_FILE
 
-__all__ = ["group_runs", "summarize", "wilson_interval"]
+__all__ = ["fisher_exact", "group_runs", "summarize", "wilson_interval"]
 
 #: the two-sided 95 % normal quantile, Phi^-1(0.975)
 Z95 = 1.959963984540054
@@ -108,6 +108,26 @@ def wilson_interval(successes: int, trials: int, z: float = Z95) -> tuple[float,
     center = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, center - half), min(1.0, center + half)
+
+
+def fisher_exact(k1: int, n1: int, k2: int, n2: int) -> float:
+    """Two-sided p-value of Fisher's exact test (R. A. Fisher, "The Design of Experiments", 1935, §2) that two
+    success rates ``k1 / n1`` and ``k2 / n2`` are equal.
+
+    Conditioned on the margins, the first group's successes follow the hypergeometric law; the p-value sums the
+    probabilities of every table no more likely than the observed one (relative tolerance 1e-7, as R's
+    ``fisher.test`` and SciPy's ``fisher_exact``). Exact, for the small seed counts of a sweep.
+    """
+    for name, v in (("k1", k1), ("n1", n1), ("k2", k2), ("n2", n2)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"fisher_exact: {name} must be an int, got {v!r}")
+    if n1 <= 0 or n2 <= 0 or not 0 <= k1 <= n1 or not 0 <= k2 <= n2:
+        raise ValueError(f"fisher_exact: need 0 <= k <= n and n > 0 for both groups, got {k1}/{n1} and {k2}/{n2}")
+    total, k = n1 + n2, k1 + k2
+    lo, hi = max(0, k - n2), min(k, n1)
+    prob = {x: math.comb(n1, x) * math.comb(n2, k - x) / math.comb(total, k) for x in range(lo, hi + 1)}
+    observed = prob[k1]
+    return min(1.0, sum(p for p in prob.values() if p <= observed * (1 + 1e-7)))
 
 
 def _cost(cfg) -> tuple[int, int]:
