@@ -24,7 +24,8 @@ out = {"definition": "a run solves the task when its final test top-1 (epoch 12)
        "seeds_3_9": "runs/claims10 (baseline, nl, snl: session 5's code; ns, gsnl: session 6's; cheby: sessions 6-7's; "
                     "nl_same4, ns_same4, nl_stage2/3, snl_stage2/3: session 7's; a2, cc, cgnl, cayley seeds 3-9, "
                     "heat seed 3, nl_same2/3 seeds 3-4 and every seed of snl_same2/3/5, nl_same5, ns_same5: "
-                    "session 8's. A seed's trajectory depends on the code version (docs/results.md, "
+                    "session 8's; heat seeds 4-9, wavelet, gc, dnl seeds 3-9 and the issue-19 presets from seed 0: "
+                    "session 9's. A seed's trajectory depends on the code version (docs/results.md, "
                     "'the graded task'), so each seed is one draw of the pinned config, not a fixed outcome)",
        "fisher": "fisher_p_vs_baseline / fisher_p_vs_nl: two-sided Fisher exact test of the group's success rate "
                  "against the baseline's / NL's",
