@@ -6,7 +6,8 @@ over the seeds given. Run from the repository root after the analyses:
 
 e.g. `python docs/results/stable.py docs/results/stable_demo.json nl='runs/F/nl/seed*' snl='runs/F/snl/seed*'`.
 Groups already in OUT that are not given again keep their recorded runs (the run directories of an earlier session
-need not be on this machine); a group given again is measured again from its glob."""
+need not be on this machine); a group given again is measured again from its glob, and its recorded runs that the
+glob does not find keep their recorded values (a group grows over sessions)."""
 import glob
 import json
 import statistics
@@ -36,8 +37,19 @@ for arg in sys.argv[2:]:
         runs.append(run)
         for k in per_k:
             per_k[k].append(dist[k]["rel_fro"])
+    # runs recorded under this label whose directories are not measured now (an earlier session's machine) keep
+    # their recorded values, so a group can grow over sessions
+    old = recorded.get(label, {"runs": [], "rel_fro": per_k})
+    for i, run in enumerate(old["runs"]):
+        if run not in runs:
+            runs.append(run)
+            for k in per_k:
+                per_k[k].append(old["rel_fro"][k][i])
     if not runs:
         continue
+    order = sorted(range(len(runs)), key=lambda i: runs[i])
+    runs = [runs[i] for i in order]
+    per_k = {k: [v[i] for i in order] for k, v in per_k.items()}
     measured[label] = {"label": label, "runs": runs, "rel_fro": per_k,
                        "mean": {k: statistics.fmean(v) for k, v in per_k.items()}}
 rows = []
