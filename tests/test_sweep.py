@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nonlocalnet.apps.summary import fisher_exact, summarize, wilson_interval
+from nonlocalnet.apps.summary import fisher_exact, holm, summarize, wilson_interval
 from nonlocalnet.apps.sweep import run_sweep
 from nonlocalnet.cli import main
 from nonlocalnet.runs import ConfigError, read_metrics
@@ -133,6 +133,15 @@ def test_wilson_interval():
         wilson_interval(1.5, 2)
     with pytest.raises(ValueError, match="z must be"):
         wilson_interval(1, 2, z=float("nan"))
+
+
+def test_holm():
+    # R: p.adjust(c(0.01, 0.04, 0.03, 0.005), "holm") = 0.03 0.06 0.06 0.02 (the step-down keeps them monotone)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == [1.0, 1.0] and holm([]) == [] and holm([0.2]) == [0.2]
+    assert holm([0.01, 0.01]) == pytest.approx([0.02, 0.02])  # ties: both get the larger multiplier's value
+    with pytest.raises(ValueError, match=r"p_values\[1\] must be a number in \[0, 1\]"):
+        holm([0.1, 1.5])
 
 
 def test_fisher_exact():

@@ -37,7 +37,7 @@ from nonlocalnet.runs import (
 )
 from nonlocalnet.runs.layout import CONFIG_FILE
 
-__all__ = ["fisher_exact", "group_runs", "summarize", "wilson_interval"]
+__all__ = ["fisher_exact", "group_runs", "holm", "summarize", "wilson_interval"]
 
 #: the two-sided 95 % normal quantile, Phi^-1(0.975)
 Z95 = 1.959963984540054
@@ -129,6 +129,24 @@ def fisher_exact(k1: int, n1: int, k2: int, n2: int) -> float:
     observed = prob[k1]
     return min(1.0, sum(p for p in prob.values() if p <= observed * (1 + 1e-7)))
 
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of ``m`` p-values for multiple comparisons (S. Holm, "A Simple Sequentially
+    Rejective Multiple Test Procedure", Scand. J. Statist. 6, 1979), in the order given.
+
+    The ``i``-th smallest p (``i = 1..m``) becomes ``max_{j <= i} min(1, (m - j + 1) · p_(j))``; rejecting every
+    adjusted p below ``α`` keeps the family-wise error rate at ``α`` (R's ``p.adjust(p, "holm")``).
+    """
+    ps = list(p_values)
+    for i, p in enumerate(ps):
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"holm: p_values[{i}] must be a number in [0, 1], got {p!r}")
+    m, out, running = len(ps), [0.0] * len(ps), 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda i: ps[i])):
+        running = max(running, min(1.0, (m - rank) * ps[i]))
+        out[i] = running
+    return out
 
 def _cost(cfg) -> tuple[int, int]:
     nc, _ = num_classes_for(cfg)
