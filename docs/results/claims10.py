@@ -80,7 +80,7 @@ for other in ("baseline", "nl"):
         ref[label][f"holm_p_vs_{other}"] = p
 for g in out["groups"]:
     mean_solving = f"{g['mean_top1_solving']:.1f} %" if g["solved"] else "—"
-    p_values = " | ".join(f"{g[key]:.3f}" if key in g else "—"
+    p_values = " | ".join((f"{g[key]:.3f}" if g[key] >= 0.001 else f"{g[key]:.1e}") if key in g else "—"
                           for key in ("fisher_p_vs_baseline", "holm_p_vs_baseline", "fisher_p_vs_nl", "holm_p_vs_nl"))
     lo, hi = g["wilson95"]
     rows.append(f"| {g['label']} | {g['solved']} / {g['runs']} | {100*g['rate']:.0f} % [{100*lo:.0f}, {100*hi:.0f}] | "
