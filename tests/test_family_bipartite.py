@@ -164,6 +164,31 @@ def test_external_graph_is_bipartite_and_double_normalized():
     assert_close(a, col / (1e-9 + col.sum(-1, keepdim=True)), rtol=1e-12, atol=1e-14)
 
 
+
+def test_external_softmax_over_slots_is_position_wise():
+    """`normalization="softmax"` on the memory graph: a softmax over the slots of each position alone (the
+    control of docs/results.md for External Attention's double normalization), checked against the dense reference
+    with gradcheck; in eval mode a position's output depends on its own input only."""
+    report = check_block("external", normalization="softmax", memory_size=5, dims=(1, 2))
+    assert max(v for k, v in report.items() if k != "largest_tensor") < 1e-12
+    block = randomize(nonlocalnet.build_block("external", 8, normalization="softmax")).double().eval()
+    x = torch.randn(2, 8, 5, 5, dtype=DT)
+    a = block.affinity(x)
+    logits = torch.einsum("bnc,sc->bns", ref._lin(block.edges.theta, x.flatten(2).transpose(1, 2)),
+                          sq(block.edges.memory))
+    assert_close(a, torch.softmax(logits, -1), rtol=1e-12, atol=1e-14)
+    x2 = x.clone()
+    x2[0, :, 1, 3] += 1.0
+    with torch.no_grad():
+        changed = (block(x2) - block(x)).abs().sum(1)
+    assert changed[0, 1, 3] > 1e-3 and int((changed > 1e-12).sum()) == 1  # only the perturbed position moves
+    double = randomize(nonlocalnet.build_block("external", 8)).double().eval()
+    with torch.no_grad():
+        coupled = (double(x2) - double(x)).abs().sum(1)
+    assert int((coupled[0] > 1e-12).sum()) == 25  # the double normalization couples every position
+    with pytest.raises(ValueError, match="normalization: external .* takes"):
+        nonlocalnet.build_block("external", 8, normalization="symmetric")
+
 def test_external_is_checked_and_never_n_by_n():
     for opts in ({}, {"memory_size": 3}, {"eval_mode": True}):
         report = check_block("external", **opts)

@@ -382,16 +382,23 @@ class MemoryMode(GraphMode):
     against ``S`` learned memory slots
     ``M_k`` (``edges.memory``, ``S × C_k``), ``M_ij = exp(s·θ_i·m_j)`` normalized by ``double``: softmax over the
     positions, then each row l1-normalized over the slots. The values at the slots are each unit's ``memory``
-    (``M_v``, ``S × C_v``), so ``F = A M_v W``; ``O(N·S·C)``, the ``N × S`` matrix is the graph itself."""
+    (``M_v``, ``S × C_v``), so ``F = A M_v W``; ``O(N·S·C)``, the ``N × S`` matrix is the graph itself.
+
+    ``normalization="softmax"`` is a softmax over the slots of each position alone (the self-attention style
+    normalization External Attention's double normalization replaces): every position then reads the memory
+    independently of the others, a position-wise block with no coupling between positions."""
 
     def build(self, edges: Affinity, x: torch.Tensor, spatial: tuple[int, ...], budget: int) -> aff.Graph:
         q = project(edges.theta, x)
         logits = project(edges.memory, q)  # θ M_kᵀ (B, N, S)
         if edges.scale_value != 1.0:
             logits = logits * edges.scale_value
-        with aff.full_precision(x.device.type):  # the two normalizers in float32 under autocast
-            a = torch.softmax(aff.float32(logits), dim=1)  # over the N positions
-            a = a / (a.sum(-1, keepdim=True) + DOUBLE_NORM_EPS)  # each row over the S slots
+        with aff.full_precision(x.device.type):  # the normalizers in float32 under autocast
+            if edges.normalization == "softmax":  # each position over the S slots: no coupling between positions
+                a = torch.softmax(aff.float32(logits), dim=-1)
+            else:
+                a = torch.softmax(aff.float32(logits), dim=1)  # over the N positions
+                a = a / (a.sum(-1, keepdim=True) + DOUBLE_NORM_EPS)  # each row over the S slots
         return aff.BipartiteGraph(a)
 
 
@@ -477,7 +484,8 @@ register_graph(ChannelsMode(
 
 register_graph(MemoryMode(
     "memory", "the positions against S learned memory slots, softmax over positions then l1 over slots (External "
-    "Attention): a bipartite N x S graph", kernels=("embedded_gaussian",), normalizations=("double",),
+    "Attention; normalization softmax: over the slots of each position alone): a bipartite N x S graph",
+    kernels=("embedded_gaussian",), normalizations=("double", "softmax"),
     backends=("auto",), pairwise_only=True, bipartite=True,
     options={"memory_size": Option(64, "S, the number of learned memory slots (the graph is N x S)", positive_int)}))
 
