@@ -30,9 +30,9 @@ out = {"definition": "a run solves the task when its final test top-1 (epoch 12)
                     "seeds 3-9, heat seed 3, nl_same2/3 seeds 3-4 and every seed of snl_same2/3/5, nl_same5, ns_same5: "
                     "session 8's; heat seeds 4-9, wavelet, gc, dnl seeds 3-9 and seeds 0-1 of the issue-19 presets "
                     "(neighborhood: seed 0): session 9's; their seeds 2-9 (neighborhood 1-9), seeds 10-19 of "
-                    "baseline, nl, snl, external, axial and ns_same2/3 seeds 3-4: session 10's. A seed's trajectory "
-                    "depends on the code version (docs/results.md, 'the graded task'), so each seed is one draw of "
-                    "the pinned config, not a fixed outcome)",
+                    "baseline, nl, snl, external, axial, every seed of external_pointwise and ns_same2/3 seeds "
+                    "3-4: session 10's. A seed's trajectory depends on the code version (docs/results.md, 'the "
+                    "graded task'), so each seed is one draw of the pinned config, not a fixed outcome)",
        "fisher": "fisher_p_vs_baseline / fisher_p_vs_nl: two-sided Fisher exact test of the group's success rate "
                  "against the baseline's / NL's; holm_p_vs_baseline / holm_p_vs_nl: those adjusted by Holm's method "
                  "over holm_family (the models compared with the one baseline, the one NL)",
