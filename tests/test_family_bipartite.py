@@ -164,7 +164,6 @@ def test_external_graph_is_bipartite_and_double_normalized():
     assert_close(a, col / (1e-9 + col.sum(-1, keepdim=True)), rtol=1e-12, atol=1e-14)
 
 
-
 def test_external_softmax_over_slots_is_position_wise():
     """`normalization="softmax"` on the memory graph: a softmax over the slots of each position alone (the
     control of docs/results.md for External Attention's double normalization), checked against the dense reference
@@ -188,6 +187,7 @@ def test_external_softmax_over_slots_is_position_wise():
     assert int((coupled[0] > 1e-12).sum()) == 25  # the double normalization couples every position
     with pytest.raises(ValueError, match="normalization: external .* takes"):
         nonlocalnet.build_block("external", 8, normalization="symmetric")
+
 
 def test_external_is_checked_and_never_n_by_n():
     for opts in ({}, {"memory_size": 3}, {"eval_mode": True}):

@@ -43,8 +43,8 @@ for label in labels:
     src = recorded.get(label) or old.get(label) or {"seeds": [], "final_top1": []}
     finals = dict(zip(src["seeds"], src["final_top1"]))
     reached = dict(zip(src["seeds"], src.get("epoch_reached", [None] * len(src["seeds"]))))
-    on_disk = sorted(int(d.name[4:]) for d in (ROOT / "runs/claims10" / label).glob("seed*") if d.name[4:].isdigit())
-    for s in sorted(set(range(10)) | set(on_disk)):
+    on_disk = {int(d.name[4:]) for d in (ROOT / "runs/claims10" / label).glob("seed*") if d.name[4:].isdigit()}
+    for s in sorted(set(range(10)) | on_disk):
         if s in finals:
             continue
         path = ROOT / f"runs/claims10/{label}/seed{s}/metrics.jsonl"

@@ -39,17 +39,14 @@ for arg in sys.argv[2:]:
             per_k[k].append(dist[k]["rel_fro"])
     # runs recorded under this label whose directories are not measured now (an earlier session's machine) keep
     # their recorded values, so a group can grow over sessions
-    old = recorded.get(label, {"runs": [], "rel_fro": per_k})
+    by_run = {run: {k: v[i] for k, v in per_k.items()} for i, run in enumerate(runs)}
+    old = recorded.get(label, {"runs": []})
     for i, run in enumerate(old["runs"]):
-        if run not in runs:
-            runs.append(run)
-            for k in per_k:
-                per_k[k].append(old["rel_fro"][k][i])
-    if not runs:
+        by_run.setdefault(run, {k: old["rel_fro"][k][i] for k in per_k})
+    if not by_run:
         continue
-    order = sorted(range(len(runs)), key=lambda i: runs[i])
-    runs = [runs[i] for i in order]
-    per_k = {k: [v[i] for i in order] for k, v in per_k.items()}
+    runs = sorted(by_run)
+    per_k = {k: [by_run[run][k] for run in runs] for k in per_k}
     measured[label] = {"label": label, "runs": runs, "rel_fro": per_k,
                        "mean": {k: statistics.fmean(v) for k, v in per_k.items()}}
 rows = []

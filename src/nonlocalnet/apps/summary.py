@@ -130,7 +130,6 @@ def fisher_exact(k1: int, n1: int, k2: int, n2: int) -> float:
     return min(1.0, sum(p for p in prob.values() if p <= observed * (1 + 1e-7)))
 
 
-
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm's step-down adjustment of ``m`` p-values for multiple comparisons (S. Holm, "A Simple Sequentially
     Rejective Multiple Test Procedure", Scand. J. Statist. 6, 1979), in the order given.
@@ -147,6 +146,7 @@ def holm(p_values: Sequence[float]) -> list[float]:
         running = max(running, min(1.0, (m - rank) * ps[i]))
         out[i] = running
     return out
+
 
 def _cost(cfg) -> tuple[int, int]:
     nc, _ = num_classes_for(cfg)
